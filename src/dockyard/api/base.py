@@ -1,0 +1,196 @@
+"""What every handler shares: app state keys, the error middleware (the one place an error
+becomes an OCI JSON body), common headers, URL building behind proxies, and request parsing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from dockyard.config import Config
+from dockyard.errors import ErrorCode, RegistryError
+from dockyard.oci.digest import Digest
+from dockyard.registry.repository import Registry, Repository
+from dockyard.storage.driver import StorageError
+
+log = logging.getLogger("dockyard.api")
+
+REGISTRY_KEY = web.AppKey("registry", Registry)
+CONFIG_KEY = web.AppKey("config", Config)
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+JSON = "application/json; charset=utf-8"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def registry_of(request: web.Request) -> Registry:
+    return request.app[REGISTRY_KEY]
+
+
+def repository_of(request: web.Request) -> Repository:
+    return registry_of(request).repository(request.match_info["name"])
+
+
+def digest_param(request: web.Request, key: str = "digest") -> Digest:
+    return Digest.parse(request.match_info[key])
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None, content_type: str = JSON
+) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        headers={"Content-Type": content_type, **(headers or {})},
+    )
+
+
+def error_response(error: RegistryError) -> web.Response:
+    return json_response(error.to_json(), status=error.status, headers=error.headers)
+
+
+def require_delete(request: web.Request) -> None:
+    if not registry_of(request).delete_enabled:
+        raise RegistryError(
+            ErrorCode.UNSUPPORTED,
+            "deletes are disabled (set storage.delete.enabled to true)",
+        )
+
+
+def int_query(request: web.Request, key: str) -> int | None:
+    text = request.query.get(key)
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise RegistryError(
+            ErrorCode.PAGINATION_NUMBER_INVALID,
+            f"{key} must be a non-negative integer",
+            {key: text},
+        )
+    return int(text)
+
+
+async def body_stream(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives (chunked or not), never buffered whole."""
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+def content_length(request: web.Request) -> int | None:
+    """The declared body length; None for a chunked (streamed) body."""
+    if "Transfer-Encoding" in request.headers:
+        return None
+    return request.content_length
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+
+def base_url(request: web.Request) -> str:
+    """Scheme and host for absolute ``Location`` headers, derived as registry:2 does:
+    ``http.host`` if configured, else ``X-Forwarded-Proto`` / ``Forwarded: proto=`` / the
+    connection's TLS for the scheme, and ``X-Forwarded-Host`` (first entry) / ``Forwarded:
+    host=`` / ``Host`` for the host, with ``X-Forwarded-Port`` when the host has no port.
+    Empty with ``http.relativeurls``."""
+    http = request.app[CONFIG_KEY].http
+    if http.relativeurls:
+        return ""
+    if http.host:
+        return http.host
+    headers = request.headers
+    forwarded = _parse_forwarded(headers.get("Forwarded", ""))
+    scheme = (
+        _first(headers.get("X-Forwarded-Proto"))
+        or forwarded.get("proto")
+        or ("https" if request.secure else "http")
+    )
+    host = _first(headers.get("X-Forwarded-Host")) or forwarded.get("host") or request.host
+    port = _first(headers.get("X-Forwarded-Port"))
+    if port and port.isdigit() and not _has_port(host):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def _first(value: str | None) -> str:
+    return value.split(",", 1)[0].strip() if value else ""
+
+
+def _has_port(host: str) -> bool:
+    if host.startswith("["):
+        return "]:" in host
+    return ":" in host
+
+
+def _parse_forwarded(value: str) -> dict[str, str]:
+    """The first element of an RFC 7239 ``Forwarded`` header, as a dict."""
+    out: dict[str, str] = {}
+    first = value.split(",", 1)[0]
+    for pair in first.split(";"):
+        if "=" in pair:
+            k, v = pair.split("=", 1)
+            out[k.strip().lower()] = v.strip().strip('"')
+    return out
+
+
+def url_for(request: web.Request, path: str) -> str:
+    """Absolute (or relative) URL of ``/v2/...`` under the configured prefix."""
+    return f"{base_url(request)}{request.app[CONFIG_KEY].http.prefix}{path}"
+
+
+# -- middleware and signals -----------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        return error_response(_from_http_exception(exc))
+    except HttpProcessingError as exc:
+        # A body that broke off midway (client went away, bad chunked encoding).
+        log.info("request body failed: %s %s: %s", request.method, request.path, exc.message)
+        return error_response(
+            RegistryError(ErrorCode.BLOB_UPLOAD_INVALID, f"request body failed: {exc.message}")
+        )
+    except ConnectionResetError:
+        raise
+    except StorageError:
+        log.exception("storage failure on %s %s", request.method, request.path)
+        return error_response(RegistryError(ErrorCode.UNKNOWN, "storage failure"))
+    except Exception:
+        log.exception("unexpected failure on %s %s", request.method, request.path)
+        return error_response(RegistryError(ErrorCode.UNKNOWN))
+
+
+def _from_http_exception(exc: web.HTTPException) -> RegistryError:
+    if exc.status == 405:
+        return RegistryError(
+            ErrorCode.UNSUPPORTED, f"method not allowed on {exc.reason}", status=405
+        )
+    if exc.status == 404:
+        return RegistryError(ErrorCode.UNSUPPORTED, "no such endpoint", status=404)
+    if exc.status == 413:
+        return RegistryError(ErrorCode.SIZE_INVALID, "request body too large", status=413)
+    return RegistryError(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
+
+
+def add_common_headers(extra: dict[str, list[str]]) -> Callable[..., Awaitable[None]]:
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+        for name, values in extra.items():
+            for value in values:
+                response.headers.add(name, value)
+
+    return on_prepare
+
+
+async def version_check(request: web.Request) -> web.Response:
+    """end-1: ``GET /v2/`` — the registry speaks the v2 API."""
+    return json_response({})

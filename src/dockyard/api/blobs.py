@@ -1,0 +1,145 @@
+"""Blobs: ``GET|HEAD|DELETE /v2/<name>/blobs/<digest>`` (end-2, end-10)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import IO
+
+from aiohttp import web
+
+from dockyard.api.base import digest_param, repository_of, require_delete
+from dockyard.api.sendfile import SendfileResponse
+from dockyard.errors import ErrorCode, RegistryError
+from dockyard.oci.digest import Digest
+from dockyard.registry.blobs import BlobInfo, blob_unknown
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(offset, length)`` for a single-range ``Range: bytes=...`` header, None to serve the
+    whole blob (no header, another unit, or several ranges, which RFC 9110 lets us ignore).
+    Raises 416 for a range that is malformed or lies outside the blob."""
+    if not header:
+        return None
+    header = header.strip()
+    if not header.lower().startswith("bytes=") or "," in header:
+        return None
+    match = _RANGE.match(header.replace(" ", ""))
+    if not match or match.group(1) == match.group(2) == "":
+        raise _unsatisfiable(size, f"malformed range {header!r}")
+    first, last = match.group(1), match.group(2)
+    if first == "":  # suffix: the last N bytes
+        length = min(int(last), size)
+        if length == 0:
+            raise _unsatisfiable(size, "empty suffix range")
+        return size - length, length
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        raise _unsatisfiable(size, f"range {header!r} is outside a blob of {size} bytes")
+    end = min(end, size - 1)
+    return start, end - start + 1
+
+
+def _unsatisfiable(size: int, reason: str) -> RegistryError:
+    return RegistryError(
+        ErrorCode.RANGE_INVALID,
+        reason,
+        {"size": size},
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+def blob_headers(digest: Digest, size: int) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(size),
+    }
+
+
+def _not_modified(request: web.Request, digest: Digest) -> bool:
+    tags = request.headers.get("If-None-Match", "")
+    return any(t.strip().strip('"') in (str(digest), "*") for t in tags.split(",") if t.strip())
+
+
+async def _open(path: str, digest: Digest) -> tuple[IO[bytes], int]:
+    def open_and_size() -> tuple[IO[bytes], int]:
+        f = open(path, "rb")  # noqa: SIM115 - closed by SendfileResponse
+        return f, os.fstat(f.fileno()).st_size
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, open_and_size)
+    except FileNotFoundError:
+        # Removed between the stat and the open (garbage collection): it is gone.
+        raise blob_unknown(digest) from None
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    repo = repository_of(request)
+    digest = digest_param(request)
+    info: BlobInfo = await repo.blobs.stat(digest)
+    headers = blob_headers(digest, info.size)
+    if _not_modified(request, digest):
+        del headers["Content-Length"]
+        return web.Response(status=304, headers=headers)
+    if request.method == "HEAD":
+        return web.Response(status=200, headers=headers)
+
+    path = repo.blobs.store.local_path(digest)
+    if path is None:
+        return await _stream(request, repo.blobs.store.reader, digest, info.size, headers)
+    fileobj, size = await _open(path, digest)
+    try:
+        byte_range = parse_range(request.headers.get("Range"), size)
+    except RegistryError:
+        fileobj.close()
+        raise
+    headers["Content-Length"] = str(size)
+    if byte_range is None:
+        return SendfileResponse(fileobj, 0, size, headers=headers)
+    offset, length = byte_range
+    headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{size}"
+    headers["Content-Length"] = str(length)
+    return SendfileResponse(fileobj, offset, length, status=206, headers=headers)
+
+
+BlobReader = Callable[[Digest, int, int | None], AsyncIterator[bytes]]
+
+
+async def _stream(
+    request: web.Request, reader: BlobReader, digest: Digest, size: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Serve through Python from a driver with no local file."""
+    byte_range = parse_range(request.headers.get("Range"), size)
+    status, offset, length = 200, 0, size
+    if byte_range is not None:
+        status, (offset, length) = 206, byte_range
+        headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{size}"
+    headers["Content-Length"] = str(length)
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    async for chunk in reader(digest, offset, length):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    require_delete(request)
+    repo = repository_of(request)
+    digest = digest_param(request)
+    await repo.blobs.unlink(digest)
+    return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})
+
+
+def routes(prefix: str) -> list[web.AbstractRouteDef]:
+    path = prefix + "/v2/{name:.+}/blobs/{digest}"
+    return [web.get(path, get_blob), web.delete(path, delete_blob)]

@@ -1,0 +1,24 @@
+"""The repository catalog: ``GET /v2/_catalog[?n=&last=]``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dockyard.api.base import CONFIG_KEY, int_query, json_response, registry_of
+from dockyard.api.tags import next_link
+
+
+async def catalog(request: web.Request) -> web.Response:
+    n = int_query(request, "n")
+    limit = request.app[CONFIG_KEY].catalog.maxentries
+    if n is None or n > limit:
+        n = limit
+    page = await registry_of(request).catalog(n, request.query.get("last"))
+    headers = {}
+    if page.more:
+        headers["Link"] = next_link(request.path, n, page.items[-1])
+    return json_response({"repositories": page.items}, headers=headers)
+
+
+def routes(prefix: str) -> list[web.AbstractRouteDef]:
+    return [web.get(prefix + "/v2/_catalog", catalog)]

@@ -1,0 +1,106 @@
+"""Manifests: ``/v2/<name>/manifests/<reference>`` (end-3, end-7a/b, end-9)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dockyard.api.base import repository_of, require_delete, url_for
+from dockyard.errors import ErrorCode, RegistryError
+from dockyard.oci.digest import Digest, is_digest
+from dockyard.oci.manifest import MAX_MANIFEST_BYTES
+from dockyard.oci.names import validate_tag
+from dockyard.registry.repository import Repository
+
+
+async def _resolve(repo: Repository, reference: str) -> Digest:
+    if is_digest(reference):
+        return Digest.parse(reference)
+    return await repo.tags.resolve(validate_tag(reference))
+
+
+def _not_modified(request: web.Request, digest: Digest) -> bool:
+    tags = request.headers.get("If-None-Match", "")
+    return any(t.strip().strip('"') == str(digest) for t in tags.split(","))
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    repo = repository_of(request)
+    digest = await _resolve(repo, request.match_info["reference"])
+    stored = await repo.manifests.get(digest)
+    headers = {
+        "Content-Type": stored.media_type,
+        "Docker-Content-Digest": str(stored.digest),
+        "ETag": f'"{stored.digest}"',
+    }
+    if _not_modified(request, stored.digest):
+        return web.Response(status=304, headers=headers)
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(stored.body))
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=stored.body, headers=headers)
+
+
+async def _read_manifest_body(request: web.Request) -> bytes:
+    declared = request.content_length
+    if declared is not None and declared > MAX_MANIFEST_BYTES:
+        raise _too_large(declared)
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise _too_large(len(body))
+    return bytes(body)
+
+
+def _too_large(size: int) -> RegistryError:
+    return RegistryError(
+        ErrorCode.MANIFEST_INVALID,
+        f"manifest is larger than {MAX_MANIFEST_BYTES} bytes",
+        {"size": size, "limit": MAX_MANIFEST_BYTES},
+        status=413,
+    )
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    repo = repository_of(request)
+    reference = request.match_info["reference"]
+    if is_digest(reference):
+        digest: Digest | None = Digest.parse(reference)
+        tags = [validate_tag(t) for t in request.query.getall("tag", [])]
+    else:
+        digest = None
+        tags = [validate_tag(reference)]
+    body = await _read_manifest_body(request)
+    pushed = await repo.manifests.put(body, request.headers.get("Content-Type"), digest, tags)
+    headers = {
+        "Location": url_for(request, f"/v2/{repo.name}/manifests/{pushed.digest}"),
+        "Docker-Content-Digest": str(pushed.digest),
+    }
+    if pushed.manifest.subject is not None:
+        headers["OCI-Subject"] = str(pushed.manifest.subject.digest)
+    response = web.Response(status=201, headers=headers)
+    if digest is not None:
+        for tag in tags:
+            response.headers.add("OCI-Tag", tag)
+    return response
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    """By digest: the manifest and every tag on it. By tag: only the tag."""
+    require_delete(request)
+    repo = repository_of(request)
+    reference = request.match_info["reference"]
+    if is_digest(reference):
+        await repo.manifests.delete(Digest.parse(reference))
+    else:
+        await repo.tags.untag(validate_tag(reference))
+    return web.Response(status=202)
+
+
+def routes(prefix: str) -> list[web.AbstractRouteDef]:
+    path = prefix + "/v2/{name:.+}/manifests/{reference}"
+    return [
+        web.get(path, get_manifest),
+        web.put(path, put_manifest),
+        web.delete(path, delete_manifest),
+    ]

@@ -1,0 +1,48 @@
+"""Assemble the aiohttp application: storage driver -> registry model -> HTTP routes."""
+
+from __future__ import annotations
+
+import os
+
+from aiohttp import web
+
+from dockyard.api import blobs, catalog, manifests, referrers, tags, uploads
+from dockyard.api.base import (
+    CONFIG_KEY,
+    REGISTRY_KEY,
+    add_common_headers,
+    error_middleware,
+    version_check,
+)
+from dockyard.config import Config
+from dockyard.registry.repository import Registry
+from dockyard.storage.filesystem import FilesystemDriver
+
+
+def build_driver(config: Config) -> FilesystemDriver:
+    fs = config.storage.filesystem
+    assert fs is not None  # validate() guarantees exactly one supported driver
+    return FilesystemDriver(
+        os.path.abspath(fs.rootdirectory), max_threads=fs.maxthreads, fsync=fs.fsync
+    )
+
+
+def build_app(config: Config, secret: str) -> web.Application:
+    driver = build_driver(config)
+    registry = Registry(driver, secret=secret, delete_enabled=config.storage.delete.enabled)
+    app = web.Application(middlewares=[error_middleware])
+    app[REGISTRY_KEY] = registry
+    app[CONFIG_KEY] = config
+    prefix = config.http.prefix
+    app.router.add_get(prefix + "/v2/", version_check)
+    app.router.add_get(prefix + "/v2", version_check)
+    # Order matters only where patterns could overlap; the most specific come first.
+    for module in (catalog, tags, manifests, referrers, uploads, blobs):
+        app.add_routes(module.routes(prefix))
+    app.on_response_prepare.append(add_common_headers(config.http.headers))
+
+    async def close_driver(_: web.Application) -> None:
+        driver.close()
+
+    app.on_cleanup.append(close_driver)
+    return app

@@ -1,0 +1,472 @@
+"""Configuration: registry:2's config.yml, with its ``REGISTRY_*`` environment overrides.
+
+The YAML file and the overrides are merged as raw data first, exactly as registry:2 merges them,
+then validated once into frozen typed models; the rest of Dockyard only ever sees a
+:class:`Config`. Any problem is a :class:`ConfigError` naming the key and the reason, raised
+before a port is bound.
+
+registry:2's override rules (distribution ``configuration/parser.go``): every variable named
+``REGISTRY_<A>_<B>...`` is applied in sorted order; each segment names a field of a section
+(case-insensitively) or, inside a free-form map such as ``storage`` or ``auth``, a key (created
+lowercased if missing). The value is parsed as YAML. Setting a whole section replaces it, and a
+bare word selects a storage driver or an auth provider (``REGISTRY_AUTH=htpasswd``). An unknown
+field is warned about and ignored, as is an unknown key in the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dockyard.errors import ConfigError
+
+log = logging.getLogger("dockyard.config")
+
+ENV_PREFIX = "REGISTRY_"
+DEFAULT_CONFIG_PATH = "/etc/docker/registry/config.yml"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """A Go duration (``168h``, ``1h30m``, ``10s``) or a number of seconds, in seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s or 24h")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a duration such as 10s or 24h")
+    text = value.strip()
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or pos == 0:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 10s, 30m, 168h)")
+    return total
+
+
+class Section(BaseModel):
+    """A config section: frozen; unknown keys are kept aside so they can be warned about."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", coerce_numbers_to_str=True)
+
+
+Duration = float
+
+
+class AccessLogConfig(Section):
+    disabled: bool = False
+
+
+class LogConfig(Section):
+    level: Literal["error", "warn", "info", "debug"] = "info"
+    formatter: Literal["text", "json", "logstash"] = "text"
+    fields: dict[str, Any] = Field(default_factory=dict)
+    accesslog: AccessLogConfig = Field(default_factory=AccessLogConfig)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class LetsEncryptConfig(Section):
+    cachefile: str = ""
+    email: str = ""
+    hosts: list[str] = Field(default_factory=list)
+    directoryurl: str = ""
+
+
+class TLSConfig(Section):
+    certificate: str = ""
+    key: str = ""
+    clientcas: list[str] = Field(default_factory=list)
+    minimumtls: str = ""
+    ciphersuites: list[str] = Field(default_factory=list)
+    letsencrypt: LetsEncryptConfig = Field(default_factory=LetsEncryptConfig)
+
+
+class PrometheusConfig(Section):
+    enabled: bool = False
+    path: str = "/metrics"
+
+
+class DebugConfig(Section):
+    addr: str = ""
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+
+
+class HTTPConfig(Section):
+    addr: str = ":5000"
+    net: Literal["tcp", "unix"] = "tcp"
+    prefix: str = ""
+    host: str = ""
+    secret: str = ""
+    relativeurls: bool = False
+    draintimeout: Duration = 0.0
+    headers: dict[str, list[str]] = Field(default_factory=dict)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @field_validator("draintimeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _header_values(cls, v: Any) -> Any:
+        # registry:2 takes a list per header; accept a single string too.
+        if isinstance(v, Mapping):
+            return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host_url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/]+", v):
+            raise ValueError("must be an absolute URL such as https://registry.example.com")
+        return v.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        v = v.strip("/")
+        return f"/{v}" if v else ""
+
+
+class FilesystemConfig(Section):
+    rootdirectory: str = "/var/lib/registry"
+    maxthreads: int = Field(default=100, ge=25)
+    #: Dockyard's addition: fsync blobs and links before they become visible (slower, survives
+    #: power loss). registry:2 ignores unknown driver parameters, so the key is safe to share.
+    fsync: bool = False
+
+
+class DeleteConfig(Section):
+    enabled: bool = False
+
+
+class CacheConfig(Section):
+    blobdescriptor: Literal["inmemory", "redis", ""] = "inmemory"
+    blobdescriptorsize: int = 10000
+
+
+class RedirectConfig(Section):
+    disable: bool = False
+
+
+class UploadPurgingConfig(Section):
+    enabled: bool = True
+    age: Duration = 168 * 3600.0
+    interval: Duration = 24 * 3600.0
+    dryrun: bool = False
+
+    @field_validator("age", "interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class ReadOnlyConfig(Section):
+    enabled: bool = False
+
+
+class MaintenanceConfig(Section):
+    uploadpurging: UploadPurgingConfig = Field(default_factory=UploadPurgingConfig)
+    readonly: ReadOnlyConfig = Field(default_factory=ReadOnlyConfig)
+
+
+#: storage drivers registry:2 knows; the ones Dockyard implements are in SUPPORTED_DRIVERS
+KNOWN_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
+SUPPORTED_DRIVERS = ("filesystem",)
+STORAGE_SETTINGS = ("delete", "cache", "redirect", "maintenance", "tag")
+
+
+class StorageConfig(Section):
+    filesystem: FilesystemConfig | None = None
+    delete: DeleteConfig = Field(default_factory=DeleteConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    redirect: RedirectConfig = Field(default_factory=RedirectConfig)
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
+
+    @property
+    def driver(self) -> str:
+        return "filesystem"
+
+
+class CatalogConfig(Section):
+    maxentries: int = Field(default=1000, ge=1)
+
+
+class Config(Section):
+    version: str
+    log: LogConfig = Field(default_factory=LogConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    storage: StorageConfig
+    auth: dict[str, Any] = Field(default_factory=dict)
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    notifications: dict[str, Any] = Field(default_factory=dict)
+    redis: dict[str, Any] = Field(default_factory=dict)
+    health: dict[str, Any] = Field(default_factory=dict)
+    proxy: dict[str, Any] = Field(default_factory=dict)
+    validation: dict[str, Any] = Field(default_factory=dict)
+    middleware: dict[str, Any] = Field(default_factory=dict)
+    reporting: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> str:
+        text = str(v)
+        if text != "0.1":
+            raise ValueError(f"unsupported configuration version {text!r} (registry:2 uses 0.1)")
+        return text
+
+
+# -- raw loading -------------------------------------------------------------------------------
+
+#: sections that are free-form maps in registry:2 and take a bare word to select an entry
+_SELECTOR_SECTIONS = {"storage", "auth", "middleware"}
+
+
+def default_raw_config() -> dict[str, Any]:
+    """The embedded default: filesystem storage in ./data, port 5000, deletes enabled, no auth."""
+    return {
+        "version": "0.1",
+        "log": {"level": "info"},
+        "storage": {
+            "filesystem": {"rootdirectory": "./data"},
+            "delete": {"enabled": True},
+        },
+        "http": {"addr": ":5000"},
+    }
+
+
+def load_raw(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return default_raw_config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the configuration file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "the configuration must be a YAML mapping")
+    return data
+
+
+def _yaml_value(name: str, payload: str) -> Any:
+    try:
+        return yaml.safe_load(payload) if payload != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, f"value is not valid YAML: {exc}") from None
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The Section class behind an annotation like ``X``, ``X | None``."""
+    candidates = [annotation, *get_args(annotation)]
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
+
+
+def _is_map(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or annotation is dict
+
+
+def _select(value: Any) -> Any:
+    """``storage: s3`` / ``auth: htpasswd``: a bare word selects an entry with no parameters."""
+    if isinstance(value, str):
+        return {value: {}}
+    return value
+
+
+def _override_struct(
+    model: type[BaseModel], raw: dict[str, Any], path: list[str], value: str, name: str
+) -> None:
+    fields = {field.upper(): field for field in model.model_fields}
+    field = fields.get(path[0])
+    if field is None:
+        log.warning("ignoring unrecognized environment variable %s", name)
+        return
+    annotation = model.model_fields[field].annotation
+    if len(path) == 1:
+        parsed = _yaml_value(name, value)
+        raw[field] = _select(parsed) if field in _SELECTOR_SECTIONS else parsed
+        return
+    sub_model = _section_model(annotation)
+    if sub_model is not None and field != "storage":
+        current = raw.get(field)
+        if not isinstance(current, dict):
+            current = raw[field] = {}
+        _override_struct(sub_model, current, path[1:], value, name)
+    elif _is_map(annotation) or field == "storage":
+        current = raw.get(field)
+        if not isinstance(current, dict):
+            current = raw[field] = {}
+        _override_map(current, path[1:], value, name)
+    else:
+        log.warning("ignoring environment variable %s: %s is not a section", name, field)
+
+
+def _override_map(raw: dict[str, Any], path: list[str], value: str, name: str) -> None:
+    if len(path) == 1:
+        for key in list(raw):
+            if isinstance(key, str) and key.upper() == path[0]:
+                del raw[key]
+        raw[path[0].lower()] = _yaml_value(name, value)
+        return
+    for key, current in raw.items():
+        if isinstance(key, str) and key.upper() == path[0] and isinstance(current, dict):
+            _override_map(current, path[1:], value, name)
+            return
+    # A list addressed by index: ..._HOSTS_0
+    for key, current in raw.items():
+        if (
+            isinstance(key, str)
+            and key.upper() == path[0]
+            and isinstance(current, list)
+            and path[1].isdigit()
+            and len(path) == 2
+        ):
+            index = int(path[1])
+            while len(current) <= index:
+                current.append(None)
+            current[index] = _yaml_value(name, value)
+            return
+    fresh: dict[str, Any] = {}
+    for key in list(raw):
+        if isinstance(key, str) and key.upper() == path[0]:
+            del raw[key]
+    raw[path[0].lower()] = fresh
+    _override_map(fresh, path[1:], value, name)
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply ``REGISTRY_*`` variables to raw config data, in sorted order, as registry:2 does."""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == "REGISTRY_CONFIGURATION_PATH":
+            continue
+        path = [p for p in name[len(ENV_PREFIX) :].upper().split("_")]
+        if not all(path):
+            log.warning("ignoring malformed environment variable %s", name)
+            continue
+        _override_struct(Config, raw, path, environ[name], name)
+    return raw
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _normalise_storage(raw: dict[str, Any]) -> None:
+    storage = raw.get("storage")
+    if storage is None:
+        raise ConfigError("storage", "no storage driver configured (e.g. storage.filesystem)")
+    storage = _select(storage)
+    if not isinstance(storage, dict):
+        raise ConfigError("storage", "must be a mapping with one storage driver")
+    drivers = [k for k in storage if k not in STORAGE_SETTINGS]
+    if len(drivers) != 1:
+        listed = ", ".join(drivers) or "none"
+        raise ConfigError("storage", f"exactly one storage driver must be configured ({listed})")
+    driver = drivers[0]
+    if driver not in SUPPORTED_DRIVERS:
+        if driver in KNOWN_DRIVERS:
+            known = "a registry:2 driver Dockyard does not support yet"
+        else:
+            known = "an unknown storage driver"
+        raise ConfigError(
+            f"storage.{driver}",
+            f"{known}; supported: {', '.join(SUPPORTED_DRIVERS)}",
+        )
+    if storage[driver] is None:
+        storage[driver] = {}
+    raw["storage"] = storage
+
+
+def _reject_unsupported(config: Config) -> None:
+    """Settings whose silent absence would be dangerous (security, TLS, proxying) fail loudly
+    until Dockyard implements them."""
+    if config.auth:
+        kinds = ", ".join(sorted(config.auth))
+        raise ConfigError(f"auth.{kinds}", "authentication is not supported by this version yet")
+    tls = config.http.tls
+    if tls.certificate or tls.key or tls.letsencrypt.cachefile:
+        raise ConfigError("http.tls", "TLS is not supported by this version yet")
+    if config.proxy:
+        raise ConfigError("proxy", "pull-through cache mode is not supported")
+    for key in ("notifications", "redis", "health", "validation", "middleware", "reporting"):
+        if getattr(config, key):
+            log.warning("configuration key %s is accepted but has no effect yet", key)
+
+
+def _warn_unknown(model: BaseModel, prefix: str) -> None:
+    for key in model.model_extra or {}:
+        log.warning("ignoring unknown configuration key %s%s", prefix, key)
+    for field in type(model).model_fields:
+        value = getattr(model, field)
+        if isinstance(value, BaseModel):
+            _warn_unknown(value, f"{prefix}{field}.")
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    key = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return key or "(root)", message
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    if "version" not in raw:
+        raise ConfigError("version", "missing (registry:2 configurations start with version: 0.1)")
+    # registry:2's deprecated top-level 'loglevel'
+    if "loglevel" in raw:
+        raw.setdefault("log", {})
+        if isinstance(raw["log"], dict):
+            raw["log"].setdefault("level", raw.pop("loglevel"))
+    _normalise_storage(raw)
+    if isinstance(raw.get("auth"), str):
+        raw["auth"] = _select(raw["auth"])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        key, reason = _describe(exc.errors()[0])
+        raise ConfigError(key, reason) from None
+    _warn_unknown(config, "")
+    _reject_unsupported(config)
+    return config
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or the embedded default when None), apply the environment, validate."""
+    environ = os.environ if environ is None else environ
+    raw = load_raw(path)
+    apply_env_overrides(raw, environ)
+    return validate(raw)

@@ -1,0 +1,1 @@
+"""Pure OCI rules: digests, names, media types and manifest validation. No I/O here."""

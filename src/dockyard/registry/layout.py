@@ -1,0 +1,102 @@
+"""registry:2's storage layout, as pure functions. Nothing else builds a storage path.
+
+::
+
+    /docker/registry/v2/
+      blobs/<alg>/<hex[0:2]>/<hex>/data                 every blob: layers, configs, manifests
+      repositories/<name>/                              '/' in a name nests directories
+        _layers/<alg>/<hex>/link                        blob linked into the repository
+        _manifests/revisions/<alg>/<hex>/link           manifest present in the repository
+        _manifests/tags/<tag>/current/link              tag -> manifest digest
+        _manifests/tags/<tag>/index/<alg>/<hex>/link    every digest the tag has pointed to
+        _manifests/referrers/<alg>/<hex>/<alg>/<hex>/link   Dockyard: subject -> referrer
+        _uploads/<id>/data                              upload in progress
+        _uploads/<id>/startedat                         RFC 3339 start time
+
+A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
+not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it.
+"""
+
+from __future__ import annotations
+
+from dockyard.oci.digest import Digest
+
+ROOT = "/docker/registry/v2"
+BLOBS = f"{ROOT}/blobs"
+REPOSITORIES = f"{ROOT}/repositories"
+
+
+def blob_dir(digest: Digest) -> str:
+    return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def blob_data(digest: Digest) -> str:
+    return f"{blob_dir(digest)}/data"
+
+
+def repository(name: str) -> str:
+    return f"{REPOSITORIES}/{name}"
+
+
+def layer_link(name: str, digest: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_layers/{digest.algorithm}/{digest.hex}/link"
+
+
+def manifests_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests"
+
+
+def revisions_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/revisions"
+
+
+def revision_link(name: str, digest: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/revisions/{digest.algorithm}/{digest.hex}/link"
+
+
+def tags_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/tags"
+
+
+def tag_dir(name: str, tag: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/tags/{tag}"
+
+
+def tag_current_link(name: str, tag: str) -> str:
+    return f"{tag_dir(name, tag)}/current/link"
+
+
+def tag_index_link(name: str, tag: str, digest: Digest) -> str:
+    return f"{tag_dir(name, tag)}/index/{digest.algorithm}/{digest.hex}/link"
+
+
+def referrers_dir(name: str, subject: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/referrers/{subject.algorithm}/{subject.hex}"
+
+
+def referrer_link(name: str, subject: Digest, referrer: Digest) -> str:
+    return f"{referrers_dir(name, subject)}/{referrer.algorithm}/{referrer.hex}/link"
+
+
+def uploads_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_uploads"
+
+
+def upload_dir(name: str, upload_id: str) -> str:
+    return f"{REPOSITORIES}/{name}/_uploads/{upload_id}"
+
+
+def upload_data(name: str, upload_id: str) -> str:
+    return f"{upload_dir(name, upload_id)}/data"
+
+
+def upload_started_at(name: str, upload_id: str) -> str:
+    return f"{upload_dir(name, upload_id)}/startedat"
+
+
+def repository_name_of(path: str) -> str:
+    """The repository name of a directory under ``repositories/``."""
+    prefix = REPOSITORIES + "/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not under {REPOSITORIES}")
+    return path[len(prefix) :]

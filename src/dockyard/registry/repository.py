@@ -1,0 +1,86 @@
+"""The registry model's entry points: :class:`Registry` (the whole store) and
+:class:`Repository` (one name). The HTTP layer talks only to these; they never see a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dockyard.oci.names import validate_name
+from dockyard.registry import layout
+from dockyard.registry.blobs import BlobStore, LinkedBlobs
+from dockyard.registry.manifests import ManifestStore
+from dockyard.registry.referrers import ReferrersIndex
+from dockyard.registry.tags import TagStore
+from dockyard.registry.uploads import HasherCache, Uploads, UploadTokens
+from dockyard.storage.driver import PathNotFound, StorageDriver
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a sorted listing; ``more`` says whether items follow ``items[-1]``."""
+
+    items: list[str]
+    more: bool
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> Page:
+    """Items strictly after ``last`` (in sort order), at most ``n`` of them."""
+    if last:
+        items = [i for i in items if i > last]
+    if n is None or len(items) <= n:
+        return Page(items, False)
+    return Page(items[:n], True)
+
+
+class Repository:
+    def __init__(self, registry: Registry, name: str) -> None:
+        self.name = name
+        self.registry = registry
+        store = registry.blobs
+        self.blobs = LinkedBlobs(name, store)
+        self.tags = TagStore(name, registry.driver)
+        self.referrers = ReferrersIndex(name, store)
+        self.manifests = ManifestStore(name, store, self.blobs, self.tags, self.referrers)
+        self.uploads = Uploads(name, store, self.blobs, registry.tokens, registry.hashers)
+
+    async def exists(self) -> bool:
+        try:
+            info = await self.registry.driver.stat(layout.manifests_dir(self.name))
+        except PathNotFound:
+            return False
+        return info.is_dir
+
+
+class Registry:
+    def __init__(self, driver: StorageDriver, *, secret: str, delete_enabled: bool) -> None:
+        self.driver = driver
+        self.delete_enabled = delete_enabled
+        self.blobs = BlobStore(driver)
+        self.tokens = UploadTokens(secret)
+        self.hashers = HasherCache()
+
+    def repository(self, name: str) -> Repository:
+        return Repository(self, validate_name(name))
+
+    async def repositories(self) -> list[str]:
+        """Every repository name, sorted: directories under ``repositories/`` that hold a
+        ``_manifests`` directory (registry:2's rule); ``_``-prefixed directories are never
+        names and are not descended into."""
+        found: list[str] = []
+
+        async def visit(path: str) -> None:
+            try:
+                children = await self.driver.list(path)
+            except PathNotFound:
+                return
+            if "_manifests" in children and path != layout.REPOSITORIES:
+                found.append(layout.repository_name_of(path))
+            for child in children:
+                if not child.startswith("_"):
+                    await visit(f"{path}/{child}")
+
+        await visit(layout.REPOSITORIES)
+        return sorted(found)
+
+    async def catalog(self, n: int | None, last: str | None) -> Page:
+        return paginate(await self.repositories(), n, last)

@@ -1,0 +1,1 @@
+"""Storage drivers: one small interface (``driver.StorageDriver``), one module per backend."""

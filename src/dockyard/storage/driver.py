@@ -1,0 +1,106 @@
+"""The storage driver interface: bytes at paths, nothing about registries.
+
+Paths are absolute, '/'-separated, and built only by ``registry.layout``. A driver maps its
+backend's failures onto the exceptions below at one boundary, so the registry model never sees an
+``OSError`` or a botocore error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StorageError(Exception):
+    """A storage backend failed in a way the registry cannot turn into a client error."""
+
+
+class PathNotFound(StorageError):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"path not found: {path}")
+
+
+class InvalidPath(StorageError):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"invalid storage path: {path!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    path: str
+    size: int
+    #: modification time, seconds since the epoch
+    modified: float
+    is_dir: bool
+
+
+class FileWriter(Protocol):
+    """An appending writer. Data written becomes part of the file only when ``close`` returns;
+    ``abort`` drops everything this writer wrote (the file is back to its size at open)."""
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file: what it held when opened plus what this writer wrote."""
+        ...
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def close(self) -> None:
+        """Keep what was written. The file can later be reopened for appending."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop what this writer wrote and close."""
+        ...
+
+
+class StorageDriver(Protocol):
+    """What the registry model needs from a backend. Every method raises :class:`PathNotFound`
+    for a missing path (where it says so) and :class:`StorageError` for anything else."""
+
+    name: str
+
+    async def read(self, path: str) -> bytes:
+        """The whole content of a small file (links, manifests). PathNotFound if missing."""
+        ...
+
+    async def write(self, path: str, data: bytes) -> None:
+        """Replace the file's content atomically: readers see the old or the new bytes, never a
+        mix or a prefix. Parent directories are created."""
+        ...
+
+    async def stat(self, path: str) -> FileInfo:
+        """Size and time of a file, or ``is_dir`` for a directory. PathNotFound if missing."""
+        ...
+
+    async def list(self, path: str) -> list[str]:
+        """Names (not paths) of a directory's direct children, unsorted. PathNotFound if the
+        directory does not exist."""
+        ...
+
+    async def move(self, source: str, dest: str) -> None:
+        """Move a file, replacing ``dest``; atomic where the backend allows (a rename on a
+        filesystem). PathNotFound if ``source`` is missing."""
+        ...
+
+    async def delete(self, path: str) -> None:
+        """Delete a file or a whole directory tree. PathNotFound if missing."""
+        ...
+
+    def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream ``length`` bytes (to the end when None) from ``offset``. PathNotFound if
+        missing (raised on the first iteration)."""
+        ...
+
+    async def writer(self, path: str, append: bool) -> FileWriter:
+        """Open a writer; ``append`` continues an existing file (created if missing), otherwise
+        the file is truncated."""
+        ...
+
+    def local_path(self, path: str) -> str | None:
+        """A path on the local filesystem holding this file, for zero-copy ``sendfile``; None for
+        backends that have none."""
+        ...

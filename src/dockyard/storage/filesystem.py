@@ -1,0 +1,197 @@
+"""Filesystem driver: registry:2's ``storage.filesystem`` (``rootdirectory``, ``maxthreads``).
+
+Blocking calls run on a bounded thread pool (registry:2's ``maxthreads``, default 100) so a slow
+disk never stalls the event loop. Whole-file writes go to a temporary file in the same directory
+and are renamed into place, so a reader sees the old or the new content and never a prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from dockyard.storage.driver import FileInfo, InvalidPath, PathNotFound, StorageError
+
+T = TypeVar("T")
+
+READ_CHUNK = 1024 * 1024
+
+
+class FilesystemDriver:
+    name = "filesystem"
+
+    def __init__(self, root: str, *, max_threads: int = 100, fsync: bool = False) -> None:
+        self.root = os.path.abspath(root)
+        self.fsync = fsync
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="fs")
+
+    # -- the one place OSError becomes a driver error ------------------------------------
+    async def _run(self, path: str, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except FileNotFoundError:
+            raise PathNotFound(path) from None
+        except NotADirectoryError:
+            raise PathNotFound(path) from None
+        except OSError as exc:
+            raise StorageError(f"{path}: {exc}") from exc
+
+    def _full(self, path: str) -> str:
+        if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/" or "\0" in path:
+            raise InvalidPath(path)
+        return self.root + path
+
+    # -- small files -----------------------------------------------------------------------
+    async def read(self, path: str) -> bytes:
+        full = self._full(path)
+        return await self._run(path, _read_file, full)
+
+    async def write(self, path: str, data: bytes) -> None:
+        full = self._full(path)
+        await self._run(path, _write_atomic, full, data, self.fsync)
+
+    async def stat(self, path: str) -> FileInfo:
+        full = self._full(path)
+        st = await self._run(path, os.stat, full)
+        return FileInfo(path=path, size=st.st_size, modified=st.st_mtime, is_dir=_isdir(st))
+
+    async def list(self, path: str) -> list[str]:
+        full = self._full(path)
+        return await self._run(path, os.listdir, full)
+
+    async def move(self, source: str, dest: str) -> None:
+        src, dst = self._full(source), self._full(dest)
+        await self._run(source, _move, src, dst)
+
+    async def delete(self, path: str) -> None:
+        full = self._full(path)
+        await self._run(path, _delete, full)
+
+    # -- streams ---------------------------------------------------------------------------
+    async def reader(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        full = self._full(path)
+        f = await self._run(path, open, full, "rb")
+        try:
+            if offset:
+                f.seek(offset)
+            remaining = length
+            while remaining is None or remaining > 0:
+                size = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
+                chunk = await self._run(path, f.read, size)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            f.close()
+
+    async def writer(self, path: str, append: bool) -> FilesystemWriter:
+        full = self._full(path)
+        f = await self._run(path, _open_writer, full, append)
+        return FilesystemWriter(self, path, f)
+
+    def local_path(self, path: str) -> str | None:
+        return self._full(path)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class FilesystemWriter:
+    def __init__(self, driver: FilesystemDriver, path: str, f: Any) -> None:
+        self._driver = driver
+        self._path = path
+        self._file = f
+        self._start = f.tell()
+        self._size = self._start
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await self._driver._run(self._path, self._file.write, data)
+        self._size += len(data)
+
+    async def close(self) -> None:
+        await self._driver._run(self._path, _close, self._file, self._driver.fsync)
+
+    async def abort(self) -> None:
+        await self._driver._run(self._path, _truncate_close, self._file, self._start)
+        self._size = self._start
+
+
+def _isdir(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode)
+
+
+def _read_file(full: str) -> bytes:
+    with open(full, "rb") as f:
+        return f.read()
+
+
+def _write_atomic(full: str, data: bytes, fsync: bool) -> None:
+    directory = os.path.dirname(full)
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, full)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _move(src: str, dst: str) -> None:
+    if not os.path.exists(src):
+        raise FileNotFoundError(errno.ENOENT, "no such file", src)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+
+
+def _delete(full: str) -> None:
+    if os.path.isdir(full) and not os.path.islink(full):
+        shutil.rmtree(full)
+    else:
+        os.unlink(full)
+
+
+def _open_writer(full: str, append: bool) -> Any:
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    f = open(full, "ab" if append else "wb")  # noqa: SIM115 - closed by the writer
+    f.seek(0, os.SEEK_END)
+    return f
+
+
+def _close(f: Any, fsync: bool) -> None:
+    try:
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    finally:
+        f.close()
+
+
+def _truncate_close(f: Any, size: int) -> None:
+    try:
+        f.flush()
+        f.truncate(size)
+    finally:
+        f.close()
