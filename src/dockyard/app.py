@@ -15,6 +15,7 @@ from dockyard.api.base import (
     version_check,
 )
 from dockyard.config import Config
+from dockyard.lifecycle import InFlight
 from dockyard.registry.repository import Registry
 from dockyard.storage.filesystem import FilesystemDriver
 
@@ -27,10 +28,15 @@ def build_driver(config: Config) -> FilesystemDriver:
     )
 
 
+INFLIGHT_KEY = web.AppKey("inflight", InFlight)
+
+
 def build_app(config: Config, secret: str) -> web.Application:
     driver = build_driver(config)
     registry = Registry(driver, secret=secret, delete_enabled=config.storage.delete.enabled)
-    app = web.Application(middlewares=[error_middleware])
+    inflight = InFlight()
+    app = web.Application(middlewares=[inflight.middleware, error_middleware])
+    app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
     app[CONFIG_KEY] = config
     prefix = config.http.prefix
@@ -40,6 +46,7 @@ def build_app(config: Config, secret: str) -> web.Application:
     for module in (catalog, tags, manifests, referrers, uploads, blobs):
         app.add_routes(module.routes(prefix))
     app.on_response_prepare.append(add_common_headers(config.http.headers))
+    app.on_response_prepare.append(inflight.on_prepare)
 
     async def close_driver(_: web.Application) -> None:
         driver.close()

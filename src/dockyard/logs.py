@@ -95,7 +95,8 @@ class AccessLogger(AbstractAccessLogger):
             "status": status,
             "duration_ms": round(time * 1000, 2),
             "bytes_out": response.body_length,
-            "bytes_in": request.content_length or 0,
+            # what was actually received: chunked bodies have no Content-Length
+            "bytes_in": getattr(request.content, "total_bytes", request.content_length or 0),
             "remote": request.headers.get("X-Forwarded-For", request.remote or ""),
             "user_agent": request.headers.get("User-Agent", ""),
         }

@@ -20,7 +20,7 @@ import time
 
 from aiohttp import web
 
-from dockyard.app import build_app
+from dockyard.app import INFLIGHT_KEY, build_app
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
 from dockyard.logs import ACCESS_LOGGER, AccessLogger
@@ -112,7 +112,17 @@ async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("serving", extra={"fields": {"addr": config.http.addr, "pid": os.getpid()}})
     await stop.wait()
-    log.info("stopping: finishing in-flight requests", extra={"fields": {"pid": os.getpid()}})
+    inflight = app[INFLIGHT_KEY]
+    log.info(
+        "stopping: finishing in-flight requests",
+        extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
+    )
+    await site.stop()
+    if not await inflight.drain(drain):
+        log.warning(
+            "drain timeout: cancelling requests still running",
+            extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
+        )
     await runner.cleanup()
 
 

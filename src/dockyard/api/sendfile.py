@@ -37,7 +37,13 @@ class SendfileResponse(web.StreamResponse):
         self._file = fileobj
         self._offset = offset
         self._count = count
+        self._sent = 0
         self.content_length = count
+
+    @property
+    def body_length(self) -> int:
+        """Headers plus the bytes sent straight to the socket (for the access log)."""
+        return super().body_length + self._sent
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
@@ -52,7 +58,7 @@ class SendfileResponse(web.StreamResponse):
                 await self._copy(writer)
             else:
                 await _wait_flushed(transport)
-                await _sendfile(sock.fileno(), self._file, self._offset, self._count)
+                self._sent = await _sendfile(sock.fileno(), self._file, self._offset, self._count)
             await super().write_eof()
             return writer
         finally:
@@ -81,8 +87,10 @@ async def _wait_flushed(transport: Any) -> None:
         await asyncio.sleep(0.001)
 
 
-async def _sendfile(sock_fd: int, fileobj: IO[bytes], offset: int, count: int) -> None:
+async def _sendfile(sock_fd: int, fileobj: IO[bytes], offset: int, count: int) -> int:
+    """Send ``count`` bytes of the file from ``offset``; return the byte count."""
     loop = asyncio.get_running_loop()
+    total = count
     fd = os.dup(sock_fd)
     file_fd = fileobj.fileno()
     try:
@@ -102,6 +110,7 @@ async def _sendfile(sock_fd: int, fileobj: IO[bytes], offset: int, count: int) -
             count -= sent
     finally:
         os.close(fd)
+    return total
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:

@@ -1,0 +1,182 @@
+"""Test support: a real Dockyard server in a subprocess, on loopback, with its own storage."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Server:
+    """A running ``dockyard serve`` subprocess."""
+
+    port: int
+    root: Path
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+    session: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def v2(self, path: str) -> str:
+        return f"{self.url}/v2/{path}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    # -- helpers for building content through the API --------------------------------------
+    def push_blob(self, name: str, data: bytes) -> str:
+        digest = sha256(data)
+        r = self.session.post(
+            self.v2(f"{name}/blobs/uploads/"), params={"digest": digest}, data=data
+        )
+        assert r.status_code == 201, r.text
+        return digest
+
+    def push_manifest(
+        self,
+        name: str,
+        reference: str,
+        manifest: dict[str, Any] | bytes,
+        media_type: str | None = None,
+    ) -> requests.Response:
+        body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        if media_type is None and isinstance(manifest, dict):
+            media_type = manifest.get("mediaType", OCI_MANIFEST)
+        r = self.session.put(
+            self.v2(f"{name}/manifests/{reference}"),
+            data=body,
+            headers={"Content-Type": media_type or OCI_MANIFEST},
+        )
+        return r
+
+    def push_image(
+        self,
+        name: str,
+        tag: str | None,
+        layers: list[bytes] | None = None,
+        media_type: str = OCI_MANIFEST,
+        **extra: Any,
+    ) -> tuple[str, dict[str, Any]]:
+        """Push a config, layers and a manifest; return (manifest digest, manifest)."""
+        layers = layers if layers is not None else [os.urandom(64)]
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux", "nonce": os.urandom(8).hex()}
+        ).encode()
+        docker = media_type == DOCKER_MANIFEST
+        manifest: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json"
+                if docker
+                else "application/vnd.oci.image.config.v1+json",
+                "digest": self.push_blob(name, config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip"
+                    if docker
+                    else "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": self.push_blob(name, layer),
+                    "size": len(layer),
+                }
+                for layer in layers
+            ],
+            **extra,
+        }
+        body = json.dumps(manifest).encode()
+        r = self.push_manifest(name, tag or sha256(body), body, media_type)
+        assert r.status_code == 201, r.text
+        return sha256(body), manifest
+
+
+def write_config(path: Path, root: Path, port: int, **overrides: Any) -> None:
+    config: dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "info"},
+        "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "test-secret"},
+    }
+    _merge(config, overrides)
+    path.write_text(yaml.safe_dump(config))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+ServerFactory = Callable[..., Server]
+
+
+def assert_error(r: requests.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    body = r.json()
+    assert body["errors"][0]["code"] == code, body
+    assert body["errors"][0]["message"]
+    return body["errors"][0]

@@ -1,0 +1,200 @@
+from pathlib import Path
+
+import pytest
+
+from dockyard.config import (
+    apply_env_overrides,
+    default_raw_config,
+    load_config,
+    parse_duration,
+    validate,
+)
+from dockyard.errors import ConfigError
+
+CLASSIC = """
+version: 0.1
+log:
+  fields:
+    service: registry
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: /var/lib/registry
+http:
+  addr: :5000
+  headers:
+    X-Content-Type-Options: [nosniff]
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "config.yml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_classic_compose_environment(tmp_path: Path) -> None:
+    env = {
+        "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/data",
+        "REGISTRY_HTTP_ADDR": "0.0.0.0:5000",
+        "REGISTRY_HTTP_SECRET": "s3cr3t",
+        "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+        "PATH": "/usr/bin",
+    }
+    config = load_config(write(tmp_path, CLASSIC), env)
+    assert config.storage.filesystem is not None
+    assert config.storage.filesystem.rootdirectory == "/data"
+    assert config.http.addr == "0.0.0.0:5000"
+    assert config.http.secret == "s3cr3t"
+    assert config.storage.delete.enabled is True
+    assert config.http.headers == {"X-Content-Type-Options": ["nosniff"]}
+    assert config.log.fields == {"service": "registry"}
+
+
+def test_overrides_are_case_insensitive_and_yaml_typed(tmp_path: Path) -> None:
+    env = {
+        "REGISTRY_LOG_LEVEL": "debug",
+        "REGISTRY_HTTP_RELATIVEURLS": "true",
+        "REGISTRY_STORAGE_FILESYSTEM_MAXTHREADS": "50",
+        "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_AGE": "2h",
+        "REGISTRY_HTTP_SECRET": "12345",  # YAML int, still a string secret
+    }
+    config = load_config(write(tmp_path, CLASSIC), env)
+    assert config.log.level == "debug"
+    assert config.http.relativeurls is True
+    assert config.storage.filesystem and config.storage.filesystem.maxthreads == 50
+    assert config.storage.maintenance.uploadpurging.age == 7200
+    assert config.http.secret == "12345"
+
+
+def test_bare_word_selects_a_section_and_sorted_order_applies(tmp_path: Path) -> None:
+    # REGISTRY_STORAGE replaces the whole storage section; later (sorted) keys fill it again.
+    raw = default_raw_config()
+    apply_env_overrides(
+        raw,
+        {
+            "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/x",
+            "REGISTRY_STORAGE": "filesystem",
+        },
+    )
+    assert raw["storage"] == {"filesystem": {"rootdirectory": "/x"}}
+    raw = default_raw_config()
+    apply_env_overrides(
+        raw,
+        {
+            "REGISTRY_AUTH": "htpasswd",
+            "REGISTRY_AUTH_HTPASSWD_PATH": "/auth/registry.password",
+            "REGISTRY_AUTH_HTPASSWD_REALM": "Registry",
+        },
+    )
+    assert raw["auth"] == {"htpasswd": {"path": "/auth/registry.password", "realm": "Registry"}}
+
+
+def test_override_replaces_existing_key_case_insensitively() -> None:
+    raw = {"version": "0.1", "storage": {"filesystem": {"rootDirectory": "/old"}}}
+    apply_env_overrides(raw, {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/new"})
+    assert raw["storage"]["filesystem"] == {"rootdirectory": "/new"}
+
+
+def test_list_items_by_index() -> None:
+    raw = {"version": "0.1", "auth": {"x": {"hosts": ["a", "b"]}}}
+    apply_env_overrides(raw, {"REGISTRY_AUTH_X_HOSTS_1": "c"})
+    assert raw["auth"]["x"]["hosts"] == ["a", "c"]
+
+
+def test_unknown_env_and_keys_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(
+        write(tmp_path, CLASSIC + "\nfrobnicate: 1\n"), {"REGISTRY_NOSUCH_THING": "1"}
+    )
+    assert config.http.addr == ":5000"
+    assert "REGISTRY_NOSUCH_THING" in caplog.text
+    assert "frobnicate" in caplog.text
+
+
+def test_default_config() -> None:
+    config = validate(default_raw_config())
+    assert config.storage.filesystem and config.storage.filesystem.rootdirectory == "./data"
+    assert config.http.addr == ":5000"
+    assert config.storage.delete.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("storage: {filesystem: {}}\n", "version", "missing"),
+        ("version: 0.2\nstorage: {filesystem: {}}\n", "version", "unsupported"),
+        ("version: 0.1\n", "storage", "no storage driver"),
+        ("version: 0.1\nstorage: {filesystem: {}, s3: {}}\n", "storage", "exactly one"),
+        ("version: 0.1\nstorage: {s3: {bucket: b}}\n", "storage.s3", "does not support"),
+        ("version: 0.1\nstorage: {floppy: {}}\n", "storage.floppy", "unknown storage driver"),
+        ("version: 0.1\nstorage: {filesystem: {}}\nlog: {level: loud}\n", "log.level", ""),
+        (
+            "version: 0.1\nstorage: {filesystem: {}, delete: {enabled: maybe}}\n",
+            "storage.delete.enabled",
+            "bool",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {maxthreads: 3}}\n",
+            "storage.filesystem.maxthreads",
+            "25",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}, maintenance: {uploadpurging: {age: soon}}}\n",
+            "storage.maintenance.uploadpurging.age",
+            "duration",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nhttp: {host: registry.example.com}\n",
+            "http.host",
+            "absolute URL",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nauth: {htpasswd: {path: /x, realm: r}}\n",
+            "auth.htpasswd",
+            "not supported",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {certificate: /c, key: /k}}\n",
+            "http.tls",
+            "not supported",
+        ),
+        ("- a\n- b\n", None, "mapping"),
+        ("version: [\n", None, "YAML"),
+    ],
+)
+def test_invalid_config_names_key_and_reason(
+    tmp_path: Path, text: str, key: str | None, reason: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert err.value.key == (key if key is not None else path)
+    assert reason.lower() in err.value.reason.lower()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(str(tmp_path / "nope.yml"), {})
+    assert "cannot read" in err.value.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("10s", 10),
+        ("168h", 604800),
+        ("1h30m", 5400),
+        ("500ms", 0.5),
+        ("0", 0),
+        (30, 30),
+    ],
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "1x", "h", "10s5", True])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)

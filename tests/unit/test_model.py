@@ -1,0 +1,398 @@
+"""The registry model on a real filesystem driver, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dockyard.errors import ErrorCode, RegistryError
+from dockyard.oci import mediatypes as mt
+from dockyard.oci.digest import Digest
+from dockyard.registry import layout
+from dockyard.registry.repository import Registry, paginate
+from dockyard.registry.uploads import ContentRange, HasherCache
+from dockyard.storage.filesystem import FilesystemDriver
+
+V2 = "docker/registry/v2"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    driver = FilesystemDriver(str(tmp_path), max_threads=8)
+    yield Registry(driver, secret="s", delete_enabled=True)
+    driver.close()
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def body(*chunks: bytes) -> AsyncIterator[bytes]:
+    for c in chunks:
+        yield c
+
+
+async def failing_body(*chunks: bytes) -> AsyncIterator[bytes]:
+    for c in chunks:
+        yield c
+    raise ConnectionResetError("client went away")
+
+
+def digest_of(data: bytes, alg: str = "sha256") -> Digest:
+    return Digest(alg, hashlib.new(alg, data).hexdigest())
+
+
+async def upload(registry: Registry, name: str, data: bytes) -> Digest:
+    repo = registry.repository(name)
+    session = await repo.uploads.start()
+    await repo.uploads.append(session, body(data))
+    d = digest_of(data)
+    await repo.uploads.commit(session, d)
+    return d
+
+
+def test_layout_paths_match_registry2() -> None:
+    d = Digest("sha256", "ab" + "c" * 62)
+    assert layout.blob_data(d) == f"/{V2}/blobs/sha256/ab/{d.hex}/data"
+    assert layout.layer_link("a/b", d) == f"/{V2}/repositories/a/b/_layers/sha256/{d.hex}/link"
+    assert layout.revision_link("a", d) == (
+        f"/{V2}/repositories/a/_manifests/revisions/sha256/{d.hex}/link"
+    )
+    assert (
+        layout.tag_current_link("a", "v1")
+        == f"/{V2}/repositories/a/_manifests/tags/v1/current/link"
+    )
+    assert layout.tag_index_link("a", "v1", d) == (
+        f"/{V2}/repositories/a/_manifests/tags/v1/index/sha256/{d.hex}/link"
+    )
+    assert layout.upload_data("a", "u") == f"/{V2}/repositories/a/_uploads/u/data"
+    assert layout.upload_started_at("a", "u") == f"/{V2}/repositories/a/_uploads/u/startedat"
+
+
+def test_chunked_upload_commit_and_links(registry: Registry, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 5)
+
+    async def go() -> None:
+        repo = registry.repository("lib/app")
+        s = await repo.uploads.start()
+        assert await repo.uploads.append(s, body(data[:1000]), ContentRange(0, 999), 1000) == 1000
+        size = await repo.uploads.append(s, body(data[1000:]), ContentRange(1000, len(data) - 1))
+        assert size == len(data)
+        d = digest_of(data)
+        with pytest.raises(RegistryError):
+            await repo.blobs.stat(d)  # not visible before commit
+        info = await repo.uploads.commit(s, d)
+        assert info.size == len(data)
+        assert (await repo.blobs.stat(d)).size == len(data)
+
+    run(go())
+    d = digest_of(data)
+    assert (tmp_path / V2 / "blobs/sha256" / d.hex[:2] / d.hex / "data").read_bytes() == data
+    link = tmp_path / V2 / "repositories/lib/app/_layers/sha256" / d.hex / "link"
+    assert link.read_bytes() == str(d).encode()  # no newline, as registry:2 writes it
+    assert not list((tmp_path / V2 / "repositories/lib/app/_uploads").iterdir())
+
+
+def test_out_of_order_chunk_is_416_and_keeps_state(registry: Registry) -> None:
+    async def go() -> None:
+        repo = registry.repository("x")
+        s = await repo.uploads.start()
+        await repo.uploads.append(s, body(b"abcd"), ContentRange(0, 3))
+        for bad in (ContentRange(0, 3), ContentRange(5, 8), ContentRange(2, 5)):
+            with pytest.raises(RegistryError) as err:
+                await repo.uploads.append(s, body(b"efgh"), bad)
+            assert err.value.status == 416
+        assert await repo.uploads.size(s) == 4
+        with pytest.raises(RegistryError) as err:
+            await repo.uploads.append(s, body(b"efgh"), ContentRange(4, 7), content_length=3)
+        assert err.value.status == 416
+        await repo.uploads.append(s, body(b"efgh"), ContentRange(4, 7))
+        await repo.uploads.commit(s, digest_of(b"abcdefgh"))
+
+    run(go())
+
+
+def test_interrupted_chunk_is_rolled_back(registry: Registry) -> None:
+    async def go() -> None:
+        repo = registry.repository("x")
+        s = await repo.uploads.start()
+        await repo.uploads.append(s, body(b"good"))
+        with pytest.raises(ConnectionResetError):
+            await repo.uploads.append(s, failing_body(b"partial" * 300000))
+        assert await repo.uploads.size(s) == 4
+        # A short body is refused and rolled back too.
+        with pytest.raises(RegistryError) as err:
+            await repo.uploads.append(s, body(b"ab"), content_length=10)
+        assert err.value.code is ErrorCode.SIZE_INVALID
+        assert await repo.uploads.size(s) == 4
+        await repo.uploads.append(s, body(b"more"))
+        await repo.uploads.commit(s, digest_of(b"goodmore"))
+
+    run(go())
+
+
+def test_wrong_digest_discards_upload(registry: Registry, tmp_path: Path) -> None:
+    async def go() -> None:
+        repo = registry.repository("x")
+        s = await repo.uploads.start()
+        await repo.uploads.append(s, body(b"content"))
+        wrong = digest_of(b"other")
+        with pytest.raises(RegistryError) as err:
+            await repo.uploads.commit(s, wrong)
+        assert err.value.code is ErrorCode.DIGEST_INVALID
+        with pytest.raises(RegistryError) as err:
+            await repo.uploads.size(s)
+        assert err.value.code is ErrorCode.BLOB_UPLOAD_UNKNOWN
+        assert not await registry.blobs.exists(wrong)
+        assert not await registry.blobs.exists(digest_of(b"content"))
+
+    run(go())
+    assert not (tmp_path / V2 / "blobs").exists()
+
+
+def test_upload_continues_on_another_worker(registry: Registry, tmp_path: Path) -> None:
+    """A second Registry over the same storage (another worker, or after a restart) has no
+    hasher in memory: the digest is computed from the stored bytes."""
+    data = os.urandom(2_500_000)
+    other = Registry(
+        FilesystemDriver(str(tmp_path), max_threads=4), secret="s", delete_enabled=True
+    )
+
+    async def go() -> None:
+        s = await registry.repository("x").uploads.start()
+        await registry.repository("x").uploads.append(s, body(data[:1_000_000]))
+        repo2 = other.repository("x")
+        s2 = await repo2.uploads.resume(s.id, registry.repository("x").uploads.token(s, 1))
+        await repo2.uploads.append(s2, body(data[1_000_000:]))
+        await repo2.uploads.commit(s2, digest_of(data))
+        assert (await registry.repository("x").blobs.stat(digest_of(data))).size == len(data)
+
+    run(go())
+
+
+def test_state_token_from_another_secret_is_refused(registry: Registry, tmp_path: Path) -> None:
+    other = Registry(
+        FilesystemDriver(str(tmp_path), max_threads=4), secret="different", delete_enabled=True
+    )
+
+    async def go() -> None:
+        repo = registry.repository("x")
+        s = await repo.uploads.start()
+        token = repo.uploads.token(s, 0)
+        with pytest.raises(RegistryError) as err:
+            await other.repository("x").uploads.resume(s.id, token)
+        assert err.value.code is ErrorCode.BLOB_UPLOAD_INVALID
+        assert "http.secret" in err.value.message
+        with pytest.raises(RegistryError):  # a token for another repository
+            await registry.repository("y").uploads.resume(s.id, token)
+        with pytest.raises(RegistryError) as err:
+            await repo.uploads.resume("not-a-uuid", None)
+        assert err.value.code is ErrorCode.BLOB_UPLOAD_UNKNOWN
+
+    run(go())
+
+
+def test_sha512_upload(registry: Registry) -> None:
+    data = os.urandom(100_000)
+
+    async def go() -> None:
+        repo = registry.repository("x")
+        s = await repo.uploads.start("sha512")
+        await repo.uploads.append(s, body(data))
+        d = digest_of(data, "sha512")
+        await repo.uploads.commit(s, d)
+        assert (await repo.blobs.stat(d)).size == len(data)
+
+    run(go())
+
+
+def test_concurrent_uploads_of_same_blob(registry: Registry) -> None:
+    data = os.urandom(1_500_000)
+
+    async def go() -> None:
+        digests = await asyncio.gather(*(upload(registry, f"r{i % 3}", data) for i in range(12)))
+        assert len(set(digests)) == 1
+        for i in range(3):
+            assert (await registry.repository(f"r{i}").blobs.stat(digests[0])).size == len(data)
+
+    run(go())
+
+
+async def push_image(
+    registry: Registry, name: str, tag: str | None, **extra: Any
+) -> tuple[Digest, bytes]:
+    config = json.dumps({"os": "linux", "n": os.urandom(4).hex()}).encode()
+    layer = os.urandom(100)
+    c, layer_digest = await upload(registry, name, config), await upload(registry, name, layer)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": str(c),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": str(layer_digest),
+                    "size": len(layer),
+                }
+            ],
+            **extra,
+        }
+    ).encode()
+    pushed = await registry.repository(name).manifests.put(
+        manifest, mt.OCI_MANIFEST, None, [tag] if tag else []
+    )
+    return pushed.digest, manifest
+
+
+def test_manifest_roundtrip_tags_and_delete(registry: Registry) -> None:
+    async def go() -> None:
+        repo = registry.repository("app")
+        d, body_bytes = await push_image(registry, "app", "v1")
+        await repo.tags.tag("v2", d)
+        stored = await repo.manifests.get(await repo.tags.resolve("v1"))
+        assert stored.body == body_bytes and stored.media_type == mt.OCI_MANIFEST
+        assert await repo.tags.all() == ["v1", "v2"]
+        assert await repo.tags.pointing_to(d) == ["v1", "v2"]
+        await repo.tags.untag("v2")
+        assert await repo.tags.all() == ["v1"]
+        await repo.manifests.get(d)  # deleting a tag keeps the manifest
+        await repo.manifests.delete(d)
+        assert await repo.tags.all() == []
+        with pytest.raises(RegistryError) as err:
+            await repo.manifests.get(d)
+        assert err.value.code is ErrorCode.MANIFEST_UNKNOWN
+
+    run(go())
+
+
+def test_manifest_needs_its_blobs_in_this_repository(registry: Registry) -> None:
+    async def go() -> None:
+        _d, body_bytes = await push_image(registry, "a", "v1")
+        with pytest.raises(RegistryError) as err:
+            await registry.repository("b").manifests.put(body_bytes, mt.OCI_MANIFEST, None, [])
+        assert err.value.code is ErrorCode.MANIFEST_BLOB_UNKNOWN
+        assert len(err.value.detail["digests"]) == 2
+
+    run(go())
+
+
+def test_index_children_must_exist(registry: Registry) -> None:
+    async def go() -> None:
+        d, _body_bytes = await push_image(registry, "a", None)
+        missing = digest_of(b"nothing")
+
+        def index(*digests: Digest) -> bytes:
+            return json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": mt.OCI_INDEX,
+                    "manifests": [
+                        {"mediaType": mt.OCI_MANIFEST, "digest": str(x), "size": 1} for x in digests
+                    ],
+                }
+            ).encode()
+
+        repo = registry.repository("a")
+        with pytest.raises(RegistryError) as err:
+            await repo.manifests.put(index(d, missing), mt.OCI_INDEX, None, ["multi"])
+        assert err.value.code is ErrorCode.MANIFEST_BLOB_UNKNOWN
+        assert err.value.detail == {"digests": [str(missing)]}
+        pushed = await repo.manifests.put(index(d), mt.OCI_INDEX, None, ["multi"])
+        assert (await repo.manifests.get(pushed.digest)).media_type == mt.OCI_INDEX
+
+    run(go())
+
+
+def test_pushed_by_digest_must_match(registry: Registry) -> None:
+    async def go() -> None:
+        _d, body_bytes = await push_image(registry, "a", None)
+        with pytest.raises(RegistryError) as err:
+            await registry.repository("a").manifests.put(
+                body_bytes, mt.OCI_MANIFEST, digest_of(b"x"), []
+            )
+        assert err.value.code is ErrorCode.DIGEST_INVALID
+        sha512 = digest_of(body_bytes, "sha512")
+        pushed = await registry.repository("a").manifests.put(
+            body_bytes, mt.OCI_MANIFEST, sha512, []
+        )
+        assert pushed.digest == sha512
+
+    run(go())
+
+
+def test_referrers_index(registry: Registry) -> None:
+    async def go() -> None:
+        subject, subject_body = await push_image(registry, "a", "v1")
+        sub = {"mediaType": mt.OCI_MANIFEST, "digest": str(subject), "size": len(subject_body)}
+        r1, _ = await push_image(
+            registry,
+            "a",
+            None,
+            subject=sub,
+            artifactType="application/x.sig",
+            annotations={"k": "v"},
+        )
+        r2, _ = await push_image(registry, "a", None, subject=sub)
+        repo = registry.repository("a")
+        found = await repo.referrers.list(subject)
+        assert sorted(str(d.digest) for d in found) == sorted([str(r1), str(r2)])
+        sig = await repo.referrers.list(subject, "application/x.sig")
+        assert [d.digest for d in sig] == [r1]
+        assert sig[0].annotations == {"k": "v"}
+        await repo.manifests.delete(r1)
+        assert [d.digest for d in await repo.referrers.list(subject)] == [r2]
+        assert await repo.referrers.list(digest_of(b"unknown")) == []
+
+    run(go())
+
+
+def test_catalog_walks_nested_names(registry: Registry) -> None:
+    async def go() -> None:
+        for name in ("b", "a/x", "a", "a/x/y", "c-d/e"):
+            await push_image(registry, name, "t")
+        # an upload alone does not make a repository
+        await registry.repository("only/uploads").uploads.start()
+        assert await registry.repositories() == ["a", "a/x", "a/x/y", "b", "c-d/e"]
+        page = await registry.catalog(2, None)
+        assert page.items == ["a", "a/x"] and page.more
+        page = await registry.catalog(2, "a/x")
+        assert page.items == ["a/x/y", "b"] and page.more
+        page = await registry.catalog(10, "b")
+        assert page.items == ["c-d/e"] and not page.more
+
+    run(go())
+
+
+def test_paginate() -> None:
+    items = ["a", "b", "c"]
+    assert paginate(items, None, None).items == items
+    assert paginate(items, 0, None).items == [] and not paginate(items, 0, None).more
+    assert paginate(items, 3, None).more is False
+    assert paginate(items, 1, "a").items == ["b"]
+    assert paginate(items, 5, "c").items == []
+
+
+def test_hasher_cache_offsets() -> None:
+    cache = HasherCache(capacity=2)
+    h = hashlib.sha256()
+    cache.put("u", 10, "sha256", h)
+    assert cache.take("u", 9, "sha256") is None  # wrong offset: gone
+    cache.put("u", 10, "sha256", h)
+    assert cache.take("u", 10, "sha512") is None
+    cache.put("u", 10, "sha256", h)
+    assert cache.take("u", 10, "sha256") is h
+    for i in range(3):
+        cache.put(str(i), 0, "sha256", h)
+    assert cache.take("0", 0, "sha256") is None  # evicted
