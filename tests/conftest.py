@@ -97,6 +97,10 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     wait_for_port(port, proc)
     yield server
     server.stop()
+    # Bad input must never have produced a 500 or a traceback.
+    log = server.log()
+    assert "Traceback" not in log, log[-5000:]
+    assert "level=error" not in log, [x for x in log.splitlines() if "level=error" in x]
 
 
 @pytest.fixture

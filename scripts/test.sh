@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine, then run all of it.
+#   Debian packages: the real clients and the reference registry the end-to-end tests drive.
+#   Python: Dockyard and its test dependencies, in ./.venv.
+# Extra arguments go to pytest (e.g. scripts/test.sh -m "not e2e" -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+  skopeo          # push/pull with containers/image
+  docker.io       # a real docker engine (dockerd, containerd, runc)
+  busybox-static  # the binary inside the offline test image
+  docker-registry # registry:2 (distribution 2.8), the reference for interop tests
+  procps          # pgrep, used by the server tests
+)
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# Installing docker-registry may start its service on port 5000; the tests use their own.
+as_root sh -c 'command -v systemctl >/dev/null && systemctl stop docker-registry docker 2>/dev/null || true'
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+export PATH="$PWD/.venv/bin:$PATH"
+ruff check src tests
+ruff format --check src tests
+exec python -m pytest "$@"
