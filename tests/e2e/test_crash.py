@@ -25,18 +25,13 @@ from typing import Any
 import pytest
 import requests
 
-pytestmark = pytest.mark.e2e
+from support import ServerFactory, sha256
 
-#: conftest's ``start_server`` fixture: starts Dockyard, returns its ``Server``
-ServerFactory = Callable[..., Any]
+pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
 BIG_CHUNKS = 256  # the interrupted blobs are 256 MiB, sent 1 MiB at a time
 V2 = "docker/registry/v2"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # -- a large blob produced on the fly -------------------------------------------------------------

@@ -13,17 +13,13 @@ schema 2 manifests, a nested repository name, an OCI index and a Docker manifest
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +29,19 @@ import pytest
 import requests
 import yaml
 
+from support import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    ServerFactory,
+    free_port,
+    sha256,
+    wait_for_port,
+)
+
 pytestmark = pytest.mark.e2e
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
 REGISTRY2 = shutil.which("docker-registry")
 SKOPEO = shutil.which("skopeo")
@@ -46,38 +50,13 @@ MANIFEST_ACCEPT = ", ".join(
     [
         OCI_MANIFEST,
         OCI_INDEX,
-        "application/vnd.docker.distribution.manifest.v2+json",
+        DOCKER_MANIFEST,
         DOCKER_LIST,
     ]
 )
 LIST_TYPES = {OCI_INDEX, DOCKER_LIST}
 V2 = "docker/registry/v2"
 LINK_CONTENT = re.compile(rb"sha256:[0-9a-f]{64}")
-
-
-#: conftest's ``start_server`` fixture: starts Dockyard, returns its ``Server``
-ServerFactory = Callable[..., Any]
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ and ``Docker-Upload-UUID``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from aiohttp import web
@@ -101,7 +102,8 @@ async def start_upload(request: web.Request) -> web.Response:
                 session, body_stream(request), content_length=content_length(request)
             )
         except BaseException:
-            await repo.uploads.cancel(session)
+            with contextlib.suppress(RegistryError):
+                await repo.uploads.cancel(session)
             raise
         await repo.uploads.commit(session, digest)
         return blob_created(request, repo, digest)

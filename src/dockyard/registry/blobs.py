@@ -110,12 +110,12 @@ class LinkedBlobs:
     async def is_linked(self, digest: Digest) -> bool:
         return await read_link(self.driver, layout.layer_link(self.name, digest)) == digest
 
-    async def stat(self, digest: Digest, *, also_manifests: bool = True) -> BlobInfo:
+    async def stat(self, digest: Digest) -> BlobInfo:
         """The blob if this repository may serve it. Manifests are blobs too: registry:2 only
         serves ``_layers`` links from the blob endpoint; Dockyard also serves a repository's
         manifests there (``oras blob fetch`` of a manifest digest works)."""
         linked = await self.is_linked(digest)
-        if not linked and also_manifests:
+        if not linked:
             link = await read_link(self.driver, layout.revision_link(self.name, digest))
             linked = link == digest
         if not linked:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from dockyard.errors import RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import Descriptor, read_stored, sniff_media_type
 from dockyard.registry import layout
@@ -54,7 +55,7 @@ class ReferrersIndex:
             return None
         try:
             body = await self.store.read(digest)
-        except Exception:
+        except RegistryError:  # linked but its data is gone: not listable
             return None
         manifest = read_stored(body)
         if manifest is None or manifest.subject is None or manifest.subject.digest != subject:
