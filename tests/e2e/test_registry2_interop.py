@@ -602,3 +602,17 @@ def test_registry2_serves_a_store_dockyard_wrote(
         registry2, expected_tags([*PUSHES, chunked_push_]), sorted_by_server=False
     )
     assert "level=error" not in registry2.log(), registry2.log()
+
+
+def test_skopeo_roundtrip_on_dockyard(
+    oci_layout: OciLayout, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """skopeo pushes every shape (OCI and v2s2 manifests, OCI index, Docker manifest list) to
+    Dockyard and pulls it back from Dockyard: same digests, same bytes."""
+    dockyard = start_server(workers=2)
+    digests = push_all(dockyard, oci_layout, tmp_path)
+    verify_everything(dockyard, digests, oci_layout.blobs, tmp_path)
+    check_catalog_and_tags(dockyard, expected_tags(PUSHES), sorted_by_server=True)
+    # A second push of the same content uploads nothing new and keeps the digests.
+    (tmp_path / "again").mkdir()
+    assert push_all(dockyard, oci_layout, tmp_path / "again") == digests
