@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +16,7 @@ from support import (  # noqa: F401 - re-exported for tests
     Server,
     ServerFactory,
     free_port,
+    launch,
     sha256,
     wait_for_port,
     write_config,
@@ -28,48 +25,13 @@ from support import (  # noqa: F401 - re-exported for tests
 
 @pytest.fixture
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Start servers with config overrides; all are stopped at teardown."""
+    """Start servers with config overrides (see ``support.launch``); all are stopped at
+    teardown."""
     servers: list[Server] = []
 
-    def start(
-        *,
-        root: Path | None = None,
-        workers: int = 1,
-        env: dict[str, str] | None = None,
-        port: int | None = None,
-        args: list[str] | None = None,
-        **overrides: Any,
-    ) -> Server:
-        work = tmp_path_factory.mktemp("dockyard")
-        root = root or work / "data"
-        port = port or free_port()
-        config_path = work / "config.yml"
-        write_config(config_path, root, port, **overrides)
-        log_path = work / "server.log"
-        proc_env = {**os.environ, **(env or {})}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dockyard",
-                    "serve",
-                    str(config_path),
-                    "--workers",
-                    str(workers),
-                    *(args or []),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=proc_env,
-            )
-        server = Server(port=port, root=root, config_path=config_path, log_path=log_path, proc=proc)
+    def start(**kwargs: Any) -> Server:
+        server = launch(tmp_path_factory.mktemp("dockyard"), **kwargs)
         servers.append(server)
-        try:
-            wait_for_port(port, proc)
-        except Exception:
-            server.stop()
-            raise RuntimeError(f"server did not start:\n{server.log()}") from None
         return server
 
     yield start
@@ -80,21 +42,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server (two workers) for the many API tests that need no special configuration."""
-    work = tmp_path_factory.mktemp("shared")
-    port = free_port()
-    config_path = work / "config.yml"
-    write_config(config_path, work / "data", port)
-    log_path = work / "server.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dockyard", "serve", str(config_path), "--workers", "2"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(
-        port=port, root=work / "data", config_path=config_path, log_path=log_path, proc=proc
-    )
-    wait_for_port(port, proc)
+    server = launch(tmp_path_factory.mktemp("shared"), workers=2)
     yield server
     server.stop()
     # Bad input must never have produced a 500 or a traceback.

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,6 +171,46 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
 
 
 ServerFactory = Callable[..., Server]
+
+
+def launch(
+    work: Path,
+    *,
+    root: Path | None = None,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    args: list[str] | None = None,
+    **overrides: Any,
+) -> Server:
+    """Write a config (test defaults merged with ``overrides``) into ``work`` and start
+    ``dockyard serve`` on it; return once the port accepts connections."""
+    root = root or work / "data"
+    port = port or free_port()
+    config_path = work / "config.yml"
+    write_config(config_path, root, port, **overrides)
+    log_path = work / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "dockyard",
+        "serve",
+        str(config_path),
+        "--workers",
+        str(workers),
+        *(args or []),
+    ]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = Server(port=port, root=root, config_path=config_path, log_path=log_path, proc=proc)
+    try:
+        wait_for_port(port, proc)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"server did not start:\n{server.log()}") from None
+    return server
 
 
 def assert_error(r: requests.Response, status: int, code: str) -> dict[str, Any]:
