@@ -107,10 +107,14 @@ def main() -> int:
     print(f"upload (streamed PATCH + PUT): {upload_s:.1f} s, {size / MiB / upload_s:.0f} MiB/s")
     print(f"download (sendfile): {download_s:.1f} s, {size / MiB / download_s:.0f} MiB/s")
     print(f"server RSS before: {rss_before / 1024:.1f} MiB")
-    print(f"server peak RSS during upload: {peak_upload / 1024:.1f} MiB "
-          f"(+{(peak_upload - rss_before) / 1024:.1f} MiB)")
-    print(f"server peak RSS overall: {peak_all / 1024:.1f} MiB "
-          f"(+{(peak_all - rss_before) / 1024:.1f} MiB)")
+    print(
+        f"server peak RSS during upload: {peak_upload / 1024:.1f} MiB "
+        f"(+{(peak_upload - rss_before) / 1024:.1f} MiB)"
+    )
+    print(
+        f"server peak RSS overall: {peak_all / 1024:.1f} MiB "
+        f"(+{(peak_all - rss_before) / 1024:.1f} MiB)"
+    )
     print(f"server RSS after: {rss_after / 1024:.1f} MiB")
     return 0
 

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(
   skopeo          # push/pull with containers/image
+  podman          # another containers/image client, with its own login
+  apache2-utils   # htpasswd -B, to check files made by Apache's tool
   docker.io       # a real docker engine (dockerd, containerd, runc)
   busybox-static  # the binary inside the offline test image
   docker-registry # registry:2 (distribution 2.8), the reference for interop tests

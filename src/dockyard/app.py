@@ -6,7 +6,7 @@ import os
 
 from aiohttp import web
 
-from dockyard.api import blobs, catalog, manifests, referrers, tags, uploads
+from dockyard.api import blobs, catalog, manifests, referrers, tags, token, uploads
 from dockyard.api.base import (
     CONFIG_KEY,
     REGISTRY_KEY,
@@ -14,6 +14,7 @@ from dockyard.api.base import (
     error_middleware,
     version_check,
 )
+from dockyard.auth.setup import build_auth
 from dockyard.config import Config
 from dockyard.lifecycle import InFlight
 from dockyard.registry.repository import Registry
@@ -35,7 +36,11 @@ def build_app(config: Config, secret: str) -> web.Application:
     driver = build_driver(config)
     registry = Registry(driver, secret=secret, delete_enabled=config.storage.delete.enabled)
     inflight = InFlight()
-    app = web.Application(middlewares=[inflight.middleware, error_middleware])
+    auth = build_auth(config)
+    middlewares = [inflight.middleware, error_middleware]
+    if auth is not None:
+        middlewares.append(auth.middleware)
+    app = web.Application(middlewares=middlewares)
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
     app[CONFIG_KEY] = config
@@ -45,6 +50,9 @@ def build_app(config: Config, secret: str) -> web.Application:
     # Order matters only where patterns could overlap; the most specific come first.
     for module in (catalog, tags, manifests, referrers, uploads, blobs):
         app.add_routes(module.routes(prefix))
+    if auth is not None and auth.token_server is not None:
+        app[token.TOKEN_SERVER_KEY] = auth.token_server
+        app.add_routes(token.routes(prefix))
     app.on_response_prepare.append(add_common_headers(config.http.headers))
     app.on_response_prepare.append(inflight.on_prepare)
 

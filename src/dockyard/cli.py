@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -11,6 +12,7 @@ from dockyard import __version__
 from dockyard.config import Config, load_config
 from dockyard.errors import ConfigError
 from dockyard.logs import configure
+from dockyard.users import UserFileError, list_users, remove_user, set_password
 
 
 def _load(config_path: str | None) -> Config:
@@ -52,6 +54,105 @@ def serve(config_path: str | None, workers: int) -> None:
         click.echo(f"dockyard: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+# -- users -----------------------------------------------------------------------------------
+
+
+def _htpasswd_path(file: str | None, config_path: str | None) -> str:
+    if file:
+        return file
+    config = _load(config_path)
+    if config.auth.htpasswd is not None:
+        return config.auth.htpasswd.path
+    if config.auth.token is not None and config.auth.token.server is not None:
+        return config.auth.token.server.htpasswd
+    raise click.UsageError("no --file given and the configuration names no htpasswd file")
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("no password on standard input")
+        return password
+    return click.prompt("Password", hide_input=True, confirmation_prompt="Repeat password")
+
+
+def _file_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--config",
+        "config_path",
+        metavar="CONFIG",
+        help="Configuration naming the htpasswd file (default: REGISTRY_CONFIGURATION_PATH).",
+    )(command)
+    return click.option(
+        "--file",
+        "file",
+        metavar="PATH",
+        help="The htpasswd file (default: the one the configuration names).",
+    )(command)
+
+
+@main.group()
+def user() -> None:
+    """Manage the users of an htpasswd file (bcrypt, compatible with registry:2)."""
+
+
+def _edit(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except UserFileError as exc:
+        click.echo(f"dockyard: {exc}", err=True)
+        sys.exit(1)
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@_file_options
+def user_add(name: str, password_stdin: bool, file: str | None, config_path: str | None) -> None:
+    """Add user NAME."""
+    path = _htpasswd_path(file, config_path)
+    password = _read_password(password_stdin)
+    _edit(lambda: set_password(path, name, password, create=True))
+    click.echo(f"added {name} to {path}")
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@_file_options
+def user_passwd(name: str, password_stdin: bool, file: str | None, config_path: str | None) -> None:
+    """Change the password of user NAME."""
+    path = _htpasswd_path(file, config_path)
+    password = _read_password(password_stdin)
+    _edit(lambda: set_password(path, name, password, create=False))
+    click.echo(f"changed the password of {name} in {path}")
+
+
+@user.command("remove")
+@click.argument("name")
+@_file_options
+def user_remove(name: str, file: str | None, config_path: str | None) -> None:
+    """Remove user NAME."""
+    path = _htpasswd_path(file, config_path)
+    _edit(lambda: remove_user(path, name))
+    click.echo(f"removed {name} from {path}")
+
+
+@user.command("list")
+@_file_options
+def user_list(file: str | None, config_path: str | None) -> None:
+    """List the users."""
+    path = _htpasswd_path(file, config_path)
+    try:
+        names = list_users(path)
+    except UserFileError as exc:
+        click.echo(f"dockyard: {exc}", err=True)
+        sys.exit(1)
+    for name in names:
+        click.echo(name)
 
 
 if __name__ == "__main__":  # pragma: no cover

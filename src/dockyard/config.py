@@ -215,6 +215,70 @@ class StorageConfig(Section):
         return "filesystem"
 
 
+class HtpasswdAuthConfig(Section):
+    realm: str = "basic-realm"
+    path: str
+    #: Dockyard's addition: how long a successful bcrypt verification is remembered (0: off)
+    cachettl: Duration = 300.0
+
+    @field_validator("cachettl", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+Action = Literal["pull", "push", "delete", "*"]
+
+
+class AccessRuleConfig(Section):
+    repository: str
+    actions: list[Action]
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    anonymous: bool = False
+
+
+class TokenServerConfig(Section):
+    """Dockyard's built-in token server (registry:2 ignores this key)."""
+
+    htpasswd: str
+    key: str = ""
+    expiration: Duration = 300.0
+    refreshexpiration: Duration = 30 * 24 * 3600.0
+    cachettl: Duration = 300.0
+    admins: list[str] = Field(default_factory=list)
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    access: list[AccessRuleConfig] = Field(default_factory=list)
+
+    @field_validator("expiration", "refreshexpiration", "cachettl", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class TokenAuthConfig(Section):
+    realm: str = ""
+    service: str = ""
+    issuer: str = ""
+    rootcertbundle: str = ""
+    jwks: str = ""
+    autoredirect: bool = False
+    server: TokenServerConfig | None = None
+
+
+class AuthConfig(Section):
+    htpasswd: HtpasswdAuthConfig | None = None
+    token: TokenAuthConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.htpasswd is not None or self.token is not None
+
+
+#: auth providers registry:2 knows that Dockyard does not implement
+UNSUPPORTED_AUTH = ("silly",)
+
+
 class CatalogConfig(Section):
     maxentries: int = Field(default=1000, ge=1)
 
@@ -224,7 +288,7 @@ class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     storage: StorageConfig
-    auth: dict[str, Any] = Field(default_factory=dict)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     notifications: dict[str, Any] = Field(default_factory=dict)
     redis: dict[str, Any] = Field(default_factory=dict)
@@ -320,12 +384,12 @@ def _override_struct(
         raw[field] = _select(parsed) if field in _SELECTOR_SECTIONS else parsed
         return
     sub_model = _section_model(annotation)
-    if sub_model is not None and field != "storage":
+    if sub_model is not None and field not in _SELECTOR_SECTIONS:
         current = raw.get(field)
         if not isinstance(current, dict):
             current = raw[field] = {}
         _override_struct(sub_model, current, path[1:], value, name)
-    elif _is_map(annotation) or field == "storage":
+    elif _is_map(annotation) or field in _SELECTOR_SECTIONS:
         current = raw.get(field)
         if not isinstance(current, dict):
             current = raw[field] = {}
@@ -409,12 +473,44 @@ def _normalise_storage(raw: dict[str, Any]) -> None:
     raw["storage"] = storage
 
 
+def _normalise_auth(raw: dict[str, Any]) -> None:
+    auth = raw.get("auth")
+    if auth is None:
+        return
+    auth = _select(auth)
+    if not isinstance(auth, dict):
+        raise ConfigError("auth", "must be a mapping with one auth provider")
+    providers = list(auth)
+    if len(providers) > 1:
+        listed = ", ".join(providers)
+        raise ConfigError("auth", f"only one auth provider may be configured ({listed})")
+    for name in providers:
+        if name in UNSUPPORTED_AUTH:
+            raise ConfigError(f"auth.{name}", "this auth provider is not supported")
+        if name not in ("htpasswd", "token"):
+            raise ConfigError(f"auth.{name}", "unknown auth provider (htpasswd or token)")
+        if auth[name] is None:
+            auth[name] = {}
+    raw["auth"] = auth
+
+
+def _check_auth(config: Config) -> None:
+    token = config.auth.token
+    if token is None:
+        return
+    if token.server is None:
+        for key in ("realm", "service", "issuer"):
+            if not getattr(token, key):
+                raise ConfigError(f"auth.token.{key}", "required for token authentication")
+        if not token.rootcertbundle and not token.jwks:
+            raise ConfigError(
+                "auth.token.rootcertbundle", "required (or auth.token.jwks) to verify tokens"
+            )
+
+
 def _reject_unsupported(config: Config) -> None:
-    """Settings whose silent absence would be dangerous (security, TLS, proxying) fail loudly
-    until Dockyard implements them."""
-    if config.auth:
-        kinds = ", ".join(sorted(config.auth))
-        raise ConfigError(f"auth.{kinds}", "authentication is not supported by this version yet")
+    """Settings whose silent absence would be dangerous (TLS, proxying) fail loudly until
+    Dockyard implements them."""
     tls = config.http.tls
     if tls.certificate or tls.key or tls.letsencrypt.cachefile:
         raise ConfigError("http.tls", "TLS is not supported by this version yet")
@@ -452,14 +548,14 @@ def validate(raw: dict[str, Any]) -> Config:
         if isinstance(raw["log"], dict):
             raw["log"].setdefault("level", raw.pop("loglevel"))
     _normalise_storage(raw)
-    if isinstance(raw.get("auth"), str):
-        raw["auth"] = _select(raw["auth"])
+    _normalise_auth(raw)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         key, reason = _describe(exc.errors()[0])
         raise ConfigError(key, reason) from None
     _warn_unknown(config, "")
+    _check_auth(config)
     _reject_unsupported(config)
     return config
 

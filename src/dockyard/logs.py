@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from dockyard.auth.access import IDENTITY
 from dockyard.config import LogConfig
 
 ACCESS_LOGGER = "dockyard.access"
@@ -100,6 +101,9 @@ class AccessLogger(AbstractAccessLogger):
             "remote": request.headers.get("X-Forwarded-For", request.remote or ""),
             "user_agent": request.headers.get("User-Agent", ""),
         }
+        identity = request.get(IDENTITY)
+        if identity is not None and identity.user:
+            fields["user"] = identity.user
         level = logging.ERROR if status >= 500 else logging.INFO
         self.logger.log(level, "request", extra={"fields": fields})
 

@@ -21,6 +21,7 @@ import time
 from aiohttp import web
 
 from dockyard.app import INFLIGHT_KEY, build_app
+from dockyard.auth.setup import prepare as prepare_auth
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
 from dockyard.logs import ACCESS_LOGGER, AccessLogger
@@ -205,6 +206,7 @@ class Supervisor:
 def serve(config: Config, workers: int) -> int:
     """Validate what can only be checked at start-up, bind, then serve. Returns an exit code."""
     check_storage(config)
+    prepare_auth(config)
     sock = bind(config.http)
     secret = resolve_secret(config)
     sys.stdout.flush()

@@ -150,9 +150,41 @@ def test_default_config() -> None:
             "absolute URL",
         ),
         (
-            "version: 0.1\nstorage: {filesystem: {}}\nauth: {htpasswd: {path: /x, realm: r}}\n",
-            "auth.htpasswd",
+            "version: 0.1\nstorage: {filesystem: {}}\nauth: {silly: {realm: r}}\n",
+            "auth.silly",
             "not supported",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nauth: {ldap: {}}\n",
+            "auth.ldap",
+            "unknown auth provider",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nauth: {htpasswd: {path: /x}, token: {}}\n",
+            "auth",
+            "only one",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nauth: {htpasswd: {realm: r}}\n",
+            "auth.htpasswd.path",
+            "required",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nauth: {token: {realm: r, service: s}}\n",
+            "auth.token.issuer",
+            "required",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\n"
+            "auth: {token: {realm: r, service: s, issuer: i}}\n",
+            "auth.token.rootcertbundle",
+            "required",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\n"
+            "auth: {token: {server: {htpasswd: /h, access: [{repository: x, actions: [fly]}]}}}\n",
+            "auth.token.server.access.0.actions.0",
+            "",
         ),
         (
             "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {certificate: /c, key: /k}}\n",

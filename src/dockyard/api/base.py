@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from dockyard.auth.access import Need, requires
 from dockyard.config import Config
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
@@ -191,6 +192,7 @@ def add_common_headers(extra: dict[str, list[str]]) -> Callable[..., Awaitable[N
     return on_prepare
 
 
+@requires(Need.AUTHENTICATED)
 async def version_check(request: web.Request) -> web.Response:
     """end-1: ``GET /v2/`` — the registry speaks the v2 API."""
     return json_response({})

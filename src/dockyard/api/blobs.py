@@ -12,6 +12,7 @@ from aiohttp import web
 
 from dockyard.api.base import digest_param, repository_of, require_delete
 from dockyard.api.sendfile import SendfileResponse
+from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry.blobs import BlobInfo, blob_unknown
@@ -82,6 +83,7 @@ async def _open(path: str, digest: Digest) -> tuple[IO[bytes], int]:
         raise blob_unknown(digest) from None
 
 
+@requires(Need.PULL)
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repository_of(request)
     digest = digest_param(request)
@@ -132,6 +134,7 @@ async def _stream(
     return response
 
 
+@requires(Need.DELETE)
 async def delete_blob(request: web.Request) -> web.Response:
     require_delete(request)
     repo = repository_of(request)

@@ -6,14 +6,18 @@ from aiohttp import web
 
 from dockyard.api.base import CONFIG_KEY, int_query, json_response, registry_of
 from dockyard.api.tags import next_link
+from dockyard.auth.access import Need, requires
+from dockyard.auth.middleware import identity_of
 
 
+@requires(Need.CATALOG)
 async def catalog(request: web.Request) -> web.Response:
     n = int_query(request, "n")
     limit = request.app[CONFIG_KEY].catalog.maxentries
     if n is None or n > limit:
         n = limit
-    page = await registry_of(request).catalog(n, request.query.get("last"))
+    identity = identity_of(request)
+    page = await registry_of(request).catalog(n, request.query.get("last"), identity.lists)
     headers = {}
     if page.more:
         headers["Link"] = next_link(request.path, n, page.items[-1])

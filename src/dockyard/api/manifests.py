@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from dockyard.api.base import repository_of, require_delete, url_for
+from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest, is_digest
 from dockyard.oci.manifest import MAX_MANIFEST_BYTES
@@ -23,6 +24,7 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
     return any(t.strip().strip('"') == str(digest) for t in tags.split(","))
 
 
+@requires(Need.PULL)
 async def get_manifest(request: web.Request) -> web.Response:
     repo = repository_of(request)
     digest = await _resolve(repo, request.match_info["reference"])
@@ -61,6 +63,7 @@ def _too_large(size: int) -> RegistryError:
     )
 
 
+@requires(Need.PUSH)
 async def put_manifest(request: web.Request) -> web.Response:
     repo = repository_of(request)
     reference = request.match_info["reference"]
@@ -85,6 +88,7 @@ async def put_manifest(request: web.Request) -> web.Response:
     return response
 
 
+@requires(Need.DELETE)
 async def delete_manifest(request: web.Request) -> web.Response:
     """By digest: the manifest and every tag on it. By tag: only the tag."""
     require_delete(request)

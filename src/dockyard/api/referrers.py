@@ -5,9 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from dockyard.api.base import digest_param, json_response, repository_of
+from dockyard.auth.access import Need, requires
 from dockyard.oci import mediatypes as mt
 
 
+@requires(Need.PULL)
 async def list_referrers(request: web.Request) -> web.Response:
     """Always an image index: empty when nothing refers to the digest (the spec forbids a 404
     for a valid digest without referrers)."""

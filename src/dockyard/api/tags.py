@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from dockyard.api.base import int_query, json_response, repository_of
+from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.registry.repository import paginate
 
@@ -16,6 +17,7 @@ def next_link(path: str, n: int, last: str) -> str:
     return f'<{path}?{urlencode({"n": n, "last": last})}>; rel="next"'
 
 
+@requires(Need.PULL)
 async def list_tags(request: web.Request) -> web.Response:
     repo = repository_of(request)
     if not await repo.exists():

@@ -13,6 +13,8 @@ import re
 from aiohttp import web
 
 from dockyard.api.base import body_stream, content_length, repository_of, url_for
+from dockyard.auth.access import Need, requires
+from dockyard.auth.middleware import identity_of
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import CANONICAL_ALGORITHM, Digest
 from dockyard.oci.names import validate_name
@@ -76,6 +78,8 @@ async def _try_mount(request: web.Request, repo: Repository) -> web.Response | N
         validate_name(source)
     except RegistryError:
         return None
+    if not identity_of(request).may_pull(source):
+        return None  # not allowed to read the source: upload instead, revealing nothing
     if source == repo.name:
         if await repo.blobs.is_linked(digest) and await repo.blobs.store.exists(digest):
             return blob_created(request, repo, digest)
@@ -86,6 +90,7 @@ async def _try_mount(request: web.Request, repo: Repository) -> web.Response | N
     return blob_created(request, repo, digest)
 
 
+@requires(Need.PUSH)
 async def start_upload(request: web.Request) -> web.Response:
     repo = repository_of(request)
     if "mount" in request.query:
@@ -133,6 +138,7 @@ async def _append(request: web.Request, repo: Repository, session: UploadSession
         raise
 
 
+@requires(Need.PUSH)
 async def patch_upload(request: web.Request) -> web.Response:
     """end-5: a chunk (with ``Content-Range``) or docker's streamed body (without)."""
     repo, session = await _session(request)
@@ -140,6 +146,7 @@ async def patch_upload(request: web.Request) -> web.Response:
     return web.Response(status=202, headers=upload_headers(request, repo, session, size))
 
 
+@requires(Need.PUSH)
 async def finish_upload(request: web.Request) -> web.Response:
     """end-6: optionally a last chunk, then verify the digest and make the blob visible."""
     repo, session = await _session(request)
@@ -150,6 +157,7 @@ async def finish_upload(request: web.Request) -> web.Response:
     return blob_created(request, repo, digest)
 
 
+@requires(Need.PUSH)
 async def upload_status(request: web.Request) -> web.Response:
     """end-13: where the upload stands."""
     repo, session = await _session(request)
@@ -157,6 +165,7 @@ async def upload_status(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=upload_headers(request, repo, session, size))
 
 
+@requires(Need.PUSH)
 async def cancel_upload(request: web.Request) -> web.Response:
     """end-14: drop the upload and its data."""
     repo, session = await _session(request)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dockyard.oci.names import validate_name
@@ -83,5 +84,11 @@ class Registry:
         await visit(layout.REPOSITORIES)
         return sorted(found)
 
-    async def catalog(self, n: int | None, last: str | None) -> Page:
-        return paginate(await self.repositories(), n, last)
+    async def catalog(
+        self, n: int | None, last: str | None, visible: Callable[[str], bool] | None = None
+    ) -> Page:
+        """A page of repository names, counting only those ``visible`` accepts."""
+        names = await self.repositories()
+        if visible is not None:
+            names = [name for name in names if visible(name)]
+        return paginate(names, n, last)

@@ -1,0 +1,1 @@
+"""Authentication and access control: htpasswd, bearer tokens, the built-in token server."""

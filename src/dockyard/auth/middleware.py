@@ -1,0 +1,200 @@
+"""The auth middleware: who is calling (Basic against htpasswd, or a Bearer token) and may they
+do what the handler needs.
+
+- no or bad credentials: 401 UNAUTHORIZED with a ``WWW-Authenticate`` challenge (Basic with the
+  realm, or Bearer with realm, service and the scope the request needs);
+- right credentials, missing right: 403 DENIED (a 401 would make clients retry in a loop);
+- too many failures from an address or against a user: 429 TOOMANYREQUESTS with Retry-After.
+
+Every ``/v2`` route requires at least an authenticated caller, including ``/v2/`` itself (so a
+browser asks for a password) and unknown ``/v2`` paths; handlers declare more with
+``access.requires``. Passwords and Authorization headers are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+from typing import Protocol
+
+from aiohttp import web
+
+from dockyard.api.base import Handler, url_for
+from dockyard.auth.access import (
+    EVERYONE,
+    IDENTITY,
+    Grants,
+    Identity,
+    Need,
+    Policy,
+    TokenGrants,
+    need_of,
+    scope_for,
+)
+from dockyard.auth.login import BadCredentials, Login
+from dockyard.auth.tokens import TokenInvalid, TokenVerifier
+from dockyard.errors import ErrorCode, RegistryError
+
+log = logging.getLogger("dockyard.auth")
+
+TOKEN_PATH = "/auth/token"
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The caller's address. Behind a reverse proxy on loopback (the classic nginx set-up) the
+    last ``X-Forwarded-For`` entry, which that proxy appended, is the real client."""
+    peer = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded:
+        try:
+            if ipaddress.ip_address(peer).is_loopback:
+                return forwarded.split(",")[-1].strip() or peer
+        except ValueError:
+            pass
+    return peer
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """(user, password) from ``Basic <base64>``; None when it is not well-formed."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password
+
+
+def unauthorized(
+    challenge: str, message: str = "authentication required", detail: object = None
+) -> RegistryError:
+    return RegistryError(
+        ErrorCode.UNAUTHORIZED, message, detail, headers={"WWW-Authenticate": challenge}
+    )
+
+
+class Authenticator(Protocol):
+    async def identify(self, request: web.Request, need: Need, name: str | None) -> Identity:
+        """The caller, or raise 401/429."""
+        ...
+
+    def challenge(
+        self, request: web.Request, need: Need, name: str | None, error: str | None = None
+    ) -> str: ...
+
+
+class BasicAuthenticator:
+    """registry:2's ``auth.htpasswd``: every user may do everything."""
+
+    def __init__(self, realm: str, login: Login) -> None:
+        self.realm = realm
+        self.login = login
+
+    def challenge(
+        self, request: web.Request, need: Need, name: str | None, error: str | None = None
+    ) -> str:
+        return f'Basic realm="{self.realm}"'
+
+    async def identify(self, request: web.Request, need: Need, name: str | None) -> Identity:
+        header = request.headers.get("Authorization")
+        if not header:
+            raise unauthorized(self.challenge(request, need, name))
+        credentials = parse_basic(header)
+        if credentials is None:
+            raise unauthorized(
+                self.challenge(request, need, name), "malformed Authorization header"
+            )
+        user, password = credentials
+        try:
+            await self.login.check(user, password, client_address(request))
+        except BadCredentials:
+            log.info(
+                "login failed", extra={"fields": {"user": user, "remote": client_address(request)}}
+            )
+            raise unauthorized(
+                self.challenge(request, need, name), "incorrect username or password"
+            ) from None
+        return Identity(user=user, grants=Grants())
+
+
+class BearerAuthenticator:
+    """registry:2's ``auth.token``: JWTs from a token server (external, or Dockyard's own)."""
+
+    def __init__(
+        self, verifier: TokenVerifier, realm: str, service: str, policy: Policy | None
+    ) -> None:
+        self.verifier = verifier
+        self.realm = realm
+        self.service = service
+        self.policy = policy
+
+    def challenge(
+        self, request: web.Request, need: Need, name: str | None, error: str | None = None
+    ) -> str:
+        realm = self.realm or url_for(request, TOKEN_PATH)
+        parts = [f'realm="{realm}"', f'service="{self.service}"']
+        scope = scope_for(need, name)
+        if scope is not None:
+            parts.append(f'scope="{scope}"')
+        if error:
+            parts.append(f'error="{error}"')
+        return "Bearer " + ",".join(parts)
+
+    async def identify(self, request: web.Request, need: Need, name: str | None) -> Identity:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized(self.challenge(request, need, name))
+        try:
+            verified = self.verifier.verify(token.strip())
+        except TokenInvalid as exc:
+            log.info(
+                "token refused: %s", exc, extra={"fields": {"remote": client_address(request)}}
+            )
+            raise unauthorized(
+                self.challenge(request, need, name, "invalid_token"), "invalid token"
+            ) from None
+        return Identity(
+            user=verified.subject,
+            grants=TokenGrants(verified.access, verified.subject, self.policy),
+        )
+
+
+def auth_middleware(authenticator: Authenticator, prefix: str) -> web.Middleware:
+    v2 = prefix + "/v2"
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        need = need_of(request.match_info.handler)
+        if need is None:
+            if request.path != v2 and not request.path.startswith(v2 + "/"):
+                return await handler(request)  # the token endpoint, health checks
+            need = Need.AUTHENTICATED
+        name = request.match_info.get("name")
+        identity = await authenticator.identify(request, need, name)
+        if not identity.allows(need, name):
+            if identity.user is None:  # an anonymous token: ask for credentials
+                raise unauthorized(
+                    authenticator.challenge(request, need, name, "insufficient_scope")
+                )
+            raise RegistryError(
+                ErrorCode.DENIED,
+                detail={"scope": str(scope_for(need, name))}
+                if name or need is Need.CATALOG
+                else None,
+            )
+        request[IDENTITY] = identity
+        return await handler(request)
+
+    return middleware
+
+
+def identity_of(request: web.Request) -> Identity:
+    """Who the middleware let in; everyone when no auth is configured."""
+    return request.get(IDENTITY, EVERYONE)
