@@ -404,7 +404,12 @@ def test_per_repository_access(token_server: Server) -> None:
     s.session.headers.update(bob)
     digest, _ = s.push_image("team-a/app", "v1")
     assert requests.get(s.v2("team-a/app/manifests/v1"), headers=bob).status_code == 200
-    assert_error(requests.post(s.v2("team-b/app/blobs/uploads/"), headers=bob), 403, "DENIED")
+    r = requests.post(s.v2("team-b/app/blobs/uploads/"), headers=bob)
+    assert_error(r, 403, "DENIED")
+    assert r.headers["WWW-Authenticate"] == (
+        f'Bearer realm="http://{s.host}/auth/token",service="registry.test",'
+        'scope="repository:team-b/app:pull,push",error="insufficient_scope"'
+    )
     # delete needs the delete action, which bob does not have on team-a
     bob_delete = token_for(s, ("bob", "bobpw"), "repository:team-a/app:delete")
     assert_error(

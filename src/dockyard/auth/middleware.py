@@ -183,11 +183,18 @@ def auth_middleware(authenticator: Authenticator, prefix: str) -> web.Middleware
                 raise unauthorized(
                     authenticator.challenge(request, need, name, "insufficient_scope")
                 )
+            # 403, not 401, so clients do not loop; the challenge still names the scope the
+            # request needs, so a client holding a narrower token than the user is entitled to
+            # (oras-py asks per challenge) can fetch a wider one.
+            scope = scope_for(need, name)
             raise RegistryError(
                 ErrorCode.DENIED,
-                detail={"scope": str(scope_for(need, name))}
-                if name or need is Need.CATALOG
-                else None,
+                detail={"scope": str(scope)} if scope else None,
+                headers={
+                    "WWW-Authenticate": authenticator.challenge(
+                        request, need, name, "insufficient_scope"
+                    )
+                },
             )
         request[IDENTITY] = identity
         return await handler(request)
