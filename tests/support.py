@@ -58,10 +58,11 @@ class Server:
     log_path: Path
     proc: subprocess.Popen[bytes]
     session: requests.Session = field(default_factory=requests.Session)
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -204,7 +205,15 @@ def launch(
         proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    server = Server(port=port, root=root, config_path=config_path, log_path=log_path, proc=proc)
+    tls = overrides.get("http", {}).get("tls")
+    server = Server(
+        port=port,
+        root=root,
+        config_path=config_path,
+        log_path=log_path,
+        proc=proc,
+        scheme="https" if tls else "http",
+    )
     try:
         wait_for_port(port, proc)
     except Exception:

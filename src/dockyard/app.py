@@ -6,7 +6,7 @@ import os
 
 from aiohttp import web
 
-from dockyard.api import blobs, catalog, manifests, referrers, tags, token, uploads
+from dockyard.api import blobs, catalog, health, manifests, referrers, tags, token, uploads
 from dockyard.api.base import (
     CONFIG_KEY,
     REGISTRY_KEY,
@@ -43,12 +43,13 @@ def build_app(config: Config, secret: str) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
+    app[health.HEALTH_KEY] = health.HealthCheck(registry)
     app[CONFIG_KEY] = config
     prefix = config.http.prefix
     app.router.add_get(prefix + "/v2/", version_check)
     app.router.add_get(prefix + "/v2", version_check)
     # Order matters only where patterns could overlap; the most specific come first.
-    for module in (catalog, tags, manifests, referrers, uploads, blobs):
+    for module in (catalog, tags, manifests, referrers, uploads, blobs, health):
         app.add_routes(module.routes(prefix))
     if auth is not None and auth.token_server is not None:
         app[token.TOKEN_SERVER_KEY] = auth.token_server

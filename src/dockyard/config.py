@@ -90,20 +90,45 @@ class LogConfig(Section):
         return v.lower() if isinstance(v, str) else v
 
 
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+
+
 class LetsEncryptConfig(Section):
     cachefile: str = ""
     email: str = ""
     hosts: list[str] = Field(default_factory=list)
-    directoryurl: str = ""
+    #: Dockyard's additions (registry:2 ignores them): another ACME server, a CA bundle to
+    #: trust it with, where HTTP-01 challenges are answered, and when to renew.
+    directoryurl: str = LETSENCRYPT_DIRECTORY
+    cafile: str = ""
+    challengeaddr: str = ":80"
+    renewbefore: Duration = 30 * 24 * 3600.0
+    checkinterval: Duration = 12 * 3600.0
+
+    @field_validator("renewbefore", "checkinterval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cachefile)
+
+
+TLS_VERSIONS = ("tls1.0", "tls1.1", "tls1.2", "tls1.3")
 
 
 class TLSConfig(Section):
     certificate: str = ""
     key: str = ""
     clientcas: list[str] = Field(default_factory=list)
-    minimumtls: str = ""
+    minimumtls: Literal["", "tls1.0", "tls1.1", "tls1.2", "tls1.3"] = ""
     ciphersuites: list[str] = Field(default_factory=list)
     letsencrypt: LetsEncryptConfig = Field(default_factory=LetsEncryptConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate) or self.letsencrypt.enabled
 
 
 class PrometheusConfig(Section):
@@ -509,11 +534,24 @@ def _check_auth(config: Config) -> None:
 
 
 def _reject_unsupported(config: Config) -> None:
-    """Settings whose silent absence would be dangerous (TLS, proxying) fail loudly until
-    Dockyard implements them."""
+    """Inconsistent TLS settings, and settings whose silent absence would be dangerous
+    (proxying), fail loudly."""
     tls = config.http.tls
-    if tls.certificate or tls.key or tls.letsencrypt.cachefile:
-        raise ConfigError("http.tls", "TLS is not supported by this version yet")
+    if tls.certificate and tls.letsencrypt.enabled:
+        raise ConfigError(
+            "http.tls.letsencrypt", "set either a certificate or Let's Encrypt, not both"
+        )
+    if tls.certificate and not tls.key:
+        raise ConfigError("http.tls.key", "required with http.tls.certificate")
+    if tls.key and not tls.certificate:
+        raise ConfigError("http.tls.certificate", "required with http.tls.key")
+    if tls.letsencrypt.enabled and not tls.letsencrypt.hosts:
+        raise ConfigError("http.tls.letsencrypt.hosts", "required with letsencrypt.cachefile")
+    if tls.ciphersuites:
+        log.warning(
+            "http.tls.ciphersuites is ignored: Dockyard uses OpenSSL's defaults for "
+            "the minimum TLS version"
+        )
     if config.proxy:
         raise ConfigError("proxy", "pull-through cache mode is not supported")
     for key in ("notifications", "redis", "health", "validation", "middleware", "reporting"):

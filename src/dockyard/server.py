@@ -17,14 +17,20 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from dockyard.acme import AcmeError, CertificateManager
 from dockyard.app import INFLIGHT_KEY, build_app
 from dockyard.auth.setup import prepare as prepare_auth
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
 from dockyard.logs import ACCESS_LOGGER, AccessLogger
+from dockyard.tls import server_context, watch_certificate
 
 log = logging.getLogger("dockyard.server")
 
@@ -43,15 +49,15 @@ def resolve_secret(config: Config) -> str:
     return secrets.token_urlsafe(32)
 
 
-def parse_addr(addr: str) -> tuple[str, int]:
+def parse_addr(addr: str, key: str = "http.addr") -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("http.addr", f"{addr!r} is not host:port (e.g. :5000 or 0.0.0.0:5000)")
+        raise ConfigError(key, f"{addr!r} is not host:port (e.g. :5000 or 0.0.0.0:5000)")
     return host.strip("[]"), int(port)
 
 
-def bind(http: HTTPConfig) -> socket.socket:
-    """Bind the listening socket, or raise ConfigError saying why not."""
+def bind(http: HTTPConfig, key: str = "http.addr") -> socket.socket:
+    """Bind the listening socket, or raise ConfigError (naming ``key``) saying why not."""
     try:
         if http.net == "unix":
             with contextlib.suppress(FileNotFoundError):
@@ -60,7 +66,7 @@ def bind(http: HTTPConfig) -> socket.socket:
             sock.bind(http.addr)
             sock.listen(1024)
             return sock
-        host, port = parse_addr(http.addr)
+        host, port = parse_addr(http.addr, key)
         if host == "" and socket.has_dualstack_ipv6():
             return socket.create_server(
                 ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
@@ -68,7 +74,7 @@ def bind(http: HTTPConfig) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host or "0.0.0.0", port), family=family, backlog=1024)
     except OSError as exc:
-        raise ConfigError("http.addr", f"cannot listen on {http.addr}: {exc.strerror}") from None
+        raise ConfigError(key, f"cannot listen on {http.addr}: {exc.strerror}") from None
 
 
 def check_storage(config: Config) -> None:
@@ -94,6 +100,14 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
     app = build_app(config, secret)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
@@ -104,15 +118,25 @@ async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
         access_log=logging.getLogger(ACCESS_LOGGER),
         shutdown_timeout=drain,
     )
+    letsencrypt = config.http.tls.letsencrypt
+    ssl_context = server_context(
+        config.http.tls, certificate=letsencrypt.cachefile if letsencrypt.enabled else None
+    )
     await runner.setup()
-    site = web.SockSite(runner, sock)
+    site = web.SockSite(runner, sock, ssl_context=ssl_context)
     await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("serving", extra={"fields": {"addr": config.http.addr, "pid": os.getpid()}})
-    await stop.wait()
+    watcher = None
+    if ssl_context is not None and letsencrypt.enabled:
+        watcher = asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
+    log.info(
+        "serving",
+        extra={
+            "fields": {"addr": config.http.addr, "pid": os.getpid(), "tls": ssl_context is not None}
+        },
+    )
+    await _until_signalled()
+    if watcher is not None:
+        watcher.cancel()
     inflight = app[INFLIGHT_KEY]
     log.info(
         "stopping: finishing in-flight requests",
@@ -127,45 +151,90 @@ async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
     await runner.cleanup()
 
 
-def run_worker(config: Config, secret: str, sock: socket.socket) -> None:
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     loop = _new_event_loop()
     try:
-        loop.run_until_complete(_serve(config, secret, sock))
+        loop.run_until_complete(main())
     finally:
         loop.close()
 
 
-class Supervisor:
-    """Forks the workers and keeps that many running until told to stop."""
+def run_worker(config: Config, secret: str, sock: socket.socket) -> None:
+    _run(lambda: _serve(config, secret, sock))
 
-    #: a worker that dies sooner than this after starting counts towards a crash loop
+
+async def _answer_challenges(
+    manager: CertificateManager, sock: socket.socket, https_port: int, work: Awaitable[None]
+) -> None:
+    """Serve HTTP-01 challenges (and redirect to HTTPS) on ``sock`` while ``work`` runs."""
+    runner = web.AppRunner(
+        manager.challenge_app(https_port), handle_signals=False, access_log=None
+    )
+    await runner.setup()
+    # A duplicate: stopping the site closes its socket, and the original is served again later.
+    await web.SockSite(runner, sock.dup()).start()
+    try:
+        await work
+    finally:
+        await runner.cleanup()
+
+
+async def _renew(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:
+    renewal = asyncio.create_task(manager.renew_forever())
+    try:
+        await _answer_challenges(manager, sock, https_port, _until_signalled())
+    finally:
+        renewal.cancel()
+
+
+def obtain_certificate(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:
+    """Start-up: get a certificate before any worker serves TLS (registry:2 does the same)."""
+    try:
+        asyncio.run(_answer_challenges(manager, sock, https_port, manager.obtain()))
+    except (AcmeError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
+        raise ConfigError(
+            "http.tls.letsencrypt",
+            f"could not obtain a certificate from {manager.config.directoryurl}: {exc}",
+        ) from None
+
+
+@dataclass(frozen=True)
+class Role:
+    """One kind of child process: a worker, or the certificate manager."""
+
+    name: str
+    run: Callable[[], None]
+
+
+class Supervisor:
+    """Forks the children and keeps each one running until told to stop."""
+
+    #: a child that dies sooner than this after starting counts towards a crash loop
     MIN_UPTIME = 5.0
     MAX_QUICK_DEATHS = 5
 
-    def __init__(self, config: Config, secret: str, sock: socket.socket, workers: int) -> None:
-        self.config = config
-        self.secret = secret
-        self.sock = sock
-        self.workers = workers
-        self.children: dict[int, float] = {}
+    def __init__(self, roles: list[Role], addr: str) -> None:
+        self.roles = roles
+        self.addr = addr
+        self.children: dict[int, tuple[float, Role]] = {}
         self.stopping = False
         self.quick_deaths = 0
 
-    def spawn(self) -> None:
+    def spawn(self, role: Role) -> None:
         pid = os.fork()
-        if pid == 0:  # the worker
+        if pid == 0:  # the child
             code = 0
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                run_worker(self.config, self.secret, self.sock)
+                role.run()
             except BaseException:
-                log.exception("worker failed")
+                log.exception("%s failed", role.name)
                 code = 1
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = time.monotonic()
+        self.children[pid] = (time.monotonic(), role)
 
     def _stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
@@ -176,30 +245,31 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        for _ in range(self.workers):
-            self.spawn()
-        log.info(
-            "started workers",
-            extra={"fields": {"workers": self.workers, "addr": self.config.http.addr}},
-        )
+        for role in self.roles:
+            self.spawn(role)
+        workers = sum(1 for r in self.roles if r.name == "worker")
+        log.info("started workers", extra={"fields": {"workers": workers, "addr": self.addr}})
         while self.children:
             try:
                 pid, status = os.wait()
             except ChildProcessError:
                 break
-            started = self.children.pop(pid, None)
-            if started is None or self.stopping:
+            entry = self.children.pop(pid, None)
+            if entry is None or self.stopping:
                 continue
+            started, role = entry
             code = os.waitstatus_to_exitcode(status)
-            log.error("worker exited unexpectedly", extra={"fields": {"pid": pid, "code": code}})
+            log.error(
+                f"{role.name} exited unexpectedly", extra={"fields": {"pid": pid, "code": code}}
+            )
             if time.monotonic() - started < self.MIN_UPTIME:
                 self.quick_deaths += 1
                 if self.quick_deaths >= self.MAX_QUICK_DEATHS:
-                    log.error("workers keep dying; giving up")
+                    log.error("children keep dying; giving up")
                     self._stop(signal.SIGTERM, None)
                     continue
                 time.sleep(1.0)
-            self.spawn()
+            self.spawn(role)
         return 1 if self.quick_deaths >= self.MAX_QUICK_DEATHS else 0
 
 
@@ -207,10 +277,28 @@ def serve(config: Config, workers: int) -> int:
     """Validate what can only be checked at start-up, bind, then serve. Returns an exit code."""
     check_storage(config)
     prepare_auth(config)
+    tls = config.http.tls
+    if tls.enabled and not tls.letsencrypt.enabled:
+        server_context(tls)  # the certificate, key and client CAs load, or start-up fails
     sock = bind(config.http)
     secret = resolve_secret(config)
+    roles = [Role("worker", lambda: run_worker(config, secret, sock))] * workers
+    if tls.letsencrypt.enabled:
+        manager = CertificateManager(tls.letsencrypt)
+        challenge_sock = bind(
+            HTTPConfig(addr=tls.letsencrypt.challengeaddr), key="http.tls.letsencrypt.challengeaddr"
+        )
+        https_port = sock.getsockname()[1]
+        if manager.needs_certificate():
+            obtain_certificate(manager, challenge_sock, https_port)
+        roles.append(
+            Role(
+                "certificate manager",
+                lambda: _run(lambda: _renew(manager, challenge_sock, https_port)),
+            )
+        )
     sys.stdout.flush()
-    if workers <= 1:
+    if len(roles) == 1:
         run_worker(config, secret, sock)
         return 0
-    return Supervisor(config, secret, sock, workers).run()
+    return Supervisor(roles, config.http.addr).run()

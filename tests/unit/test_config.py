@@ -187,9 +187,20 @@ def test_default_config() -> None:
             "",
         ),
         (
-            "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {certificate: /c, key: /k}}\n",
-            "http.tls",
-            "not supported",
+            "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {certificate: /c}}\n",
+            "http.tls.key",
+            "required",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {minimumtls: tls9}}\n",
+            "http.tls.minimumtls",
+            "",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\n"
+            "http: {tls: {letsencrypt: {cachefile: /c}}}\n",
+            "http.tls.letsencrypt.hosts",
+            "required",
         ),
         ("- a\n- b\n", None, "mapping"),
         ("version: [\n", None, "YAML"),

@@ -12,6 +12,7 @@
         _manifests/referrers/<alg>/<hex>/<alg>/<hex>/link   Dockyard: subject -> referrer
         _uploads/<id>/data                              upload in progress
         _uploads/<id>/startedat                         RFC 3339 start time
+    /dockyard/                                          Dockyard's own (health probes, token key)
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
 not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it.
@@ -22,6 +23,8 @@ from __future__ import annotations
 from dockyard.oci.digest import Digest
 
 ROOT = "/docker/registry/v2"
+#: Dockyard's own files, beside registry:2's tree (registry:2 never looks here)
+DOCKYARD = "/dockyard"
 BLOBS = f"{ROOT}/blobs"
 REPOSITORIES = f"{ROOT}/repositories"
 
@@ -92,6 +95,10 @@ def upload_data(name: str, upload_id: str) -> str:
 
 def upload_started_at(name: str, upload_id: str) -> str:
     return f"{upload_dir(name, upload_id)}/startedat"
+
+
+def health_probe(name: str) -> str:
+    return f"{DOCKYARD}/health/{name}"
 
 
 def repository_name_of(path: str) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from dockyard.registry.manifests import ManifestStore
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
 from dockyard.registry.uploads import HasherCache, Uploads, UploadTokens
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,16 @@ class Registry:
 
         await visit(layout.REPOSITORIES)
         return sorted(found)
+
+    async def check_storage(self) -> None:
+        """Write, read back and delete a probe file; raises StorageError when storage cannot
+        do that (full, read-only, unreachable)."""
+        path = layout.health_probe(f"probe-{os.getpid()}")
+        payload = os.urandom(16)
+        await self.driver.write(path, payload)
+        if await self.driver.read(path) != payload:
+            raise StorageError("storage returned different bytes than were written")
+        await self.driver.delete(path)
 
     async def catalog(
         self, n: int | None, last: str | None, visible: Callable[[str], bool] | None = None
