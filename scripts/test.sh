@@ -14,6 +14,9 @@ DEBIAN_PACKAGES=(
   busybox-static  # the binary inside the offline test image
   docker-registry # registry:2 (distribution 2.8), the reference for interop tests
   procps          # pgrep, used by the server tests
+  nginx           # the classic TLS front, with the shipped deploy/nginx config
+  pebble          # Let's Encrypt's test ACME server
+  docker-compose  # validates deploy/docker-compose.yml
 )
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -27,8 +30,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# Installing docker-registry may start its service on port 5000; the tests use their own.
-as_root sh -c 'command -v systemctl >/dev/null && systemctl stop docker-registry docker 2>/dev/null || true'
+# Installing packages may start their services (registry:2 on port 5000, nginx on 80); the
+# tests run their own instances on free ports.
+as_root sh -c 'command -v systemctl >/dev/null && systemctl stop docker-registry docker nginx 2>/dev/null || true'
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

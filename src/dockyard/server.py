@@ -167,9 +167,7 @@ async def _answer_challenges(
     manager: CertificateManager, sock: socket.socket, https_port: int, work: Awaitable[None]
 ) -> None:
     """Serve HTTP-01 challenges (and redirect to HTTPS) on ``sock`` while ``work`` runs."""
-    runner = web.AppRunner(
-        manager.challenge_app(https_port), handle_signals=False, access_log=None
-    )
+    runner = web.AppRunner(manager.challenge_app(https_port), handle_signals=False, access_log=None)
     await runner.setup()
     # A duplicate: stopping the site closes its socket, and the original is served again later.
     await web.SockSite(runner, sock.dup()).start()
@@ -280,17 +278,21 @@ def serve(config: Config, workers: int) -> int:
     tls = config.http.tls
     if tls.enabled and not tls.letsencrypt.enabled:
         server_context(tls)  # the certificate, key and client CAs load, or start-up fails
-    sock = bind(config.http)
-    secret = resolve_secret(config)
-    roles = [Role("worker", lambda: run_worker(config, secret, sock))] * workers
+    manager = challenge_sock = None
     if tls.letsencrypt.enabled:
+        # The certificate comes first: a CA that cannot be reached fails start-up before the
+        # registry port is bound.
         manager = CertificateManager(tls.letsencrypt)
         challenge_sock = bind(
             HTTPConfig(addr=tls.letsencrypt.challengeaddr), key="http.tls.letsencrypt.challengeaddr"
         )
-        https_port = sock.getsockname()[1]
+        https_port = parse_addr(config.http.addr)[1]
         if manager.needs_certificate():
             obtain_certificate(manager, challenge_sock, https_port)
+    sock = bind(config.http)
+    secret = resolve_secret(config)
+    roles = [Role("worker", lambda: run_worker(config, secret, sock))] * workers
+    if manager is not None and challenge_sock is not None:
         roles.append(
             Role(
                 "certificate manager",
