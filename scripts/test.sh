@@ -17,6 +17,7 @@ DEBIAN_PACKAGES=(
   nginx           # the classic TLS front, with the shipped deploy/nginx config
   pebble          # Let's Encrypt's test ACME server
   docker-compose  # validates deploy/docker-compose.yml
+  debootstrap     # a local Debian base image to build deploy/Dockerfile without Docker Hub
 )
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -1,145 +1,20 @@
-"""Fixtures for end-to-end tests with real clients: a private Docker engine (dockerd)."""
+"""Fixtures for end-to-end tests with real clients (the engines themselves: engines.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from engines import Dockerd, find_dockerd, start_dockerd
 
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def find_dockerd() -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
-    return shutil.which("dockerd", path=path)
-
-
-@dataclass
-class Dockerd:
-    """A dockerd of the test's own: data, exec root, socket and client config in ``dir``."""
-
-    dir: Path
-    proc: subprocess.Popen[bytes]
-    env: dict[str, str]
-    log_path: Path
-
-    @property
-    def pidfile(self) -> Path:
-        return self.dir / "docker.pid"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def docker(
-        self, *args: str, check: bool = True, timeout: float = 120.0, input: bytes | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the docker CLI against this engine; on failure (with ``check``) the assertion
-        message holds the command, its output and the tail of the engine's log."""
-        result = subprocess.run(
-            ["docker", *args],
-            env=self.env,
-            input=input.decode() if input is not None else None,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"docker {' '.join(args)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\n"
-                f"dockerd log (tail):\n{self.log()[-4000:]}"
-            )
-        return result
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            pid = self.proc.pid
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(self.pidfile.read_text().strip())
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_dockerd(insecure_registries: list[str] | None = None, timeout: float = 30.0) -> Dockerd:
-    """Start dockerd per tests' guide (no iptables, no bridge, vfs) and wait until it answers."""
-    binary = find_dockerd()
-    assert binary is not None, "dockerd is not installed"
-    assert shutil.which("docker"), "dockerd is installed but the docker CLI is not"
-    # Short paths: containerd's unix sockets live under the exec root (limit ~100 chars).
-    d = Path(tempfile.mkdtemp(prefix="dk-", dir="/tmp"))
-    (d / "cfg").mkdir()
-    log_path = d / "dockerd.log"
-    base_env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
-    base_env = {k: v for k, v in base_env.items() if not k.startswith("DOCKER_")}
-    base_env["PATH"] = os.pathsep.join([base_env.get("PATH", ""), *_SBIN])
-    args = [
-        binary,
-        "--iptables=false",
-        "--ip6tables=false",
-        "--bridge=none",
-        "--storage-driver=vfs",
-        "--data-root", str(d / "data"),
-        "--exec-root", str(d / "exec"),
-        "--pidfile", str(d / "docker.pid"),
-        "-H", f"unix://{d}/docker.sock",
-    ]  # fmt: skip
-    for registry in insecure_registries or []:
-        args += ["--insecure-registry", registry]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=base_env, start_new_session=True
-        )
-    client_env = {
-        **base_env,
-        "DOCKER_HOST": f"unix://{d}/docker.sock",
-        "DOCKER_CONFIG": str(d / "cfg"),
-        "DOCKER_CLI_HINTS": "false",
-    }
-    engine = Dockerd(dir=d, proc=proc, env=client_env, log_path=log_path)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            log_text = engine.log()
-            shutil.rmtree(d, ignore_errors=True)
-            raise RuntimeError(f"dockerd exited with {proc.returncode}:\n{log_text[-4000:]}")
-        ready = engine.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=10)
-        if ready.returncode == 0:
-            return engine
-        if time.monotonic() > deadline:
-            engine.stop()
-            log_text = engine.log()
-            shutil.rmtree(d, ignore_errors=True)
-            raise TimeoutError(f"dockerd not ready after {timeout}s:\n{log_text[-4000:]}")
-        time.sleep(0.1)
+from support import free_port
 
 
 @pytest.fixture(scope="module")
 def registry_port() -> int:
     """The port the module's registry will listen on, known before dockerd starts (it is given
     to dockerd as ``--insecure-registry``); start it with ``start_server(port=registry_port)``."""
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -152,4 +27,3 @@ def dockerd(registry_port: int) -> Iterator[Dockerd]:
         yield engine
     finally:
         engine.stop()
-        shutil.rmtree(engine.dir, ignore_errors=True)
