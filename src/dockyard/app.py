@@ -12,6 +12,7 @@ from dockyard.api.base import (
     REGISTRY_KEY,
     add_common_headers,
     error_middleware,
+    read_only_middleware,
     version_check,
 )
 from dockyard.auth.setup import build_auth
@@ -34,12 +35,19 @@ INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
 def build_app(config: Config, secret: str) -> web.Application:
     driver = build_driver(config)
-    registry = Registry(driver, secret=secret, delete_enabled=config.storage.delete.enabled)
+    registry = Registry(
+        driver,
+        secret=secret,
+        delete_enabled=config.storage.delete.enabled,
+        touch_interval=config.storage.maintenance.gc.touch_interval,
+    )
     inflight = InFlight()
     auth = build_auth(config)
     middlewares = [inflight.middleware, error_middleware]
     if auth is not None:
         middlewares.append(auth.middleware)
+    if config.storage.maintenance.readonly.enabled:
+        middlewares.append(read_only_middleware)
     app = web.Application(middlewares=middlewares)
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry

@@ -217,9 +217,31 @@ class ReadOnlyConfig(Section):
     enabled: bool = False
 
 
+class GCConfig(Section):
+    """Dockyard's online garbage collection (registry:2 ignores this key)."""
+
+    enabled: bool = False
+    interval: Duration = 24 * 3600.0
+    #: content unreferenced but used within this long is kept (see registry.gc)
+    grace: Duration = 24 * 3600.0
+    deleteuntagged: bool = False
+    dryrun: bool = False
+
+    @field_validator("interval", "grace", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @property
+    def touch_interval(self) -> float:
+        """How often content in use has its time refreshed: well inside the grace period."""
+        return min(3600.0, self.grace / 4)
+
+
 class MaintenanceConfig(Section):
     uploadpurging: UploadPurgingConfig = Field(default_factory=UploadPurgingConfig)
     readonly: ReadOnlyConfig = Field(default_factory=ReadOnlyConfig)
+    gc: GCConfig = Field(default_factory=GCConfig)
 
 
 #: storage drivers registry:2 knows; the ones Dockyard implements are in SUPPORTED_DRIVERS

@@ -24,8 +24,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from dockyard import maintenance
 from dockyard.acme import AcmeError, CertificateManager
-from dockyard.app import INFLIGHT_KEY, build_app
+from dockyard.api.base import REGISTRY_KEY
+from dockyard.app import INFLIGHT_KEY, build_app, build_driver
 from dockyard.auth.setup import prepare as prepare_auth
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
@@ -108,7 +110,9 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
+async def _serve(
+    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+) -> None:
     app = build_app(config, secret)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
     runner = web.AppRunner(
@@ -125,9 +129,13 @@ async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
     await runner.setup()
     site = web.SockSite(runner, sock, ssl_context=ssl_context)
     await site.start()
-    watcher = None
+    background = []
     if ssl_context is not None and letsencrypt.enabled:
-        watcher = asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
+        background.append(
+            asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
+        )
+    if with_maintenance:
+        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY].driver)))
     log.info(
         "serving",
         extra={
@@ -135,8 +143,8 @@ async def _serve(config: Config, secret: str, sock: socket.socket) -> None:
         },
     )
     await _until_signalled()
-    if watcher is not None:
-        watcher.cancel()
+    for task in background:
+        task.cancel()
     inflight = app[INFLIGHT_KEY]
     log.info(
         "stopping: finishing in-flight requests",
@@ -159,8 +167,20 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         loop.close()
 
 
-def run_worker(config: Config, secret: str, sock: socket.socket) -> None:
-    _run(lambda: _serve(config, secret, sock))
+def run_worker(
+    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+) -> None:
+    _run(lambda: _serve(config, secret, sock, with_maintenance=with_maintenance))
+
+
+async def _maintain(config: Config) -> None:
+    driver = build_driver(config)
+    task = asyncio.create_task(maintenance.run(config, driver))
+    try:
+        await _until_signalled()
+    finally:
+        task.cancel()
+        driver.close()
 
 
 async def _answer_challenges(
@@ -299,8 +319,15 @@ def serve(config: Config, workers: int) -> int:
                 lambda: _run(lambda: _renew(manager, challenge_sock, https_port)),
             )
         )
+    if maintenance.wanted(config):
+        if len(roles) == 1:  # one worker: it runs the schedules itself, no extra process
+            roles = [
+                Role("worker", lambda: run_worker(config, secret, sock, with_maintenance=True))
+            ]
+        else:
+            roles.append(Role("maintenance", lambda: _run(lambda: _maintain(config))))
     sys.stdout.flush()
     if len(roles) == 1:
-        run_worker(config, secret, sock)
+        roles[0].run()
         return 0
     return Supervisor(roles, config.http.addr).run()

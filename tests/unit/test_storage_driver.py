@@ -127,6 +127,23 @@ class DriverContract:
 
         run(go())
 
+    def test_write_new_and_touch(self, driver: StorageDriver) -> None:
+        async def go() -> None:
+            results = await asyncio.gather(
+                *(driver.write_new("/lock", bytes([i]) * 100) for i in range(8))
+            )
+            assert sorted(results) == [False] * 7 + [True]
+            winner = results.index(True)
+            assert await driver.read("/lock") == bytes([winner]) * 100
+            before = (await driver.stat("/lock")).modified
+            await asyncio.sleep(0.02)
+            await driver.touch("/lock")
+            assert (await driver.stat("/lock")).modified > before
+            with pytest.raises(PathNotFound):
+                await driver.touch("/missing")
+
+        run(go())
+
     def test_concurrent_atomic_writes(self, driver: StorageDriver) -> None:
         """Readers racing writers see one whole version, never a torn or empty file."""
         versions = [bytes([i]) * 65536 for i in range(1, 9)]

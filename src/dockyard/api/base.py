@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from dockyard.auth.access import Need, requires
+from dockyard.auth.access import Need, need_of, requires
 from dockyard.config import Config
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
@@ -180,6 +180,20 @@ def _from_http_exception(exc: web.HTTPException) -> RegistryError:
     if exc.status == 413:
         return RegistryError(ErrorCode.SIZE_INVALID, "request body too large", status=413)
     return RegistryError(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
+
+
+@web.middleware
+async def read_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``storage.maintenance.readonly``: pulls work; pushes and deletes get 405, as registry:2
+    answers them (it unregisters those methods), with an UNSUPPORTED body saying why."""
+    need = need_of(request.match_info.handler)
+    if need in (Need.PUSH, Need.DELETE) and request.method not in ("GET", "HEAD"):
+        raise RegistryError(
+            ErrorCode.UNSUPPORTED,
+            "the registry is in read-only mode (storage.maintenance.readonly.enabled)",
+            status=405,
+        )
+    return await handler(request)
 
 
 def add_common_headers(extra: dict[str, list[str]]) -> Callable[..., Awaitable[None]]:

@@ -7,6 +7,7 @@ manifests they reference, the subject (for the referrers API) and the artifact t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,3 +239,27 @@ def read_stored(body: bytes) -> Manifest | None:
         return parse_manifest(body, sniff_media_type(body))
     except RegistryError:
         return None
+
+
+def referenced_digests(body: bytes) -> set[Digest]:
+    """Every digest a stored manifest may reference, whatever its schema: the values of all
+    ``digest`` and ``blobSum`` (schema 1) fields. An over-approximation on purpose: garbage
+    collection marks these, so content a manifest needs is never swept for lack of a parser."""
+    found: set[Digest] = set()
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return found
+    stack: list[Any] = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in ("digest", "blobSum") and isinstance(value, str):
+                    with contextlib.suppress(RegistryError):
+                        found.add(Digest.parse(value))
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found

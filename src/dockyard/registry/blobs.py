@@ -7,6 +7,8 @@ and a link is written only after the data it points to is in place.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -43,6 +45,21 @@ async def write_link(driver: StorageDriver, path: str, digest: Digest) -> None:
     await driver.write(path, str(digest).encode("ascii"))
 
 
+async def keep(driver: StorageDriver, path: str, interval: float) -> float:
+    """Record that ``path`` is in use: touch it unless it was touched within ``interval``
+    seconds; return its modification time. PathNotFound if it is missing.
+
+    This is half of what keeps online garbage collection safe (see ``registry.gc``): anything a
+    client is told exists has a recent time, and the collector never deletes a file whose time
+    is recent, checking again after it has moved the file aside."""
+    info = await driver.stat(path)
+    now = time.time()
+    if now - info.modified >= interval:
+        await driver.touch(path)
+        return now
+    return info.modified
+
+
 async def delete_if_present(driver: StorageDriver, path: str) -> bool:
     try:
         await driver.delete(path)
@@ -51,11 +68,19 @@ async def delete_if_present(driver: StorageDriver, path: str) -> bool:
     return True
 
 
+#: how often (seconds) a blob or link in use has its time refreshed; must stay well below the
+#: garbage collector's grace period
+DEFAULT_TOUCH_INTERVAL = 3600.0
+
+
 class BlobStore:
     """The registry-wide content store under ``blobs/``."""
 
-    def __init__(self, driver: StorageDriver) -> None:
+    def __init__(
+        self, driver: StorageDriver, touch_interval: float = DEFAULT_TOUCH_INTERVAL
+    ) -> None:
         self.driver = driver
+        self.touch_interval = touch_interval
 
     async def stat(self, digest: Digest) -> BlobInfo:
         try:
@@ -72,6 +97,24 @@ class BlobStore:
         except RegistryError:
             return False
         return True
+
+    async def keep(self, digest: Digest) -> BlobInfo:
+        """Stat the blob and mark it in use (see :func:`keep`); BLOB_UNKNOWN if missing."""
+        path = layout.blob_data(digest)
+        try:
+            info = await self.driver.stat(path)
+            now = time.time()
+            if now - info.modified >= self.touch_interval:
+                await self.driver.touch(path)
+        except PathNotFound:
+            raise blob_unknown(digest) from None
+        return BlobInfo(digest=digest, size=info.size, modified=info.modified)
+
+    async def touch(self, digest: Digest) -> None:
+        try:
+            await self.driver.touch(layout.blob_data(digest))
+        except PathNotFound:
+            raise blob_unknown(digest) from None
 
     async def read(self, digest: Digest) -> bytes:
         """Whole content of a small blob (a manifest)."""
@@ -120,7 +163,13 @@ class LinkedBlobs:
             linked = link == digest
         if not linked:
             raise blob_unknown(digest)
-        return await self.store.stat(digest)
+        try:
+            return await self.store.keep(digest)
+        except RegistryError:
+            # The collector may hold a recently used blob aside for a moment before putting it
+            # back (registry.gc); look once more before answering that it is gone.
+            await asyncio.sleep(0.05)
+            return await self.store.keep(digest)
 
     async def link(self, digest: Digest) -> None:
         await write_link(self.driver, layout.layer_link(self.name, digest), digest)

@@ -12,7 +12,8 @@
         _manifests/referrers/<alg>/<hex>/<alg>/<hex>/link   Dockyard: subject -> referrer
         _uploads/<id>/data                              upload in progress
         _uploads/<id>/startedat                         RFC 3339 start time
-    /dockyard/                                          Dockyard's own (health probes, token key)
+    /dockyard/                                          Dockyard's own: health probes, leases
+                                                        (one GC at a time), quarantined blobs
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
 not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it.
@@ -99,6 +100,14 @@ def upload_started_at(name: str, upload_id: str) -> str:
 
 def health_probe(name: str) -> str:
     return f"{DOCKYARD}/health/{name}"
+
+
+def lease(name: str) -> str:
+    return f"{DOCKYARD}/leases/{name}"
+
+
+def quarantine(digest: Digest, stamp: str) -> str:
+    return f"{DOCKYARD}/quarantine/{digest.algorithm}/{digest.hex}-{stamp}"
 
 
 def repository_name_of(path: str) -> str:

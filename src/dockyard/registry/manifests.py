@@ -10,9 +10,17 @@ from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import Manifest, parse_manifest, read_stored, sniff_media_type
 from dockyard.registry import layout
-from dockyard.registry.blobs import BlobStore, LinkedBlobs, delete_if_present, read_link, write_link
+from dockyard.registry.blobs import (
+    BlobStore,
+    LinkedBlobs,
+    delete_if_present,
+    keep,
+    read_link,
+    write_link,
+)
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore, manifest_unknown
+from dockyard.storage.driver import PathNotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +56,20 @@ class ManifestStore:
         link = await read_link(self.driver, layout.revision_link(self.name, digest))
         return link == digest and await self.store.exists(digest)
 
+    async def _keep(self, digest: Digest) -> bool:
+        """Present and now marked in use (its revision link and its data): True, else False."""
+        path = layout.revision_link(self.name, digest)
+        if await read_link(self.driver, path) != digest:
+            return False
+        try:
+            await keep(self.driver, path, self.store.touch_interval)
+            await self.store.keep(digest)
+        except (PathNotFound, RegistryError):
+            return False
+        return True
+
     async def get(self, digest: Digest) -> StoredManifest:
-        link = await read_link(self.driver, layout.revision_link(self.name, digest))
-        if link != digest:
+        if not await self._keep(digest):
             raise manifest_unknown(str(digest))
         try:
             body = await self.store.read(digest)
@@ -85,13 +104,21 @@ class ManifestStore:
         return PushedManifest(digest=digest, manifest=manifest)
 
     async def _blob_present(self, digest: Digest) -> bool:
-        return await self.blobs.is_linked(digest) and await self.store.exists(digest)
+        """Linked here and its data present, which is touched: a manifest about to reference
+        it makes it in use (registry.gc)."""
+        if not await self.blobs.is_linked(digest):
+            return False
+        try:
+            await self.store.touch(digest)
+        except RegistryError:
+            return False
+        return True
 
     async def _check_references(self, manifest: Manifest) -> None:
         references = [*manifest.blobs, *manifest.children]
         found = await asyncio.gather(
             *(self._blob_present(d.digest) for d in manifest.blobs),
-            *(self.exists(d.digest) for d in manifest.children),
+            *(self._keep(d.digest) for d in manifest.children),
         )
         missing = sorted({str(d.digest) for d, ok in zip(references, found, strict=True) if not ok})
         if missing:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from dockyard.oci.names import validate_name
 from dockyard.registry import layout
-from dockyard.registry.blobs import BlobStore, LinkedBlobs
+from dockyard.registry.blobs import DEFAULT_TOUCH_INTERVAL, BlobStore, LinkedBlobs
 from dockyard.registry.manifests import ManifestStore
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
@@ -55,10 +55,17 @@ class Repository:
 
 
 class Registry:
-    def __init__(self, driver: StorageDriver, *, secret: str, delete_enabled: bool) -> None:
+    def __init__(
+        self,
+        driver: StorageDriver,
+        *,
+        secret: str,
+        delete_enabled: bool,
+        touch_interval: float = DEFAULT_TOUCH_INTERVAL,
+    ) -> None:
         self.driver = driver
         self.delete_enabled = delete_enabled
-        self.blobs = BlobStore(driver)
+        self.blobs = BlobStore(driver, touch_interval)
         self.tokens = UploadTokens(secret)
         self.hashers = HasherCache()
 

@@ -275,6 +275,7 @@ class Uploads:
                 {"provided": str(digest), "computed": str(actual), "size": size},
             )
         await self.store.adopt(path, digest)
+        await self.store.touch(digest)  # in use from now on, whatever the upload's own times
         await delete_if_present(self.driver, layout.upload_dir(self.name, session.id))
         await self.blobs.link(digest)
         return BlobInfo(digest=digest, size=size, modified=time.time())
@@ -293,6 +294,7 @@ class Uploads:
             return None
         try:
             info = await self.store.stat(digest)
+            await self.store.touch(digest)
         except RegistryError:
             return None
         await self.blobs.link(digest)

@@ -81,6 +81,16 @@ class StorageDriver(Protocol):
         directory does not exist."""
         ...
 
+    async def write_new(self, path: str, data: bytes) -> bool:
+        """Create the file with ``data`` only if it does not exist yet (atomically: of two
+        writers exactly one wins). True if this call created it."""
+        ...
+
+    async def touch(self, path: str) -> None:
+        """Set the file's modification time to now. PathNotFound if missing. (Garbage
+        collection reads it as "last used".)"""
+        ...
+
     async def move(self, source: str, dest: str) -> None:
         """Move a file, replacing ``dest``; atomic where the backend allows (a rename on a
         filesystem). PathNotFound if ``source`` is missing."""
@@ -88,6 +98,11 @@ class StorageDriver(Protocol):
 
     async def delete(self, path: str) -> None:
         """Delete a file or a whole directory tree. PathNotFound if missing."""
+        ...
+
+    async def remove_empty_dir(self, path: str) -> None:
+        """Remove a directory if it is empty; do nothing otherwise (or on backends without
+        directories). Writers racing with it still succeed: they recreate parents."""
         ...
 
     def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:

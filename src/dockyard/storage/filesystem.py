@@ -59,6 +59,14 @@ class FilesystemDriver:
         full = self._full(path)
         await self._run(path, _write_atomic, full, data, self.fsync)
 
+    async def write_new(self, path: str, data: bytes) -> bool:
+        full = self._full(path)
+        return await self._run(path, _write_new, full, data)
+
+    async def touch(self, path: str) -> None:
+        full = self._full(path)
+        await self._run(path, os.utime, full)
+
     async def stat(self, path: str) -> FileInfo:
         full = self._full(path)
         st = await self._run(path, os.stat, full)
@@ -75,6 +83,10 @@ class FilesystemDriver:
     async def delete(self, path: str) -> None:
         full = self._full(path)
         await self._run(path, _delete, full)
+
+    async def remove_empty_dir(self, path: str) -> None:
+        full = self._full(path)
+        await self._run(path, _rmdir_if_empty, full)
 
     # -- streams ---------------------------------------------------------------------------
     async def reader(
@@ -142,28 +154,69 @@ def _read_file(full: str) -> bytes:
         return f.read()
 
 
+#: attempts for writers whose parent directory a concurrent cleanup may remove in between
+_DIR_RACE_ATTEMPTS = 5
+
+
 def _write_atomic(full: str, data: bytes, fsync: bool) -> None:
+    directory = os.path.dirname(full)
+    for attempt in range(_DIR_RACE_ATTEMPTS):
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, full)
+            return
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if attempt == _DIR_RACE_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _write_new(full: str, data: bytes) -> bool:
+    """Written to a temporary file, then hard-linked into place: the link fails if the name
+    exists, so the file appears complete or not at all, and only once."""
     directory = os.path.dirname(full)
     os.makedirs(directory, exist_ok=True)
     tmp = f"{full}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, full)
-    except BaseException:
+        try:
+            os.link(tmp, full)
+        except FileExistsError:
+            return False
+        return True
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
 
 
 def _move(src: str, dst: str) -> None:
-    if not os.path.exists(src):
-        raise FileNotFoundError(errno.ENOENT, "no such file", src)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.replace(src, dst)
+    for attempt in range(_DIR_RACE_ATTEMPTS):
+        if not os.path.exists(src):
+            raise FileNotFoundError(errno.ENOENT, "no such file", src)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.replace(src, dst)
+            return
+        except FileNotFoundError:
+            if attempt == _DIR_RACE_ATTEMPTS - 1:
+                raise
+
+
+def _rmdir_if_empty(full: str) -> None:
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(full)
 
 
 def _delete(full: str) -> None:

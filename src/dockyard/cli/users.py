@@ -1,68 +1,20 @@
-"""The ``dockyard`` command."""
+"""``dockyard user add|passwd|remove|list``: the users of an htpasswd file."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
 import click
 
-from dockyard import __version__
-from dockyard.config import Config, load_config
-from dockyard.errors import ConfigError
-from dockyard.logs import configure
+from dockyard.cli import load, main
 from dockyard.users import UserFileError, list_users, remove_user, set_password
-
-
-def _load(config_path: str | None) -> Config:
-    """Config from the argument, else ``REGISTRY_CONFIGURATION_PATH`` (as registry:2 reads it),
-    else the embedded default; a ConfigError ends the process with the key and the reason."""
-    path = config_path or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        click.echo(f"dockyard: {exc}", err=True)
-        sys.exit(2)
-
-
-@click.group()
-@click.version_option(__version__, prog_name="dockyard")
-def main() -> None:
-    """Dockyard: a private container image registry (OCI Distribution v1.1, registry:2 drop-in)."""
-
-
-@main.command()
-@click.argument("config_path", required=False, metavar="[CONFIG]")
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=lambda: os.cpu_count() or 1,
-    show_default="number of CPUs",
-    help="Worker processes serving the port.",
-)
-def serve(config_path: str | None, workers: int) -> None:
-    """Serve the registry. CONFIG is a registry:2 config.yml; REGISTRY_* variables override it.
-    Without one: filesystem storage in ./data on port 5000, no authentication."""
-    config = _load(config_path)
-    configure(config.log)
-    from dockyard.server import serve as run
-
-    try:
-        code = run(config, workers)
-    except ConfigError as exc:
-        click.echo(f"dockyard: {exc}", err=True)
-        sys.exit(2)
-    sys.exit(code)
-
-
-# -- users -----------------------------------------------------------------------------------
 
 
 def _htpasswd_path(file: str | None, config_path: str | None) -> str:
     if file:
         return file
-    config = _load(config_path)
+    config = load(config_path)
     if config.auth.htpasswd is not None:
         return config.auth.htpasswd.path
     if config.auth.token is not None and config.auth.token.server is not None:
@@ -153,7 +105,3 @@ def user_list(file: str | None, config_path: str | None) -> None:
         sys.exit(1)
     for name in names:
         click.echo(name)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

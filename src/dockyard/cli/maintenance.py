@@ -1,0 +1,230 @@
+"""``dockyard gc``, ``du``, ``fsck`` and ``purge-uploads``: maintenance that runs against the
+store directly, while the registry keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+
+from dockyard.app import build_driver
+from dockyard.cli import load, main
+from dockyard.config import Config, parse_duration
+from dockyard.registry.gc import GarbageCollector
+from dockyard.registry.lease import LeaseBusy
+from dockyard.registry.purge import purge_uploads
+from dockyard.registry.usage import measure
+
+T = TypeVar("T")
+
+
+def _duration(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _run(config: Config, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    driver = build_driver(config)
+    try:
+        return asyncio.run(work(driver))
+    finally:
+        driver.close()
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[str, int], None]]:
+    """A spinner-like progress line on a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda phase, n: None
+        return
+    counts: dict[str, int] = {}
+
+    def advance(phase: str, n: int) -> None:
+        counts[phase] = counts.get(phase, 0) + n
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items())
+        click.echo(f"\r{label}: {shown}", nl=False, err=True)
+
+    try:
+        yield advance
+    finally:
+        if counts:
+            click.echo("", err=True)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+config_argument = click.argument("config_path", required=False, metavar="[CONFIG]")
+
+
+@main.command()
+@config_argument
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
+@click.option(
+    "--delete-untagged",
+    "-m",
+    is_flag=True,
+    help="Also remove manifests no tag reaches (keeping index children and referrers "
+    "of kept manifests).",
+)
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    help="Keep unreferenced content used within this long "
+    "(default: storage.maintenance.gc.grace, 24h).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+def gc(
+    config_path: str | None, dry_run: bool, delete_untagged: bool, grace: str | None, quiet: bool
+) -> None:
+    """Collect garbage: remove blobs no manifest references (like registry:2's
+    garbage-collect), safely while the registry serves."""
+    config = load(config_path)
+    grace_seconds = _duration(grace)
+    if grace_seconds is None:
+        grace_seconds = config.storage.maintenance.gc.grace
+
+    async def work(driver: Any) -> Any:
+        with _progress("gc") as progress:
+            collector = GarbageCollector(
+                driver,
+                grace=grace_seconds,
+                delete_untagged=delete_untagged,
+                dry_run=dry_run,
+                progress=progress,
+            )
+            return await collector.run()
+
+    try:
+        report = _run(config, work)
+    except LeaseBusy as exc:
+        click.echo(f"dockyard: another garbage collection is running: {exc}", err=True)
+        sys.exit(3)
+    if not quiet:
+        prefix = "would remove" if dry_run else "removed"
+        for item in report.removed:
+            click.echo(f"{prefix} {item}")
+    click.echo(report.summary())
+
+
+@main.command()
+@config_argument
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def du(config_path: str | None, as_json: bool) -> None:
+    """Space used per repository (unique to it, shared with others) and by the whole store."""
+    usage = _run(load(config_path), measure)
+    if as_json:
+        click.echo(json.dumps(usage.to_json(), indent=2))
+        return
+    width = max([len("REPOSITORY"), *(len(r.name) for r in usage.repositories)])
+    click.echo(
+        f"{'REPOSITORY':<{width}}  {'MANIFESTS':>9}  {'TAGS':>5}  {'UNIQUE':>10}  "
+        f"{'SHARED':>10}  {'TOTAL':>10}"
+    )
+    for r in usage.repositories:
+        click.echo(
+            f"{r.name:<{width}}  {r.manifests:>9}  {r.tags:>5}  "
+            f"{_size(r.unique_bytes):>10}  {_size(r.shared_bytes):>10}  "
+            f"{_size(r.total_bytes):>10}"
+        )
+    click.echo(
+        f"\nstore: {usage.blobs} blobs, {_size(usage.total_bytes)} "
+        f"({_size(usage.referenced_bytes)} referenced, "
+        f"{_size(usage.unreferenced_bytes)} in {usage.unreferenced_blobs} unreferenced "
+        "blobs that gc would reclaim)"
+    )
+
+
+@main.command()
+@config_argument
+@click.option(
+    "--repair", is_flag=True, help="Move corrupt blobs to /dockyard/quarantine (never deleted)."
+)
+def fsck(config_path: str | None, repair: bool) -> None:
+    """Check that every blob matches its digest and every link and tag points to content."""
+    from dockyard.registry.fsck import check
+
+    async def work(driver: Any) -> Any:
+        with _progress("fsck") as progress:
+            return await check(driver, repair=repair, progress=progress)
+
+    report = _run(load(config_path), work)
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    for item in report.quarantined:
+        click.echo(f"quarantined: {item}")
+    click.echo(
+        f"checked {report.blobs_checked} blobs ({_size(report.bytes_checked)}): "
+        f"{'clean' if report.clean else f'{len(report.problems)} problems'}"
+    )
+    sys.exit(0 if report.clean else 1)
+
+
+@main.command("purge-uploads")
+@config_argument
+@click.option(
+    "--age",
+    metavar="DURATION",
+    help="Remove uploads started longer ago than this "
+    "(default: storage.maintenance.uploadpurging.age, 168h).",
+)
+@click.option("--dry-run", is_flag=True, help="Report; change nothing.")
+def purge_uploads_command(config_path: str | None, age: str | None, dry_run: bool) -> None:
+    """Remove abandoned uploads (what upload purging does on its schedule)."""
+    config = load(config_path)
+    seconds = _duration(age)
+    if seconds is None:
+        seconds = config.storage.maintenance.uploadpurging.age
+    report = _run(config, lambda driver: purge_uploads(driver, seconds, dry_run))
+    for item in report.removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {item}")
+    click.echo(f"{len(report.removed)} abandoned uploads")
+
+
+@main.command()
+@config_argument
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+def healthcheck(config_path: str | None, timeout: float) -> None:
+    """Exit 0 if the registry configured in CONFIG answers /debug/health with 200 (for container
+    healthchecks: it follows http.addr, http.prefix and TLS from the config and REGISTRY_*)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from dockyard.server import parse_addr
+
+    config = load(config_path)
+    host, port = parse_addr(config.http.addr)
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if config.http.tls.enabled else "http"
+    url = f"{scheme}://{host}:{port}{config.http.prefix}/debug/health"
+    context = ssl._create_unverified_context() if scheme == "https" else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"unhealthy: {url}: {exc}", err=True)
+        sys.exit(1)
+    if status != 200:
+        click.echo(f"unhealthy: {url} answered {status}", err=True)
+        sys.exit(1)

@@ -1,0 +1,66 @@
+"""Scheduled maintenance while serving: upload purging (registry:2's
+``storage.maintenance.uploadpurging``, on by default) and online garbage collection
+(``storage.maintenance.gc``, off by default). Both are skipped in read-only mode. Across
+instances, garbage collection runs one at a time (its lease); purging is idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from dockyard.config import Config
+from dockyard.registry.gc import GarbageCollector
+from dockyard.registry.lease import LeaseBusy
+from dockyard.registry.purge import purge_uploads
+from dockyard.storage.driver import StorageDriver, StorageError
+
+log = logging.getLogger("dockyard.maintenance")
+
+
+def wanted(config: Config) -> bool:
+    m = config.storage.maintenance
+    return not m.readonly.enabled and (m.uploadpurging.enabled or m.gc.enabled)
+
+
+async def _every(
+    interval: float, first_delay: float, job_name: str, job: Callable[[], Awaitable[object]]
+) -> None:
+    await asyncio.sleep(first_delay)
+    while True:
+        try:
+            await job()
+        except LeaseBusy as exc:
+            log.info("%s skipped: %s", job_name, exc)
+        except (StorageError, OSError) as exc:
+            log.error("%s failed (will retry): %s", job_name, exc)
+        await asyncio.sleep(interval)
+
+
+async def run(config: Config, driver: StorageDriver) -> None:
+    """Run the configured schedules until cancelled."""
+    m = config.storage.maintenance
+    jobs = []
+    if m.uploadpurging.enabled:
+        purging = m.uploadpurging
+        jobs.append(
+            _every(
+                purging.interval,
+                random.uniform(0, min(60.0, purging.interval)),
+                "upload purging",
+                lambda: purge_uploads(driver, purging.age, purging.dryrun),
+            )
+        )
+    if m.gc.enabled:
+        gc = m.gc
+
+        async def collect() -> None:
+            report = await GarbageCollector(
+                driver, grace=gc.grace, delete_untagged=gc.deleteuntagged, dry_run=gc.dryrun
+            ).run()
+            log.info("scheduled garbage collection: %s", report.summary())
+
+        jobs.append(_every(gc.interval, gc.interval, "garbage collection", collect))
+    if jobs:
+        await asyncio.gather(*jobs)

@@ -1,0 +1,79 @@
+"""Checking the store (``dockyard fsck``): every blob's content matches its digest, every link
+points to a blob that exists, every tag to a manifest that exists. With ``repair``, corrupt blobs
+are moved to ``/dockyard/quarantine/`` (never deleted), so a pull fails cleanly instead of
+serving bad bytes and the data can still be examined."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dockyard.oci.digest import new_hasher
+from dockyard.registry import inventory, layout
+from dockyard.registry.blobs import BlobStore
+from dockyard.storage.driver import PathNotFound, StorageDriver
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class FsckReport:
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+async def _hash(driver: StorageDriver, path: str, algorithm: str) -> str:
+    hasher = new_hasher(algorithm)
+    loop = asyncio.get_running_loop()
+    async for chunk in driver.reader(path):
+        await loop.run_in_executor(None, hasher.update, chunk)
+    return hasher.hexdigest()
+
+
+async def check(
+    driver: StorageDriver, *, repair: bool = False, progress: Progress | None = None
+) -> FsckReport:
+    report = FsckReport()
+    progress = progress or (lambda phase, n: None)
+    store = BlobStore(driver)
+    corrupt = set()
+    async for blob in inventory.blobs(driver):
+        path = layout.blob_data(blob.digest)
+        try:
+            actual = await _hash(driver, path, blob.digest.algorithm)
+        except PathNotFound:
+            continue  # removed meanwhile (garbage collection)
+        report.blobs_checked += 1
+        report.bytes_checked += blob.size
+        progress("blobs", 1)
+        if actual == blob.digest.hex:
+            continue
+        corrupt.add(blob.digest)
+        report.problems.append(
+            f"blob {blob.digest}: content hashes to {blob.digest.algorithm}:{actual}"
+        )
+        if repair:
+            target = layout.quarantine(blob.digest, time.strftime("%Y%m%dT%H%M%S"))
+            await driver.move(path, target)
+            report.quarantined.append(f"{blob.digest} -> {target}")
+    for name in await inventory.repository_names(driver):
+        repo = await inventory.read_repository(driver, name)
+        for digest in sorted(repo.layers, key=str):
+            if digest in corrupt or not await store.exists(digest):
+                report.problems.append(f"{name}: layer link {digest} points to a missing blob")
+        for digest in sorted(repo.revisions, key=str):
+            if digest in corrupt or not await store.exists(digest):
+                report.problems.append(f"{name}: manifest {digest} has no data")
+        for tag, digest in sorted(repo.tags.items()):
+            if digest not in repo.revisions:
+                report.problems.append(f"{name}:{tag} points to {digest}, not in the repository")
+        progress("repositories", 1)
+    return report

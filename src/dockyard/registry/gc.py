@@ -1,0 +1,241 @@
+"""Garbage collection that runs while the registry serves pushes and pulls.
+
+Mark: every repository's manifests are roots (with ``delete_untagged``, only tagged ones, plus
+untagged ones used within the grace period); from them, index children and referrers whose
+subject is kept, and every digest a kept manifest references. Sweep: blobs not marked, and
+(with ``delete_untagged``) revision links of manifests not kept.
+
+Why a push racing with the collection is never broken — the argument, in three rules:
+
+1. *Everything a client is told exists is stamped.* Any request that tells a client a blob or
+   manifest is there, or that makes it referenced — a blob HEAD/GET, the commit of an upload, a
+   cross-repository mount, a manifest GET/HEAD, and a manifest PUT for every blob and child it
+   references — first refreshes the modification time of the file (the blob's ``data``, the
+   manifest's revision link). Stamps are refreshed at most every ``touch_interval``, which is
+   kept at a quarter of the grace period or less.
+2. *The collector never deletes anything stamped within the grace period.* A file is a
+   candidate only if its time is older than ``start - grace``. A client that learnt of a blob
+   before the collection started and references it later (a slow push) is covered as long as
+   its push takes less than the grace period (24 h by default).
+3. *The collector checks again after taking the file out of reach.* It renames a candidate
+   (``data`` -> ``data.gc-<run>``), then reads its time again: a stamp that landed between its
+   first look and the rename is seen now, and the file is put back. A stamp attempted after the
+   rename fails with "not found", so that client is told the blob is missing and uploads it
+   again — it is never told "exists" about something that is then deleted. (A reader that finds
+   a linked blob missing looks once more after 50 ms, which covers the instant between the
+   rename and the putting back.)
+
+Uploads in progress live under ``_uploads`` and are never touched here (upload purging removes
+abandoned ones by age). Only one collection runs at a time across all instances sharing the
+storage (a lease in ``/dockyard/leases/gc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dockyard.errors import RegistryError
+from dockyard.oci.digest import Digest
+from dockyard.oci.manifest import Manifest, read_stored, referenced_digests
+from dockyard.registry import inventory, layout
+from dockyard.registry.blobs import BlobStore
+from dockyard.registry.lease import Lease
+from dockyard.storage.driver import PathNotFound, StorageDriver
+
+log = logging.getLogger("dockyard.gc")
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class GCReport:
+    dry_run: bool
+    repositories: int = 0
+    manifests_kept: int = 0
+    blobs_marked: int = 0
+    blobs_removed: int = 0
+    bytes_removed: int = 0
+    blobs_recent: int = 0
+    manifests_removed: int = 0
+    links_removed: int = 0
+    removed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return (
+            f"{self.repositories} repositories, {self.manifests_kept} manifests kept, "
+            f"{self.blobs_marked} blobs in use; {verb} {self.blobs_removed} blobs "
+            f"({self.bytes_removed} bytes), {self.manifests_removed} untagged manifests, "
+            f"{self.links_removed} dangling layer links; kept {self.blobs_recent} unreferenced "
+            f"blobs used within the grace period ({self.seconds:.1f} s)"
+        )
+
+
+class GarbageCollector:
+    def __init__(
+        self,
+        driver: StorageDriver,
+        *,
+        grace: float,
+        delete_untagged: bool = False,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
+        self.driver = driver
+        self.store = BlobStore(driver)
+        self.grace = grace
+        self.delete_untagged = delete_untagged
+        self.dry_run = dry_run
+        self.progress = progress or (lambda phase, n: None)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.cutoff = 0.0
+
+    async def run(self) -> GCReport:
+        report = GCReport(dry_run=self.dry_run)
+        started = time.time()
+        self.cutoff = started - self.grace
+        async with Lease(self.driver, "gc") as lease:
+            names = await inventory.repository_names(self.driver)
+            report.repositories = len(names)
+            marked: set[Digest] = set()
+            for name in names:
+                await self._mark_repository(name, marked, report)
+                self.progress("mark", 1)
+            await lease.renew()
+            report.blobs_marked = len(marked)
+            await self._sweep_blobs(marked, report)
+            await lease.renew()
+            for name in names:
+                await self._sweep_links(name, report)
+        report.seconds = time.time() - started
+        log.info(
+            "garbage collection finished",
+            extra={
+                "fields": {
+                    "dry_run": self.dry_run,
+                    "blobs_removed": report.blobs_removed,
+                    "bytes_removed": report.bytes_removed,
+                    "manifests_removed": report.manifests_removed,
+                }
+            },
+        )
+        return report
+
+    # -- mark ---------------------------------------------------------------------------
+
+    async def _read(self, digest: Digest) -> bytes | None:
+        try:
+            return await self.store.read(digest)
+        except RegistryError:
+            return None
+
+    async def _mark_repository(self, name: str, marked: set[Digest], report: GCReport) -> None:
+        repo = await inventory.read_repository(self.driver, name)
+        bodies = {d: await self._read(d) for d in repo.revisions}
+        parsed: dict[Digest, Manifest | None] = {
+            d: (read_stored(b) if b is not None else None) for d, b in bodies.items()
+        }
+        kept = self._kept(repo, parsed)
+        for digest in kept:
+            marked.add(digest)
+            body = bodies.get(digest)
+            if body is not None:
+                marked |= referenced_digests(body)
+        report.manifests_kept += len(kept)
+        for digest in set(repo.revisions) - kept:
+            path = layout.revision_link(name, digest)
+            if await self._remove(path):
+                report.manifests_removed += 1
+                report.removed.append(f"manifest {name}@{digest}")
+                if not self.dry_run:
+                    await self.driver.remove_empty_dir(path.rsplit("/", 1)[0])
+
+    def _kept(
+        self, repo: inventory.RepositoryInventory, parsed: dict[Digest, Manifest | None]
+    ) -> set[Digest]:
+        if not self.delete_untagged:
+            return set(repo.revisions)
+        kept = {d for d in repo.tags.values() if d in repo.revisions}
+        kept |= {d for d, modified in repo.revisions.items() if modified >= self.cutoff}
+        while True:
+            grown = set(kept)
+            for digest in kept:
+                manifest = parsed.get(digest)
+                if manifest is not None:
+                    grown |= {c.digest for c in manifest.children if c.digest in repo.revisions}
+            for digest, manifest in parsed.items():
+                if (
+                    manifest is not None
+                    and manifest.subject is not None
+                    and (manifest.subject.digest in kept)
+                ):
+                    grown.add(digest)
+            if grown == kept:
+                return kept
+            kept = grown
+
+    # -- sweep --------------------------------------------------------------------------
+
+    async def _remove(self, path: str) -> bool:
+        """Delete ``path`` unless it was used within the grace period, checking again after
+        moving it aside (rule 3 in the module docstring). True if it was (or would be) removed."""
+        try:
+            if (await self.driver.stat(path)).modified >= self.cutoff:
+                return False
+        except PathNotFound:
+            return False
+        if self.dry_run:
+            return True
+        aside = f"{path}.gc-{self.run_id}"
+        try:
+            await self.driver.move(path, aside)
+        except PathNotFound:
+            return False
+        try:
+            recent = (await self.driver.stat(aside)).modified >= self.cutoff
+        except PathNotFound:
+            return False
+        if recent:
+            try:
+                await self.driver.stat(path)
+                await self.driver.delete(aside)  # written again meanwhile: the new one stays
+            except PathNotFound:
+                await self.driver.move(aside, path)
+            return False
+        await self.driver.delete(aside)
+        return True
+
+    async def _sweep_blobs(self, marked: set[Digest], report: GCReport) -> None:
+        async for blob in inventory.blobs(self.driver):
+            self.progress("sweep", 1)
+            if blob.digest in marked:
+                continue
+            if blob.modified >= self.cutoff:
+                report.blobs_recent += 1
+                continue
+            path = layout.blob_data(blob.digest)
+            if await self._remove(path):
+                report.blobs_removed += 1
+                report.bytes_removed += blob.size
+                report.removed.append(f"blob {blob.digest} ({blob.size} bytes)")
+                if not self.dry_run:
+                    await self.driver.remove_empty_dir(layout.blob_dir(blob.digest))
+            else:
+                report.blobs_recent += 1
+
+    async def _sweep_links(self, name: str, report: GCReport) -> None:
+        """Layer links whose blob is gone (swept now or before) and that nobody used lately."""
+        repo = await inventory.read_repository(self.driver, name)
+        for digest in repo.layers:
+            if await self.store.exists(digest):
+                continue
+            path = layout.layer_link(name, digest)
+            if await self._remove(path):
+                report.links_removed += 1
+                if not self.dry_run:
+                    await self.driver.remove_empty_dir(path.rsplit("/", 1)[0])

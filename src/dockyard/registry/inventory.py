@@ -1,0 +1,109 @@
+"""Reading the whole store: every repository's manifests, tags, layer links and uploads, and
+every blob. Shared by garbage collection, ``du``, ``fsck`` and upload purging; it only reads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from dockyard.oci.digest import SUPPORTED_ALGORITHMS, Digest
+from dockyard.registry import layout
+from dockyard.registry.blobs import read_link
+from dockyard.storage.driver import PathNotFound, StorageDriver
+
+#: the directories registry:2 keeps inside a repository
+REPOSITORY_MARKERS = ("_manifests", "_layers", "_uploads")
+
+
+@dataclass
+class RepositoryInventory:
+    name: str
+    #: manifest digest -> modification time of its revision link
+    revisions: dict[Digest, float] = field(default_factory=dict)
+    tags: dict[str, Digest] = field(default_factory=dict)
+    layers: set[Digest] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    digest: Digest
+    size: int
+    modified: float
+
+
+async def _list(driver: StorageDriver, path: str) -> list[str]:
+    try:
+        return await driver.list(path)
+    except PathNotFound:
+        return []
+
+
+async def repository_names(driver: StorageDriver) -> list[str]:
+    """Every directory that holds repository data (manifests, layer links or uploads), sorted;
+    a superset of the catalog, which needs ``_manifests``."""
+    found: list[str] = []
+
+    async def visit(path: str) -> None:
+        children = await _list(driver, path)
+        if path != layout.REPOSITORIES and any(m in children for m in REPOSITORY_MARKERS):
+            found.append(layout.repository_name_of(path))
+        for child in children:
+            if not child.startswith("_") and ".gc-" not in child:
+                await visit(f"{path}/{child}")
+
+    await visit(layout.REPOSITORIES)
+    return sorted(found)
+
+
+async def _digests_under(driver: StorageDriver, path: str) -> list[Digest]:
+    """``<path>/<alg>/<hex>`` entries as digests (skipping anything that is not one)."""
+    out = []
+    for algorithm in await _list(driver, path):
+        if algorithm not in SUPPORTED_ALGORITHMS:
+            continue
+        for hexpart in await _list(driver, f"{path}/{algorithm}"):
+            if len(hexpart) == SUPPORTED_ALGORITHMS[algorithm]:
+                out.append(Digest(algorithm, hexpart))
+    return out
+
+
+async def read_repository(driver: StorageDriver, name: str) -> RepositoryInventory:
+    inventory = RepositoryInventory(name)
+    for digest in await _digests_under(driver, layout.revisions_dir(name)):
+        path = layout.revision_link(name, digest)
+        if await read_link(driver, path) != digest:
+            continue
+        try:
+            inventory.revisions[digest] = (await driver.stat(path)).modified
+        except PathNotFound:
+            continue
+    for tag in await _list(driver, layout.tags_dir(name)):
+        target = await read_link(driver, layout.tag_current_link(name, tag))
+        if target is not None:
+            inventory.tags[tag] = target
+    for digest in await _digests_under(driver, f"{layout.repository(name)}/_layers"):
+        if await read_link(driver, layout.layer_link(name, digest)) == digest:
+            inventory.layers.add(digest)
+    return inventory
+
+
+async def blobs(driver: StorageDriver) -> AsyncIterator[StoredBlob]:
+    """Every blob with data in ``blobs/``."""
+    for algorithm in await _list(driver, layout.BLOBS):
+        length = SUPPORTED_ALGORITHMS.get(algorithm)
+        if length is None:
+            continue
+        for prefix in await _list(driver, f"{layout.BLOBS}/{algorithm}"):
+            for hexpart in await _list(driver, f"{layout.BLOBS}/{algorithm}/{prefix}"):
+                if len(hexpart) != length or not hexpart.startswith(prefix):
+                    continue
+                digest = Digest(algorithm, hexpart)
+                try:
+                    info = await driver.stat(layout.blob_data(digest))
+                except PathNotFound:
+                    continue
+                yield StoredBlob(digest, info.size, info.modified)
+
+
+async def uploads(driver: StorageDriver, name: str) -> list[str]:
+    return await _list(driver, layout.uploads_dir(name))
