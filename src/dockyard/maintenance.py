@@ -35,6 +35,8 @@ async def _every(
             log.info("%s skipped: %s", job_name, exc)
         except (StorageError, OSError) as exc:
             log.error("%s failed (will retry): %s", job_name, exc)
+        except Exception:  # a bug must not end the schedule for good
+            log.exception("%s failed (will retry)", job_name)
         await asyncio.sleep(interval)
 
 

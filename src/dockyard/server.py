@@ -102,6 +102,13 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel background tasks and wait until they have finished unwinding."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -143,8 +150,7 @@ async def _serve(
         },
     )
     await _until_signalled()
-    for task in background:
-        task.cancel()
+    await _cancel(*background)
     inflight = app[INFLIGHT_KEY]
     log.info(
         "stopping: finishing in-flight requests",
@@ -179,7 +185,7 @@ async def _maintain(config: Config) -> None:
     try:
         await _until_signalled()
     finally:
-        task.cancel()
+        await _cancel(task)
         driver.close()
 
 
@@ -202,7 +208,7 @@ async def _renew(manager: CertificateManager, sock: socket.socket, https_port: i
     try:
         await _answer_challenges(manager, sock, https_port, _until_signalled())
     finally:
-        renewal.cancel()
+        await _cancel(renewal)
 
 
 def obtain_certificate(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:

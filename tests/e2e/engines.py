@@ -93,7 +93,11 @@ class Dockerd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_dockerd(insecure_registries: list[str] | None = None, timeout: float = 30.0) -> Dockerd:
+def start_dockerd(
+    insecure_registries: list[str] | None = None,
+    timeout: float = 30.0,
+    storage_driver: str = "vfs",
+) -> Dockerd:
     """Start dockerd per tests' guide (no iptables, no bridge, vfs) and wait until it answers."""
     binary = find_dockerd()
     assert binary is not None, "dockerd is not installed"
@@ -110,7 +114,7 @@ def start_dockerd(insecure_registries: list[str] | None = None, timeout: float =
         "--iptables=false",
         "--ip6tables=false",
         "--bridge=none",
-        "--storage-driver=vfs",
+        f"--storage-driver={storage_driver}",
         "--data-root", str(d / "data"),
         "--exec-root", str(d / "exec"),
         "--pidfile", str(d / "docker.pid"),
