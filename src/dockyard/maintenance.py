@@ -59,7 +59,11 @@ async def run(config: Config, driver: StorageDriver) -> None:
 
         async def collect() -> None:
             report = await GarbageCollector(
-                driver, grace=gc.grace, delete_untagged=gc.deleteuntagged, dry_run=gc.dryrun
+                driver,
+                grace=gc.grace,
+                touch_interval=gc.touch_interval,
+                delete_untagged=gc.deleteuntagged,
+                dry_run=gc.dryrun,
             ).run()
             log.info("scheduled garbage collection: %s", report.summary())
 

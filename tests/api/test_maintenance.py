@@ -42,8 +42,13 @@ def layer(n: int) -> bytes:
     return os.urandom(1000 + n)
 
 
+#: a server whose grace period is zero: it stamps content on every use, so `gc --grace 0s`
+#: may collect anything unreferenced right away
+NO_GRACE = {"maintenance": {"gc": {"grace": "0s"}}}
+
+
 def test_gc_removes_only_what_nothing_references(start_server: ServerFactory) -> None:
-    s = start_server()
+    s = start_server(storage=NO_GRACE)
     shared = layer(1)
     kept_digest, kept = s.push_image("app", "keep", [shared, layer(2)])
     gone_digest, gone = s.push_image("app", "gone", [shared, layer(3)])
@@ -86,7 +91,7 @@ def test_gc_removes_only_what_nothing_references(start_server: ServerFactory) ->
 
 
 def test_delete_untagged_keeps_index_children_and_referrers(start_server: ServerFactory) -> None:
-    s = start_server()
+    s = start_server(storage=NO_GRACE)
     children = [s.push_image("multi", None, [layer(i)]) for i in range(2)]
     index = {
         "schemaVersion": 2,
@@ -131,7 +136,7 @@ def test_delete_untagged_keeps_index_children_and_referrers(start_server: Server
 
 
 def test_grace_period_protects_recent_content(start_server: ServerFactory) -> None:
-    s = start_server()
+    s = start_server(storage=NO_GRACE)
     digest = s.push_blob("fresh", b"uploaded but not referenced yet")
     result = dockyard("gc", str(s.config_path), "--grace", "1h")
     assert result.returncode == 0

@@ -12,7 +12,15 @@ survive (see ``dockyard.registry.gc``).
 
 At the end every image that was pushed and not deleted pulls completely and byte for byte,
 ``dockyard fsck`` finds nothing wrong, the server logged no error, and the collector really did
-remove blobs while the pushes ran.
+remove blobs while the pushes ran. The registry is configured with the collections' grace period
+(``storage.maintenance.gc.grace``), from which it derives how often it refreshes stamps; a
+manifest refused for a blob the client was told about longer ago than the grace period minus
+that interval is the documented limit (docs/gc.md), counted and retried, never hidden otherwise.
+
+Then rule 1, one request at a time and without timing luck: content is made older than the
+grace period (file times moved back), a client is told it exists (blob ``HEAD``/``GET``, a mount
+from another repository or from the same one, a manifest ``HEAD``), a collection starts at once,
+and the content must still be there for the push that relies on the answer.
 """
 
 from __future__ import annotations
@@ -502,10 +510,10 @@ def test_gc_loop_while_pushing_deleting_and_repushing(start_server: ServerFactor
     # Otherwise the test proves nothing: the collector took garbage while the pushes ran.
     assert any(r.removed_blobs > 0 for r in completed), [r.stdout for r in completed]
     assert removed_manifests > 0, "no untagged manifest was ever collected"
-    # Re-pushes found their deleted blobs still there (HEAD 200, upload skipped), which is the
-    # race the collector must survive, and others found them collected and uploaded them again.
+    # Re-pushes found their deleted blobs still there (HEAD 200, upload skipped): the race the
+    # collector must survive. (Others found them collected and uploaded them again: counted as
+    # "re-push: own blob uploaded", how many depends on how fast the collections go.)
     assert ledger.counts.get("re-push: own blob exists", 0) > 0, ledger.counts
-    assert ledger.counts.get("re-push: own blob uploaded", 0) > 0, ledger.counts
 
     # Everything that was pushed and not deleted is there, whole.
     verify_all(server, ledger)
@@ -566,7 +574,9 @@ def backdate(server: Server, seconds: float) -> None:
         ("mount-from-other-repository", f"{SLOW_GRACE:g}s"),
         ("mount-from-same-repository", f"{SLOW_GRACE:g}s"),
         ("manifest-head", f"{SLOW_GRACE:g}s"),
-        # The registry's default grace (24 h) while the collection is run with --grace 60s.
+        # The registry left at its default grace (24 h, so a stamp at most every hour) while the
+        # collection is run with --grace 60s: the README says content used within the grace
+        # period given is kept.
         ("head", None),
     ],
 )
@@ -594,6 +604,7 @@ def test_content_reported_present_survives_the_next_collection(
         # Left untagged: --delete-untagged takes it unless someone uses it.
         r = client.http.delete(server.v2(f"{source}/manifests/{image.tag}"), timeout=30)
         assert r.status_code == 202, describe(r)
+    bystander = server.push_blob("solo/other", os.urandom(5000))  # garbage nobody uses
     backdate(server, 2 * SLOW_GRACE)
 
     # The client learns that the content is there...
@@ -619,9 +630,14 @@ def test_content_reported_present_survives_the_next_collection(
 
     # ...a collection starts at once (a fraction of its grace period later)...
     run = gc(server, "--grace", f"{SLOW_GRACE:g}s", "--delete-untagged")
-    assert run.returncode == 0, run.stderr
-    # (it did collect what nobody used: the deleted manifest's own bytes, or the other blobs)
-    assert run.removed_blobs > 0 or how == "manifest-head", run.stdout
+    if server_grace is None and run.returncode != 0:
+        # Refusing a grace period shorter than the registry's stamps are meant for is safe too.
+        assert "grace" in run.stderr.lower(), run.stdout + run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+    if server_grace is not None:
+        # (it did collect what nobody used)
+        assert f"removed blob {bystander}" in run.stdout, run.stdout
     wrongly_removed = [
         line
         for line in run.stdout.splitlines()

@@ -370,7 +370,9 @@ def test_dockyard_gc_on_a_store_registry2_wrote(
     assert set(manifests) == set(digests.values())
 
     # Delete one image through registry:2's API (by digest: its tag goes with it).
-    r = requests.delete(f"{registry2.url}/v2/{DELETED.repo}/manifests/{digests[DELETED]}")
+    r = requests.delete(
+        f"{registry2.url}/v2/{DELETED.repo}/manifests/{digests[DELETED]}", timeout=30
+    )
     assert r.status_code == 202, r.text
     assert get_manifest(registry2, DELETED.repo, DELETED.tag).status_code == 404
     registry2.stop()
@@ -395,23 +397,25 @@ def test_dockyard_gc_on_a_store_registry2_wrote(
     )
     assert eligible == garbage, reference.stdout
 
+    # Dockyard's view of the store. registry:2 is stopped, so nothing is in use: the grace period
+    # is zero, for the collections below and in the configuration (nothing needs stamping).
     config = tmp_path / "dockyard.yml"
-    config.write_text(
-        yaml.safe_dump({"version": 0.1, "storage": {"filesystem": {"rootdirectory": str(root)}}})
-    )
+    storage = {"filesystem": {"rootdirectory": str(root)}, "maintenance": {"gc": {"grace": "0s"}}}
+    config.write_text(yaml.safe_dump({"version": 0.1, "storage": storage}))
 
-    # --dry-run: the same garbage reported, not a byte, name or time changed in the store.
+    # --dry-run: the same garbage reported, not a byte, name or time changed in registry:2's
+    # tree; beside it, only the (empty) directory of Dockyard's lease may appear.
     untouched = snapshot(root)
+
+    def unchanged() -> bool:
+        now = snapshot(root)
+        extra = {k: v[0] for k, v in now.items() if k not in untouched}
+        allowed = extra in ({}, {"dockyard": "dir", "dockyard/leases": "dir"})
+        return allowed and {k: v for k, v in now.items() if k in untouched} == untouched
+
     dry = dockyard("gc", config, "--grace", "0s", "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    after_dry_run = snapshot(root)
-    # Only the (empty) directory of Dockyard's lease, beside registry:2's tree, may appear.
-    lease_dirs = {k: v for k, v in after_dry_run.items() if k not in untouched}
-    assert {k: v[0] for k, v in lease_dirs.items()} in (
-        {},
-        {"dockyard": "dir", "dockyard/leases": "dir"},
-    )
-    assert {k: v for k, v in after_dry_run.items() if k in untouched} == untouched
+    assert unchanged()
     reported = set(re.findall(r"would remove blob (sha256:[0-9a-f]{64})", dry.stdout))
     assert reported == garbage, dry.stdout
     predicted = summary(dry.stdout)
@@ -419,6 +423,12 @@ def test_dockyard_gc_on_a_store_registry2_wrote(
     assert predicted["blobs"] == 3, dry.stdout
     assert predicted["bytes"] == sum(blob_path(root, d).stat().st_size for d in garbage)
     assert predicted["manifests"] == 0, dry.stdout
+    # With --delete-untagged the same: the index's untagged children are kept through the index.
+    dry_untagged = dockyard("gc", config, "--grace", "0s", "--dry-run", "--delete-untagged")
+    assert dry_untagged.returncode == 0, dry_untagged.stdout + dry_untagged.stderr
+    assert unchanged()
+    removals = set(re.findall(r"would remove (?:blob|manifest) (\S+)", dry_untagged.stdout))
+    assert removals == garbage, dry_untagged.stdout
 
     # The collection itself.
     collected = dockyard("gc", config, "--grace", "0s")

@@ -80,10 +80,7 @@ async def _try_mount(request: web.Request, repo: Repository) -> web.Response | N
         return None
     if not identity_of(request).may_pull(source):
         return None  # not allowed to read the source: upload instead, revealing nothing
-    if source == repo.name:
-        if await repo.blobs.is_linked(digest) and await repo.blobs.store.exists(digest):
-            return blob_created(request, repo, digest)
-        return None
+    # Also from the repository itself: the mount stamps the blob as in use (registry.gc).
     info = await repo.uploads.mount(repo.registry.repository(source).blobs, digest)
     if info is None:
         return None

@@ -85,8 +85,9 @@ config_argument = click.argument("config_path", required=False, metavar="[CONFIG
 @click.option(
     "--grace",
     metavar="DURATION",
-    help="Keep unreferenced content used within this long "
-    "(default: storage.maintenance.gc.grace, 24h).",
+    help="Keep unreferenced content used within this long (default: "
+    "storage.maintenance.gc.grace, 24h), plus the server's touch interval (a quarter of the "
+    "configured grace, at most 1h).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 def gc(
@@ -104,6 +105,7 @@ def gc(
             collector = GarbageCollector(
                 driver,
                 grace=grace_seconds,
+                touch_interval=config.storage.maintenance.gc.touch_interval,
                 delete_untagged=delete_untagged,
                 dry_run=dry_run,
                 progress=progress,

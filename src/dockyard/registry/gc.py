@@ -14,9 +14,10 @@ Why a push racing with the collection is never broken — the argument, in three
    manifest's revision link). Stamps are refreshed at most every ``touch_interval``, which is
    kept at a quarter of the grace period or less.
 2. *The collector never deletes anything stamped within the grace period.* A file is a
-   candidate only if its time is older than ``start - grace``. A client that learnt of a blob
-   before the collection started and references it later (a slow push) is covered as long as
-   its push takes less than the grace period (24 h by default).
+   candidate only if its time is older than ``start - grace - touch_interval`` (the touch
+   interval the server runs with, so a stamp skipped as "recent enough" still counts). A client
+   that learnt of a blob before the collection started and references it later (a slow push)
+   is covered as long as its push takes less than the grace period (24 h by default).
 3. *The collector checks again after taking the file out of reach.* It renames a candidate
    (``data`` -> ``data.gc-<run>``), then reads its time again: a stamp that landed between its
    first look and the rename is seen now, and the file is put back. A stamp attempted after the
@@ -82,6 +83,7 @@ class GarbageCollector:
         driver: StorageDriver,
         *,
         grace: float,
+        touch_interval: float,
         delete_untagged: bool = False,
         dry_run: bool = False,
         progress: Progress | None = None,
@@ -89,6 +91,8 @@ class GarbageCollector:
         self.driver = driver
         self.store = BlobStore(driver)
         self.grace = grace
+        self.touch_interval = touch_interval
+        self.swept: set[Digest] = set()
         self.delete_untagged = delete_untagged
         self.dry_run = dry_run
         self.progress = progress or (lambda phase, n: None)
@@ -98,7 +102,9 @@ class GarbageCollector:
     async def run(self) -> GCReport:
         report = GCReport(dry_run=self.dry_run)
         started = time.time()
-        self.cutoff = started - self.grace
+        # The server refreshes a stamp only once per touch interval: content used within the
+        # grace period may carry a stamp up to that much older.
+        self.cutoff = started - self.grace - self.touch_interval
         async with Lease(self.driver, "gc") as lease:
             names = await inventory.repository_names(self.driver)
             report.repositories = len(names)
@@ -220,6 +226,7 @@ class GarbageCollector:
                 continue
             path = layout.blob_data(blob.digest)
             if await self._remove(path):
+                self.swept.add(blob.digest)
                 report.blobs_removed += 1
                 report.bytes_removed += blob.size
                 report.removed.append(f"blob {blob.digest} ({blob.size} bytes)")
@@ -232,7 +239,8 @@ class GarbageCollector:
         """Layer links whose blob is gone (swept now or before) and that nobody used lately."""
         repo = await inventory.read_repository(self.driver, name)
         for digest in repo.layers:
-            if await self.store.exists(digest):
+            # In a dry run the swept blobs are still there: count their links as they would be.
+            if digest not in self.swept and await self.store.exists(digest):
                 continue
             path = layout.layer_link(name, digest)
             if await self._remove(path):

@@ -1,0 +1,608 @@
+"""Dockyard against registry:2, side by side, in one run (a benchmark, not a test).
+
+    python bench/compare.py                 # full: 3 rounds, 1 GiB blob, 16 GiB upload, ...
+    python bench/compare.py --quick         # smoke: same code paths, tiny sizes, 1 round
+    python bench/compare.py --rounds 5 --big-gib 4 --output results.md
+
+For each workload it starts registry:2 (``docker-registry serve``) and Dockyard (``python -m
+dockyard serve``, default worker count) with the same configuration on separate fresh storage,
+runs the workload against each in turn for several rounds (alternating which goes first) and
+prints, per workload, the median for each server, Dockyard's speed-up (>1: Dockyard faster) and
+each server's peak memory (the sum of VmRSS over its processes, sampled every 100 ms).
+docs/performance.md describes the workloads and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import (
+    BenchError,
+    Dockyard,
+    MemorySample,
+    MemorySampler,
+    Registry2,
+    Server,
+    hwm_kib,
+    require_binaries,
+)
+from workloads import SUITE_KEYS, Metric, Params, Suite, remove_tree, suites
+
+REGISTRY2, DOCKYARD = "registry:2", "Dockyard"
+BINARIES = {
+    "docker-registry": "docker-registry",
+    "curl": "curl",
+    "skopeo": "skopeo",
+    "wrk": "wrk",
+    "ab": "apache2-utils",
+    "htpasswd": "apache2-utils",
+}
+MB = 1_000_000
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """One server's measurements of one workload."""
+
+    values: list[float] = field(default_factory=list)
+    error: str | None = None
+    peak_rss_kib: int = 0
+    peak_pss_kib: int = 0
+    hwm_kib: int | None = None
+    processes: int = 0
+    timelines: list[list[MemorySample]] = field(default_factory=list)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values and not self.error else None
+
+
+@dataclass
+class Result:
+    suite: Suite
+    metric: Metric
+    outcomes: dict[str, Outcome] = field(
+        default_factory=lambda: {REGISTRY2: Outcome(), DOCKYARD: Outcome()}
+    )
+
+    @property
+    def speedup(self) -> float | None:
+        r2, dy = self.outcomes[REGISTRY2].median, self.outcomes[DOCKYARD].median
+        if not r2 or not dy:
+            return None
+        return dy / r2 if self.metric.higher_is_better else r2 / dy
+
+    @property
+    def met(self) -> str:
+        metric = self.metric
+        if metric.memory_limit_mb is not None:
+            dockyard = self.outcomes[DOCKYARD]
+            if dockyard.error or not dockyard.peak_rss_kib:
+                return "—"
+            below = dockyard.peak_rss_kib * 1024 < metric.memory_limit_mb * MB
+            growth = max((rss_growth_kib(t) for t in dockyard.timelines), default=0)
+            flat = growth < 10 * 1024
+            return "yes" if below and flat else "no"
+        if metric.target is None or self.speedup is None:
+            return "—"
+        return "yes" if self.speedup >= metric.target else "no"
+
+
+def rss_growth_kib(timeline: list[MemorySample]) -> int:
+    """Peak ΣRSS in the second half of a run minus the peak in the first half."""
+    if len(timeline) < 4:
+        return 0
+    end = timeline[-1].t
+    first = max(s.rss_kib for s in timeline if s.t <= end / 2)
+    second = max(s.rss_kib for s in timeline if s.t > end / 2)
+    return second - first
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def fmt_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "s":
+        if value < 1:
+            return f"{value:.3f}"
+        return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def fmt_outcome(outcome: Outcome, unit: str) -> str:
+    if outcome.error:
+        return "error"
+    text = fmt_value(outcome.median, unit)
+    if len(outcome.values) > 1 and outcome.median:
+        spread = (max(outcome.values) - min(outcome.values)) / 2 / outcome.median * 100
+        text += f" ±{spread:.0f}%"
+    return text
+
+
+def mib(kib: int | None) -> str:
+    return "—" if not kib else f"{kib / 1024:,.0f} MiB"
+
+
+def table(header: list[str], rows: list[list[str]], align: str) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_table(results: list[Result]) -> str:
+    rows = []
+    for i, res in enumerate(results, 1):
+        r2, dy = res.outcomes[REGISTRY2], res.outcomes[DOCKYARD]
+        speedup = res.speedup
+        rows.append(
+            [
+                str(i),
+                res.metric.title,
+                res.metric.unit,
+                fmt_outcome(r2, res.metric.unit),
+                fmt_outcome(dy, res.metric.unit),
+                "—" if speedup is None else f"{speedup:.2f}x",
+                res.metric.target_text,
+                res.met,
+                mib(r2.peak_rss_kib),
+                mib(dy.peak_rss_kib) + (f" ({dy.processes} proc.)" if dy.processes else ""),
+            ]
+        )
+    header = [
+        "#",
+        "workload",
+        "unit",
+        "registry:2 (median)",
+        "Dockyard (median)",
+        "Dockyard speed-up",
+        "target",
+        "met",
+        "registry:2 peak RSS",
+        "Dockyard peak ΣRSS",
+    ]
+    return table(header, rows, "lllrrrllrr")
+
+
+def memory_table(results: list[Result]) -> str:
+    rows = []
+    for i, res in enumerate(results, 1):
+        r2, dy = res.outcomes[REGISTRY2], res.outcomes[DOCKYARD]
+        rows.append(
+            [
+                str(i),
+                res.metric.title,
+                mib(r2.peak_rss_kib),
+                mib(r2.hwm_kib),
+                mib(dy.peak_rss_kib),
+                mib(dy.hwm_kib),
+                mib(dy.peak_pss_kib),
+            ]
+        )
+    header = [
+        "#",
+        "workload",
+        "registry:2 peak RSS",
+        "registry:2 VmHWM",
+        "Dockyard peak ΣRSS",
+        "Dockyard ΣVmHWM",
+        "Dockyard peak ΣPSS",
+    ]
+    return table(header, rows, "llrrrrr")
+
+
+def timeline_notes(results: list[Result]) -> list[str]:
+    notes = []
+    for res in results:
+        if not res.metric.timeline:
+            continue
+        for name, outcome in res.outcomes.items():
+            for timeline in outcome.timelines:
+                if len(timeline) < 2:
+                    continue
+                end = timeline[-1].t
+                points = []
+                for frac in (0.1, 0.25, 0.5, 0.75, 0.9):
+                    s = min(timeline, key=lambda s, f=frac: abs(s.t - f * end))
+                    points.append(f"{frac:.0%} {s.rss_kib / 1024:.0f}")
+                notes.append(
+                    f"{res.metric.title}, {name}: ΣRSS (MiB) over {end:.0f} s at "
+                    + ", ".join(points)
+                    + f"; peak {max(s.rss_kib for s in timeline) / 1024:.0f}; "
+                    f"second half vs first half {rss_growth_kib(timeline) / 1024:+.1f} MiB"
+                )
+    return notes
+
+
+def error_notes(results: list[Result]) -> list[str]:
+    return [
+        f"{res.metric.title}, {name}: {outcome.error}"
+        for res in results
+        for name, outcome in res.outcomes.items()
+        if outcome.error
+    ]
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+
+def _first_line(args: list[str]) -> str:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=20, check=False)
+    except OSError:
+        return "?"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _mem_total() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return "?"
+
+
+def _os_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    return platform.system()
+
+
+def _dockyard_version() -> str:
+    from importlib.metadata import version
+
+    repo = Path(__file__).resolve().parent.parent
+    rev = _first_line(["git", "-C", str(repo), "describe", "--always", "--dirty"])
+    return f"{version('dockyard')} (git {rev})"
+
+
+def _filesystem(path: Path) -> str:
+    return _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)])
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def machine_description(workdir: Path) -> dict[str, str]:
+    wrk = _first_line(["wrk", "--version"]).split(" [")[0]
+    return {
+        "CPU": f"{_cpu_model()}, {os.cpu_count()} cores",
+        "memory": _mem_total(),
+        "OS": f"{_os_name()}, kernel {platform.release()}",
+        "Python": platform.python_version(),
+        "registry:2": _first_line(["docker-registry", "--version"]),
+        "Dockyard": f"{_dockyard_version()}, {os.cpu_count()} workers (the default)",
+        "clients": ", ".join(
+            [
+                _first_line(["curl", "--version"]).split(" (")[0],
+                wrk.split(" Copyright")[0],
+                _first_line(["skopeo", "--version"]),
+                "ab " + _first_line(["ab", "-V"]).split("Version ")[-1].split(" ")[0].rstrip(","),
+            ]
+        ),
+        "storage": f"{workdir} ({_filesystem(workdir)})",
+    }
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, params: Params, workdir: Path, sampler: MemorySampler) -> None:
+        self.params = params
+        self.workdir = workdir
+        self.sampler = sampler
+        self.results: list[Result] = []
+        self.loads: list[float] = []
+        self.notes: list[str] = []
+        self.live: list[Server] = []
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    def run_suite(self, suite: Suite) -> None:
+        suite.work.mkdir(parents=True, exist_ok=True)
+        self.loads.append(loadavg())
+        self.log(f"== {suite.title} (load average {self.loads[-1]:.2f})")
+        results = [Result(suite, metric) for metric in suite.metrics]
+        self.results += results
+        try:
+            self._run_suite(suite, results)
+        finally:
+            for server in self.live:
+                server.stop()
+            self.live.clear()
+            self.notes += suite.notes
+            if not self.keep:
+                suite.cleanup()
+
+    keep = False
+
+    def _run_suite(self, suite: Suite, results: list[Result]) -> None:
+        t0 = time.monotonic()
+        suite.prepare()
+        servers: list[Server] = []
+        for cls, name in ((Registry2, REGISTRY2), (Dockyard, DOCKYARD)):
+            slug = "registry2" if name == REGISTRY2 else "dockyard"
+            server = cls(
+                name=name,
+                work=suite.work / slug,
+                root=suite.work / slug / "data",
+                htpasswd=suite.htpasswd,
+                authorization=suite.authorization,
+                extra_config=suite.extra_config,
+            )
+            suite.populate(server.root)
+            servers.append(server)
+        self.log(f"   prepared in {time.monotonic() - t0:.1f} s")
+        broken: dict[str, str] = {}
+        for server in servers:
+            self.live.append(server)
+            try:
+                t0 = time.monotonic()
+                server.start()
+                suite.setup(server)
+                self.log(f"   {server.name} started and set up in {time.monotonic() - t0:.1f} s")
+            except BenchError as e:
+                broken[server.name] = f"start/set-up failed: {e}"
+                self.log(f"   {server.name}: {broken[server.name]}")
+        for result in results:
+            self._run_metric(suite, result, servers, dict(broken))
+
+    def _run_metric(
+        self, suite: Suite, result: Result, servers: list[Server], failed: dict[str, str]
+    ) -> None:
+        metric = result.metric
+        self.log(f"-- {metric.title}")
+        for server in servers:
+            if server.name in failed or not (self.params.restart_each or not server.alive()):
+                continue
+            try:
+                server.restart()  # VmHWM from here on belongs to this workload
+            except BenchError as e:
+                failed[server.name] = f"restart failed: {e}"
+        for round_no in range(suite.rounds(metric)):
+            try:
+                suite.before_round(metric, round_no)
+            except BenchError as e:
+                for server in servers:
+                    failed.setdefault(server.name, f"preparing round {round_no + 1}: {e}")
+                break
+            order = servers if round_no % 2 == 0 else servers[::-1]
+            for server in order:
+                if server.name in failed:
+                    continue
+                outcome = result.outcomes[server.name]
+                with self.sampler.track(server) as track:
+                    try:
+                        value = suite.run(metric, server, round_no)
+                    except BenchError as e:
+                        failed[server.name] = str(e)
+                        value = None
+                with contextlib.suppress(BenchError, OSError):
+                    suite.after_run(metric, server, round_no)
+                outcome.peak_rss_kib = max(outcome.peak_rss_kib, track.peak_rss_kib)
+                outcome.peak_pss_kib = max(outcome.peak_pss_kib, track.peak_pss_kib)
+                outcome.processes = max(outcome.processes, len(track.pids))
+                if metric.timeline:
+                    outcome.timelines.append(track.samples)
+                if value is None:
+                    alive = "" if server.alive() else " (the server is no longer running)"
+                    failed[server.name] += alive
+                    self.log(f"   round {round_no + 1} {server.name}: ERROR {failed[server.name]}")
+                    tail = server.log_tail(10)
+                    if tail:
+                        self.log("   " + tail.replace("\n", "\n   "))
+                    continue
+                outcome.values.append(value)
+                self.log(
+                    f"   round {round_no + 1} {server.name:10} {fmt_value(value, metric.unit):>10}"
+                    f" {metric.unit:6} peak ΣRSS {track.peak_rss_kib / 1024:6.0f} MiB"
+                )
+        for server in servers:
+            outcome = result.outcomes[server.name]
+            if server.name in failed:
+                outcome.error = failed[server.name]
+            elif server.alive():
+                outcome.hwm_kib = hwm_kib(server.pids())
+        speedup = result.speedup
+        if speedup is not None:
+            self.log(f"   Dockyard speed-up {speedup:.2f}x (target {metric.target_text})")
+
+
+def report(
+    results: list[Result],
+    machine: dict[str, str],
+    runner: Runner,
+    args: argparse.Namespace,
+    elapsed: float,
+    interrupted: bool,
+) -> str:
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    mode = "quick (smoke)" if args.quick else "full"
+    rounds = runner.params.rounds
+    lines = [
+        f"## Dockyard vs registry:2 — {mode} run, {when}",
+        "",
+        f"`{' '.join(['python', 'bench/compare.py', *sys.argv[1:]])}`: {rounds} round(s)"
+        + (f" ({runner.params.big_rounds} for the big upload)" if runner.params.big_bytes else "")
+        + f", medians; took {elapsed / 60:.1f} min."
+        + (" **Interrupted: partial results.**" if interrupted else ""),
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in machine.items()]
+    if runner.loads:
+        lines.append(
+            f"- 1-min load average before each workload: {min(runner.loads):.2f}-"
+            f"{max(runner.loads):.2f}"
+        )
+    lines += [
+        "",
+        "Speed-up: Dockyard's throughput / registry:2's (MiB/s, req/s), or registry:2's time /"
+        " Dockyard's (s); >1 means Dockyard is faster. ± is half the range over the rounds."
+        " Peak RSS: the largest sum of VmRSS over the server's processes, sampled every 100 ms"
+        " during the workload (Dockyard: the parent and its forked children).",
+        "",
+        results_table(results),
+        "",
+        "Memory detail: VmHWM is summed over the processes at the end of the workload (each"
+        " server is restarted before each workload, so it covers start-up and that workload);"
+        " PSS shares pages common to Dockyard's forked processes among them instead of counting"
+        " them once per process.",
+        "",
+        memory_table(results),
+    ]
+    notes = timeline_notes(results) + error_notes(results) + runner.notes
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (CI smoke)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
+    parser.add_argument(
+        "--big-gib", type=float, default=16, help="size of the big upload in GiB (default 16)"
+    )
+    parser.add_argument(
+        "--big-rounds", type=int, default=1, help="rounds of the big upload (default 1)"
+    )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated workload groups to run: {','.join(SUITE_KEYS)}",
+    )
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--output", type=Path, help="also write the markdown report here")
+    parser.add_argument("--json", type=Path, help="write every measured value here")
+    parser.add_argument("--workdir", type=Path, help="where temporary data goes (default $TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data and logs")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.big_rounds < 1:
+        parser.error("--rounds and --big-rounds must be at least 1")
+    if args.only:
+        unknown = set(args.only.split(",")) - set(SUITE_KEYS)
+        if unknown:
+            parser.error(f"--only: unknown {', '.join(sorted(unknown))}; use {SUITE_KEYS}")
+    return args
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    args = parse_args()
+    missing = require_binaries(BINARIES)
+    try:
+        import dockyard  # noqa: F401
+    except ImportError:
+        missing.append("the dockyard package (pip install -e .)")
+    if missing:
+        print("compare.py: missing: " + "; ".join(missing), file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    if args.quick:
+        params = Params.smoke(args.wrk_threads)
+    else:
+        params = Params.full(args.rounds, args.big_gib, args.big_rounds, args.wrk_threads)
+    workdir = Path(tempfile.mkdtemp(prefix="dockyard-bench-", dir=args.workdir))
+    machine = machine_description(workdir)
+    if loadavg() > 0.5:
+        print(f"warning: 1-min load average is {loadavg():.2f}; the machine is not idle")
+    sampler = MemorySampler(0.1)
+    runner = Runner(params, workdir, sampler)
+    runner.keep = args.keep
+    only = set(args.only.split(",")) if args.only else None
+    interrupted = False
+    started = time.monotonic()
+    try:
+        for suite in suites(params, workdir, only):
+            runner.run_suite(suite)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping the servers", file=sys.stderr)
+    finally:
+        for server in runner.live:
+            server.stop()
+        sampler.close()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            remove_tree(workdir)
+    elapsed = time.monotonic() - started
+    text = report(runner.results, machine, runner, args, elapsed, interrupted)
+    print()
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "results": [
+                        {
+                            "group": res.suite.key,
+                            "workload": res.metric.key,
+                            "title": res.metric.title,
+                            "unit": res.metric.unit,
+                            "speedup": res.speedup,
+                            "servers": {
+                                name: {
+                                    "values": o.values,
+                                    "error": o.error,
+                                    "peak_rss_kib": o.peak_rss_kib,
+                                    "peak_pss_kib": o.peak_pss_kib,
+                                    "hwm_kib": o.hwm_kib,
+                                }
+                                for name, o in res.outcomes.items()
+                            },
+                        }
+                        for res in runner.results
+                    ],
+                },
+                indent=1,
+            )
+        )
+    if interrupted:
+        return 130
+    return 1 if error_notes(runner.results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
