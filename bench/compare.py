@@ -39,6 +39,7 @@ from servers import (
     Registry2,
     Server,
     hwm_kib,
+    kill_all,
     require_binaries,
 )
 from workloads import SUITE_KEYS, Metric, Params, Suite, remove_tree, suites
@@ -68,6 +69,7 @@ class Outcome:
     peak_pss_kib: int = 0
     hwm_kib: int | None = None
     processes: int = 0
+    foreign_cores: float | None = None  # the most CPU others took during one run (>= 2 s)
     timelines: list[list[MemorySample]] = field(default_factory=list)
 
     @property
@@ -129,6 +131,16 @@ def fmt_value(value: float | None, unit: str) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def fmt_speedup(speedup: float | None, target: float | None) -> str:
+    if speedup is None:
+        return "—"
+    text = f"{speedup:.2f}x"
+    # 0.998 would print as 1.00 next to a missed target of 1: show the digit that decides
+    if target is not None and (float(text[:-1]) >= target) != (speedup >= target):
+        text = f"{speedup:.3f}x"
+    return text
+
+
 def fmt_outcome(outcome: Outcome, unit: str) -> str:
     if outcome.error:
         return "error"
@@ -162,7 +174,7 @@ def results_table(results: list[Result]) -> str:
                 res.metric.unit,
                 fmt_outcome(r2, res.metric.unit),
                 fmt_outcome(dy, res.metric.unit),
-                "—" if speedup is None else f"{speedup:.2f}x",
+                fmt_speedup(speedup, res.metric.target),
                 res.metric.target_text,
                 res.met,
                 mib(r2.peak_rss_kib),
@@ -197,6 +209,7 @@ def memory_table(results: list[Result]) -> str:
                 mib(dy.peak_rss_kib),
                 mib(dy.hwm_kib),
                 mib(dy.peak_pss_kib),
+                fmt_cores(res),
             ]
         )
     header = [
@@ -207,8 +220,9 @@ def memory_table(results: list[Result]) -> str:
         "Dockyard peak ΣRSS",
         "Dockyard ΣVmHWM",
         "Dockyard peak ΣPSS",
+        "other CPU (cores)",
     ]
-    return table(header, rows, "llrrrrr")
+    return table(header, rows, "llrrrrrr")
 
 
 def timeline_notes(results: list[Result]) -> list[str]:
@@ -232,6 +246,31 @@ def timeline_notes(results: list[Result]) -> list[str]:
                     f"second half vs first half {rss_growth_kib(timeline) / 1024:+.1f} MiB"
                 )
     return notes
+
+
+def foreign_cores(res: Result) -> float | None:
+    values = [o.foreign_cores for o in res.outcomes.values() if o.foreign_cores is not None]
+    return max(values) if values else None
+
+
+def fmt_cores(res: Result) -> str:
+    cores = foreign_cores(res)
+    return "—" if cores is None else f"{cores:.2f}"
+
+
+def noise_notes(results: list[Result], threshold: float = 0.1) -> list[str]:
+    noisy = [
+        f"#{i} ({fmt_cores(res)})"
+        for i, res in enumerate(results, 1)
+        if (foreign_cores(res) or 0.0) >= threshold
+    ]
+    if not noisy:
+        return []
+    return [
+        "Possible noise: other processes used CPU during some runs of workloads "
+        + ", ".join(noisy)
+        + " (cores, see the last column above)."
+    ]
 
 
 def error_notes(results: list[Result]) -> list[str]:
@@ -288,7 +327,8 @@ def _dockyard_version() -> str:
 
 
 def _filesystem(path: Path) -> str:
-    return _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)])
+    found = _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)])
+    return " on ".join(found.split())
 
 
 def loadavg() -> float:
@@ -328,6 +368,7 @@ class Runner:
         self.loads: list[float] = []
         self.notes: list[str] = []
         self.live: list[Server] = []
+        self.keep = False  # keep each group's work directory (--keep)
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -335,7 +376,7 @@ class Runner:
     def run_suite(self, suite: Suite) -> None:
         suite.work.mkdir(parents=True, exist_ok=True)
         self.loads.append(loadavg())
-        self.log(f"== {suite.title} (load average {self.loads[-1]:.2f})")
+        self.log(f"== {suite.title} (1-min load average {self.loads[-1]:.2f})")
         results = [Result(suite, metric) for metric in suite.metrics]
         self.results += results
         try:
@@ -348,8 +389,6 @@ class Runner:
             if not self.keep:
                 suite.cleanup()
 
-    keep = False
-
     def _run_suite(self, suite: Suite, results: list[Result]) -> None:
         t0 = time.monotonic()
         suite.prepare()
@@ -359,7 +398,7 @@ class Runner:
             server = cls(
                 name=name,
                 work=suite.work / slug,
-                root=suite.work / slug / "data",
+                root=suite.storage(slug),
                 htpasswd=suite.htpasswd,
                 authorization=suite.authorization,
                 extra_config=suite.extra_config,
@@ -416,6 +455,8 @@ class Runner:
                 outcome.peak_rss_kib = max(outcome.peak_rss_kib, track.peak_rss_kib)
                 outcome.peak_pss_kib = max(outcome.peak_pss_kib, track.peak_pss_kib)
                 outcome.processes = max(outcome.processes, len(track.pids))
+                if track.foreign_cores is not None:
+                    outcome.foreign_cores = max(outcome.foreign_cores or 0.0, track.foreign_cores)
                 if metric.timeline:
                     outcome.timelines.append(track.samples)
                 if value is None:
@@ -464,10 +505,7 @@ def report(
     ]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
     if runner.loads:
-        lines.append(
-            f"- 1-min load average before each workload: {min(runner.loads):.2f}-"
-            f"{max(runner.loads):.2f}"
-        )
+        lines.append(f"- 1-min load average at the start: {runner.loads[0]:.2f}")
     lines += [
         "",
         "Speed-up: Dockyard's throughput / registry:2's (MiB/s, req/s), or registry:2's time /"
@@ -477,14 +515,23 @@ def report(
         "",
         results_table(results),
         "",
-        "Memory detail: VmHWM is summed over the processes at the end of the workload (each"
-        " server is restarted before each workload, so it covers start-up and that workload);"
-        " PSS shares pages common to Dockyard's forked processes among them instead of counting"
-        " them once per process.",
+        "Memory and noise detail: VmHWM is summed over the processes at the end of the workload"
+        + (
+            " (each server is restarted before each workload, so it covers start-up and that"
+            " workload)"
+            if runner.params.restart_each
+            else " (--quick does not restart the servers between the workloads of a group)"
+        )
+        + "; PSS shares the pages common to Dockyard's forked processes among them instead of"
+        " counting them once per process. Other CPU: the most CPU time that processes this"
+        " harness did not start (and kernel threads, including those writing back the"
+        " harness's own files) used during one run of the workload, in cores on average over"
+        " that run (— when every run was shorter than 2 s); well above 0 means the numbers of"
+        " that row may be disturbed.",
         "",
         memory_table(results),
     ]
-    notes = timeline_notes(results) + error_notes(results) + runner.notes
+    notes = timeline_notes(results) + noise_notes(results) + error_notes(results) + runner.notes
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
@@ -506,14 +553,22 @@ def parse_args() -> argparse.Namespace:
         "--only",
         help=f"comma-separated workload groups to run: {','.join(SUITE_KEYS)}",
     )
+    parser.add_argument(
+        "--catalog-on-disk",
+        action="store_true",
+        help="keep the catalog stores in the work directory, not on /dev/shm",
+    )
+    parser.add_argument(
+        "--seconds", type=int, default=10, help="duration of each HTTP load run (default 10)"
+    )
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     parser.add_argument("--json", type=Path, help="write every measured value here")
     parser.add_argument("--workdir", type=Path, help="where temporary data goes (default $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data and logs")
     args = parser.parse_args()
-    if args.rounds < 1 or args.big_rounds < 1:
-        parser.error("--rounds and --big-rounds must be at least 1")
+    if min(args.rounds, args.big_rounds, args.seconds, args.wrk_threads) < 1 or args.big_gib <= 0:
+        parser.error("--rounds, --big-rounds, --seconds, --wrk-threads and --big-gib must be > 0")
     if args.only:
         unknown = set(args.only.split(",")) - set(SUITE_KEYS)
         if unknown:
@@ -536,10 +591,19 @@ def main() -> int:
         print("compare.py: missing: " + "; ".join(missing), file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops the run cleanly even when started with SIGINT ignored (`cmd &` in a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.quick:
-        params = Params.smoke(args.wrk_threads)
+        params = Params.smoke(args.wrk_threads, not args.catalog_on_disk)
     else:
-        params = Params.full(args.rounds, args.big_gib, args.big_rounds, args.wrk_threads)
+        params = Params.full(
+            args.rounds,
+            args.big_gib,
+            args.big_rounds,
+            args.wrk_threads,
+            not args.catalog_on_disk,
+            args.seconds,
+        )
     workdir = Path(tempfile.mkdtemp(prefix="dockyard-bench-", dir=args.workdir))
     machine = machine_description(workdir)
     if loadavg() > 0.5:
@@ -559,6 +623,7 @@ def main() -> int:
     finally:
         for server in runner.live:
             server.stop()
+        kill_all()
         sampler.close()
         if args.keep:
             print(f"kept {workdir}")

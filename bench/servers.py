@@ -125,6 +125,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        STARTED.append(self.proc)
         self.starts += 1
         try:
             self._wait_ready(timeout)
@@ -159,19 +160,20 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        proc, self.proc = self.proc, None
+        proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)
-        # Whatever is left of the group (workers of a parent that was killed, say) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)
+        finally:
+            # Whatever is left of the group (workers of a parent that was killed, or anything
+            # when this stop was itself interrupted) goes too.
+            kill_group(proc)
+            self.proc = None
 
     def restart(self) -> None:
         """A fresh process on the same storage: VmHWM then covers only what follows."""
@@ -182,6 +184,24 @@ class Server:
         if self.proc is None:
             return []
         return process_tree(self.proc.pid)
+
+
+#: every server process started, so that none outlives the harness
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+
+
+def kill_all() -> None:
+    """Last resort at exit: SIGKILL the process group of every server still running."""
+    for proc in STARTED:
+        if proc.returncode is None:
+            kill_group(proc)
 
 
 @dataclass
@@ -266,15 +286,55 @@ def hwm_kib(pids: list[int]) -> int:
     return sum(_status_kib(pid, "VmHWM")["VmHWM"] for pid in pids)
 
 
+def _busy_ticks() -> int:
+    """CPU time spent by the whole machine (everything but idle and iowait), in ticks."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def _process_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime: the process and its reaped children."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return sum(int(x) for x in fields[11:15])
+
+
+def cpu_snapshot() -> tuple[int, int]:
+    """(CPU ticks of the machine, CPU ticks of this harness and everything it started): the
+    difference over a run is what other processes (and kernel threads) took meanwhile."""
+    ours = sum(_process_ticks(pid) for pid in process_tree(os.getpid()))
+    return _busy_ticks(), ours
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Track:
-    """Memory samples of one server during one measured run."""
+    """Memory samples of one server during one measured run, and the CPU others took."""
 
     server: Server
     started: float = field(default_factory=time.monotonic)
     samples: list[MemorySample] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     pids_at: float = 0.0
+    cpu_at_start: tuple[int, int] = field(default_factory=cpu_snapshot)
+    #: CPU used by processes this harness did not start, on average, in cores (None: the run
+    #: was too short for the 10 ms granularity of the counters to say anything)
+    foreign_cores: float | None = None
+
+    def finish(self) -> None:
+        busy, ours = cpu_snapshot()
+        elapsed = time.monotonic() - self.started
+        foreign = (busy - self.cpu_at_start[0]) - (ours - self.cpu_at_start[1])
+        if elapsed >= 2.0:
+            self.foreign_cores = max(0.0, foreign / TICKS / elapsed)
 
     def take(self) -> None:
         now = time.monotonic()
@@ -324,6 +384,7 @@ class MemorySampler:
             with self._lock:
                 self._tracks.remove(track)
             track.take()
+            track.finish()
 
     def close(self) -> None:
         self._stop.set()

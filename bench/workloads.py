@@ -9,8 +9,10 @@ calls, for every round and each server in turn, :meth:`Suite.run`, which returns
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import random
@@ -18,6 +20,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -66,9 +69,18 @@ class Params:
     big_tags: int
     list_requests: int
     restart_each: bool = True  # restart the servers before each workload (fresh VmHWM)
+    catalog_tmpfs: bool = True  # the catalog stores on /dev/shm (see CatalogSuite.prepare)
 
     @classmethod
-    def full(cls, rounds: int, big_gib: float, big_rounds: int, wrk_threads: int) -> Params:
+    def full(
+        cls,
+        rounds: int,
+        big_gib: float,
+        big_rounds: int,
+        wrk_threads: int,
+        catalog_tmpfs: bool,
+        seconds: int = 10,
+    ) -> Params:
         return cls(
             quick=False,
             rounds=rounds,
@@ -78,7 +90,7 @@ class Params:
             small_layers=64,
             small_layer_min=16 * KiB,
             small_layer_max=64 * KiB,
-            http_seconds=10,
+            http_seconds=seconds,
             connections=32,
             wrk_threads=wrk_threads,
             big_bytes=int(big_gib * GiB),
@@ -86,17 +98,18 @@ class Params:
             catalog_repos=10_000,
             big_tags=100_000,
             list_requests=3,
+            catalog_tmpfs=catalog_tmpfs,
         )
 
     @classmethod
-    def smoke(cls, wrk_threads: int) -> Params:
+    def smoke(cls, wrk_threads: int, catalog_tmpfs: bool) -> Params:
         """``--quick``: the same code paths with tiny sizes, one round, no 16 GiB upload."""
         return cls(
             quick=True,
             rounds=1,
             blob_bytes=8 * MiB,
             large_layers=4,
-            large_layer_bytes=1 * MiB,
+            large_layer_bytes=2 * MiB,  # above 1 MiB: the same generator as the full run
             small_layers=8,
             small_layer_min=16 * KiB,
             small_layer_max=64 * KiB,
@@ -109,6 +122,7 @@ class Params:
             big_tags=1_000,
             list_requests=1,
             restart_each=False,  # Dockyard takes a second or two to start: keep under a minute
+            catalog_tmpfs=catalog_tmpfs,
         )
 
 
@@ -271,16 +285,15 @@ def _gzip_layer(blobs: Path, chunks: Iterator[bytes]) -> tuple[dict[str, object]
     packed, raw, size = hashlib.sha256(), hashlib.sha256(), 0
     tmp = blobs / ".partial"
     with open(tmp, "wb") as f:
-        for chunk in chunks:
-            raw.update(chunk)
-            for out in (comp.compress(chunk),):
-                packed.update(out)
-                f.write(out)
-                size += len(out)
-        out = comp.flush()
-        packed.update(out)
-        f.write(out)
-        size += len(out)
+        for chunk in itertools.chain(chunks, [None]):  # None: the end
+            if chunk is None:
+                out = comp.flush()
+            else:
+                raw.update(chunk)
+                out = comp.compress(chunk)
+            packed.update(out)
+            f.write(out)
+            size += len(out)
     tmp.rename(blobs / packed.hexdigest())
     descriptor = {"mediaType": OCI_LAYER, "digest": f"sha256:{packed.hexdigest()}", "size": size}
     return descriptor, f"sha256:{raw.hexdigest()}"
@@ -378,6 +391,10 @@ class Suite:
 
     def rounds(self, metric: Metric) -> int:
         return self.params.rounds
+
+    def storage(self, slug: str) -> Path:
+        """Where a server keeps its data in this suite."""
+        return self.work / slug / "data"
 
     def prepare(self) -> None:
         """Client-side preparation, once, before the servers start (not measured)."""
@@ -738,6 +755,27 @@ class CatalogSuite(Suite):
         self.tags = Metric("tags", f"GET tags/list, {tags:,} tags", "s", False)
         self.metrics = [self.catalog, self.tags]
         self.big_repo = "bench/many-tags"
+        self.store_base = work / "stores"
+
+    def prepare(self) -> None:
+        # A few hundred thousand small files and directories: on this kind of disk (ext4 mounted
+        # with discard, in a VM) writing them takes minutes and deleting them far longer, so
+        # they go to tmpfs when there is one with room (both servers alike; --catalog-on-disk
+        # keeps them in the work directory).
+        self.store_base = self.work / "stores"
+        shm = Path("/dev/shm")
+        if self.params.catalog_tmpfs and shm.is_dir():
+            st = os.statvfs(shm)
+            if st.f_bavail * st.f_frsize > 8 * GiB:
+                self.store_base = Path(tempfile.mkdtemp(prefix="dockyard-bench-", dir=shm))
+        self.notes.append(f"catalog stores in {self.store_base} ({_fstype(self.store_base)})")
+
+    def storage(self, slug: str) -> Path:
+        return self.store_base / slug
+
+    def cleanup(self) -> None:
+        remove_tree(self.store_base)
+        super().cleanup()
 
     @property
     def extra_config(self) -> dict[str, Any]:
@@ -788,7 +826,7 @@ class CatalogSuite(Suite):
                 mkdir(f"{tag_dir}/index/sha256")
                 mkdir(f"{tag_dir}/index/sha256/{hexa}")
                 _write(f"{tag_dir}/index/sha256/{hexa}/link", link)
-        self.notes.append(f"store written on disk in {time.monotonic() - t0:.0f} s")
+        self.notes.append(f"{root}: store written in {time.monotonic() - t0:.0f} s")
 
     def run(self, metric: Metric, server: Server, round_no: int) -> float:
         if metric is self.catalog:
@@ -824,6 +862,20 @@ class CatalogSuite(Suite):
             return time.monotonic() - t0, items, pages
         finally:
             conn.close()
+
+
+def _fstype(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (from /proc/mounts)."""
+    best, fstype = "", "?"
+    resolved = str(path.resolve())
+    with contextlib.suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mount = fields[1]
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best):
+                best, fstype = mount, fields[2]
+    return fstype
 
 
 def _write(path: str, data: bytes) -> None:
