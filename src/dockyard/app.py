@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from aiohttp import web
 
-from dockyard.api import blobs, catalog, health, manifests, referrers, tags, token, uploads
+from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads
 from dockyard.api.base import (
     CONFIG_KEY,
     REGISTRY_KEY,
@@ -19,16 +17,7 @@ from dockyard.auth.setup import build_auth
 from dockyard.config import Config
 from dockyard.lifecycle import InFlight
 from dockyard.registry.repository import Registry
-from dockyard.storage.filesystem import FilesystemDriver
-
-
-def build_driver(config: Config) -> FilesystemDriver:
-    fs = config.storage.filesystem
-    assert fs is not None  # validate() guarantees exactly one supported driver
-    return FilesystemDriver(
-        os.path.abspath(fs.rootdirectory), max_threads=fs.maxthreads, fsync=fs.fsync
-    )
-
+from dockyard.storage import build_driver
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
@@ -60,6 +49,8 @@ def build_app(config: Config, secret: str) -> web.Application:
     for module in (catalog, tags, manifests, referrers, uploads, blobs, health):
         app.add_routes(module.routes(prefix))
     if auth is not None and auth.token_server is not None:
+        from dockyard.api import token  # loads the JWT stack only when it is used
+
         app[token.TOKEN_SERVER_KEY] = auth.token_server
         app.add_routes(token.routes(prefix))
     app.on_response_prepare.append(add_common_headers(config.http.headers))

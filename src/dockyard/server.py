@@ -8,7 +8,6 @@ finishes its in-flight requests (up to ``http.draintimeout``, default 60 s) and 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -17,26 +16,15 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
-from aiohttp import web
-
-from dockyard import maintenance
-from dockyard.acme import AcmeError, CertificateManager
-from dockyard.api.base import REGISTRY_KEY
-from dockyard.app import INFLIGHT_KEY, build_app, build_driver
 from dockyard.auth.setup import prepare as prepare_auth
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
-from dockyard.logs import ACCESS_LOGGER, AccessLogger
-from dockyard.tls import server_context, watch_certificate
+from dockyard.maintenance import wanted as maintenance_wanted
 
 log = logging.getLogger("dockyard.server")
-
-DEFAULT_DRAIN_SECONDS = 60.0
 
 
 def resolve_secret(config: Config) -> str:
@@ -59,22 +47,31 @@ def parse_addr(addr: str, key: str = "http.addr") -> tuple[str, int]:
 
 
 def bind(http: HTTPConfig, key: str = "http.addr") -> socket.socket:
-    """Bind the listening socket, or raise ConfigError (naming ``key``) saying why not."""
+    """Bind the socket, or raise ConfigError (naming ``key``) saying why not.
+
+    It is bound here (the port is ours, or start-up fails) but not listened on: each worker
+    listens once it can serve, so until then clients are refused rather than queued behind a
+    worker that is still starting (and could be stopped before it ever accepts them)."""
     try:
         if http.net == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(http.addr)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(http.addr)
-            sock.listen(1024)
             return sock
         host, port = parse_addr(http.addr, key)
-        if host == "" and socket.has_dualstack_ipv6():
-            return socket.create_server(
-                ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
-            )
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host or "0.0.0.0", port), family=family, backlog=1024)
+        dual_stack = host == "" and socket.has_dualstack_ipv6()
+        family = socket.AF_INET6 if dual_stack or ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if dual_stack:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::" if dual_stack else host or "0.0.0.0", port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
     except OSError as exc:
         raise ConfigError(key, f"cannot listen on {http.addr}: {exc.strerror}") from None
 
@@ -92,134 +89,6 @@ def check_storage(config: Config) -> None:
         ) from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError("storage.filesystem.rootdirectory", f"{root} is not writable")
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-async def _cancel(*tasks: asyncio.Task[Any]) -> None:
-    """Cancel background tasks and wait until they have finished unwinding."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def _serve(
-    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
-) -> None:
-    app = build_app(config, secret)
-    drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger(ACCESS_LOGGER),
-        shutdown_timeout=drain,
-    )
-    letsencrypt = config.http.tls.letsencrypt
-    ssl_context = server_context(
-        config.http.tls, certificate=letsencrypt.cachefile if letsencrypt.enabled else None
-    )
-    await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ssl_context)
-    await site.start()
-    background = []
-    if ssl_context is not None and letsencrypt.enabled:
-        background.append(
-            asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
-        )
-    if with_maintenance:
-        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY].driver)))
-    log.info(
-        "serving",
-        extra={
-            "fields": {"addr": config.http.addr, "pid": os.getpid(), "tls": ssl_context is not None}
-        },
-    )
-    await _until_signalled()
-    await _cancel(*background)
-    inflight = app[INFLIGHT_KEY]
-    log.info(
-        "stopping: finishing in-flight requests",
-        extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
-    )
-    await site.stop()
-    if not await inflight.drain(drain):
-        log.warning(
-            "drain timeout: cancelling requests still running",
-            extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
-        )
-    await runner.cleanup()
-
-
-def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    loop = _new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
-
-
-def run_worker(
-    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
-) -> None:
-    _run(lambda: _serve(config, secret, sock, with_maintenance=with_maintenance))
-
-
-async def _maintain(config: Config) -> None:
-    driver = build_driver(config)
-    task = asyncio.create_task(maintenance.run(config, driver))
-    try:
-        await _until_signalled()
-    finally:
-        await _cancel(task)
-        driver.close()
-
-
-async def _answer_challenges(
-    manager: CertificateManager, sock: socket.socket, https_port: int, work: Awaitable[None]
-) -> None:
-    """Serve HTTP-01 challenges (and redirect to HTTPS) on ``sock`` while ``work`` runs."""
-    runner = web.AppRunner(manager.challenge_app(https_port), handle_signals=False, access_log=None)
-    await runner.setup()
-    # A duplicate: stopping the site closes its socket, and the original is served again later.
-    await web.SockSite(runner, sock.dup()).start()
-    try:
-        await work
-    finally:
-        await runner.cleanup()
-
-
-async def _renew(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:
-    renewal = asyncio.create_task(manager.renew_forever())
-    try:
-        await _answer_challenges(manager, sock, https_port, _until_signalled())
-    finally:
-        await _cancel(renewal)
-
-
-def obtain_certificate(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:
-    """Start-up: get a certificate before any worker serves TLS (registry:2 does the same)."""
-    try:
-        asyncio.run(_answer_challenges(manager, sock, https_port, manager.obtain()))
-    except (AcmeError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
-        raise ConfigError(
-            "http.tls.letsencrypt",
-            f"could not obtain a certificate from {manager.config.directoryurl}: {exc}",
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -297,15 +166,31 @@ class Supervisor:
         return 1 if self.quick_deaths >= self.MAX_QUICK_DEATHS else 0
 
 
+def _worker(config: Config, secret: str, sock: socket.socket, with_maintenance: bool) -> None:
+    from dockyard.worker import run_worker  # after the fork: the parent never loads aiohttp
+
+    run_worker(config, secret, sock, with_maintenance=with_maintenance)
+
+
 def serve(config: Config, workers: int) -> int:
-    """Validate what can only be checked at start-up, bind, then serve. Returns an exit code."""
+    """Validate what can only be checked at start-up, bind, then serve. Returns an exit code.
+
+    The parent process binds, supervises and nothing else, so it stays small; the workers load
+    the HTTP stack after the fork. The first worker also runs the maintenance schedules (upload
+    purging, scheduled garbage collection), so they need no process of their own."""
     check_storage(config)
     prepare_auth(config)
     tls = config.http.tls
     if tls.enabled and not tls.letsencrypt.enabled:
+        from dockyard.tls import server_context
+
         server_context(tls)  # the certificate, key and client CAs load, or start-up fails
     manager = challenge_sock = None
+    https_port = 0
     if tls.letsencrypt.enabled:
+        from dockyard.acme import CertificateManager
+        from dockyard.worker import obtain_certificate
+
         # The certificate comes first: a CA that cannot be reached fails start-up before the
         # registry port is bound.
         manager = CertificateManager(tls.letsencrypt)
@@ -317,21 +202,18 @@ def serve(config: Config, workers: int) -> int:
             obtain_certificate(manager, challenge_sock, https_port)
     sock = bind(config.http)
     secret = resolve_secret(config)
-    roles = [Role("worker", lambda: run_worker(config, secret, sock))] * workers
+    with_maintenance = maintenance_wanted(config)
+    roles = [Role("worker", lambda: _worker(config, secret, sock, with_maintenance))]
+    roles += [Role("worker", lambda: _worker(config, secret, sock, False))] * (workers - 1)
     if manager is not None and challenge_sock is not None:
+        from dockyard.worker import run_certificate_manager
+
         roles.append(
             Role(
                 "certificate manager",
-                lambda: _run(lambda: _renew(manager, challenge_sock, https_port)),
+                lambda: run_certificate_manager(manager, challenge_sock, https_port),
             )
         )
-    if maintenance.wanted(config):
-        if len(roles) == 1:  # one worker: it runs the schedules itself, no extra process
-            roles = [
-                Role("worker", lambda: run_worker(config, secret, sock, with_maintenance=True))
-            ]
-        else:
-            roles.append(Role("maintenance", lambda: _run(lambda: _maintain(config))))
     sys.stdout.flush()
     if len(roles) == 1:
         roles[0].run()

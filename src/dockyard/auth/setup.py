@@ -1,22 +1,23 @@
-"""Build the configured authentication (once per worker) and check its files at start-up."""
+"""Build the configured authentication (once per worker) and check its files at start-up.
+
+``prepare`` runs in the supervising parent before the workers fork, so it loads nothing of the
+HTTP stack; ``build_auth`` runs in each worker."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from dockyard.auth.access import Policy, Rule
 from dockyard.auth.htpasswd import Htpasswd
-from dockyard.auth.login import Login
-from dockyard.auth.middleware import BasicAuthenticator, BearerAuthenticator, auth_middleware
-from dockyard.auth.throttle import FailureThrottle
-from dockyard.auth.tokens import TokenIssuer, TokenVerifier, load_or_create_signing_key
-from dockyard.auth.tokenserver import TokenServer
 from dockyard.config import Config, TokenServerConfig
 from dockyard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from dockyard.auth.tokenserver import TokenServer
 
 DEFAULT_ISSUER = "dockyard"
 DEFAULT_SERVICE = "dockyard"
@@ -55,48 +56,78 @@ def policy_of(server: TokenServerConfig) -> Policy:
     )
 
 
+def _token_keys(config: Config) -> tuple[Any, Any]:
+    """(the verifier, the built-in server's signing key or None); generates the key on first
+    start."""
+    from dockyard.auth.tokens import TokenVerifier, libtrust_kid, load_or_create_signing_key
+
+    token = config.auth.token
+    assert token is not None
+    key = None
+    own: dict[str, Any] = {}
+    if token.server is not None:
+        key = load_or_create_signing_key(signing_key_path(config, token.server))
+        own[libtrust_kid(key.public_key())] = key.public_key()
+    verifier = TokenVerifier.from_files(
+        issuer=token.issuer or DEFAULT_ISSUER,
+        service=token.service or DEFAULT_SERVICE,
+        rootcertbundle=token.rootcertbundle,
+        jwks=token.jwks,
+        extra_keys=own,
+    )
+    return verifier, key
+
+
+def _users(path: str, cache_ttl: float, key: str) -> Htpasswd:
+    return Htpasswd(path, cache_ttl, config_key=key)
+
+
 def prepare(config: Config) -> None:
     """Start-up checks, in the parent before workers fork: htpasswd files parse (bcrypt only),
     token keys load, and the built-in server's signing key exists (generated once here, so
     every worker signs with the same key)."""
-    build_auth(config)
+    auth = config.auth
+    if auth.htpasswd is not None:
+        _users(auth.htpasswd.path, auth.htpasswd.cachettl, "auth.htpasswd.path")
+    if auth.token is not None:
+        if auth.token.server is not None:
+            server = auth.token.server
+            _users(server.htpasswd, server.cachettl, "auth.token.server.htpasswd")
+        _token_keys(config)
 
 
 def build_auth(config: Config) -> Auth | None:
+    from dockyard.auth.login import Login
+    from dockyard.auth.middleware import BasicAuthenticator, auth_middleware
+    from dockyard.auth.throttle import FailureThrottle
+
     auth = config.auth
     prefix = config.http.prefix
     throttle = FailureThrottle()
     if auth.htpasswd is not None:
-        users = Htpasswd(
-            auth.htpasswd.path, auth.htpasswd.cachettl, config_key="auth.htpasswd.path"
-        )
+        users = _users(auth.htpasswd.path, auth.htpasswd.cachettl, "auth.htpasswd.path")
         authenticator = BasicAuthenticator(auth.htpasswd.realm, Login(users, throttle))
         return Auth(auth_middleware(authenticator, prefix))
     token = auth.token
     if token is None:
         return None
-    issuer_name = token.issuer or DEFAULT_ISSUER
+    from dockyard.auth.bearer import BearerAuthenticator
+    from dockyard.auth.tokens import TokenIssuer
+    from dockyard.auth.tokenserver import TokenServer
+
+    verifier, key = _token_keys(config)
     service = token.service or DEFAULT_SERVICE
     server = None
-    own_keys: dict[str, Any] = {}
     policy = None
     if token.server is not None:
-        key = load_or_create_signing_key(signing_key_path(config, token.server))
         issuer = TokenIssuer(
-            key, issuer=issuer_name, service=service, expiration=token.server.expiration
+            key,
+            issuer=token.issuer or DEFAULT_ISSUER,
+            service=service,
+            expiration=token.server.expiration,
         )
-        users = Htpasswd(
-            token.server.htpasswd, token.server.cachettl, config_key="auth.token.server.htpasswd"
-        )
+        users = _users(token.server.htpasswd, token.server.cachettl, "auth.token.server.htpasswd")
         policy = policy_of(token.server)
         server = TokenServer(issuer, Login(users, throttle), policy, token.server.refreshexpiration)
-        own_keys[issuer.kid] = key.public_key()
-    verifier = TokenVerifier.from_files(
-        issuer=issuer_name,
-        service=service,
-        rootcertbundle=token.rootcertbundle,
-        jwks=token.jwks,
-        extra_keys=own_keys,
-    )
     authenticator = BearerAuthenticator(verifier, token.realm, service, policy)
     return Auth(auth_middleware(authenticator, prefix), server)

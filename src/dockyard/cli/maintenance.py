@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 import click
 
-from dockyard.app import build_driver
 from dockyard.cli import load, main
 from dockyard.config import Config, parse_duration
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.purge import purge_uploads
 from dockyard.registry.usage import measure
+from dockyard.storage import build_driver
 
 T = TypeVar("T")
 

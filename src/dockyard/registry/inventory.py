@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from dockyard.oci.digest import SUPPORTED_ALGORITHMS, Digest
 from dockyard.registry import layout
 from dockyard.registry.blobs import read_link
+from dockyard.registry.repository import repository_dirs
 from dockyard.storage.driver import PathNotFound, StorageDriver
 
 #: the directories registry:2 keeps inside a repository
@@ -41,18 +42,7 @@ async def _list(driver: StorageDriver, path: str) -> list[str]:
 async def repository_names(driver: StorageDriver) -> list[str]:
     """Every directory that holds repository data (manifests, layer links or uploads), sorted;
     a superset of the catalog, which needs ``_manifests``."""
-    found: list[str] = []
-
-    async def visit(path: str) -> None:
-        children = await _list(driver, path)
-        if path != layout.REPOSITORIES and any(m in children for m in REPOSITORY_MARKERS):
-            found.append(layout.repository_name_of(path))
-        for child in children:
-            if not child.startswith("_") and ".gc-" not in child:
-                await visit(f"{path}/{child}")
-
-    await visit(layout.REPOSITORIES)
-    return sorted(found)
+    return await repository_dirs(driver, REPOSITORY_MARKERS)
 
 
 async def _digests_under(driver: StorageDriver, path: str) -> list[Digest]:

@@ -25,6 +25,19 @@ class Page:
     more: bool
 
 
+async def repository_dirs(driver: StorageDriver, markers: tuple[str, ...]) -> list[str]:
+    """Sorted names of the directories under ``repositories/`` holding any of ``markers``
+    (``_manifests``, ``_layers``, ``_uploads``), found in one walk of the tree."""
+    entries = await driver.walk(layout.REPOSITORIES, lambda name: not name.startswith("_"))
+    prefix = layout.REPOSITORIES + "/"
+    names = set()
+    for entry in entries:
+        parent, _, leaf = entry.path.rpartition("/")
+        if entry.is_dir and leaf in markers and parent.startswith(prefix):
+            names.add(parent[len(prefix) :])
+    return sorted(names)
+
+
 def paginate(items: list[str], n: int | None, last: str | None) -> Page:
     """Items strictly after ``last`` (in sort order), at most ``n`` of them. An empty page
     (``n=0``) never claims more: there is no last item to continue from."""
@@ -76,21 +89,7 @@ class Registry:
         """Every repository name, sorted: directories under ``repositories/`` that hold a
         ``_manifests`` directory (registry:2's rule); ``_``-prefixed directories are never
         names and are not descended into."""
-        found: list[str] = []
-
-        async def visit(path: str) -> None:
-            try:
-                children = await self.driver.list(path)
-            except PathNotFound:
-                return
-            if "_manifests" in children and path != layout.REPOSITORIES:
-                found.append(layout.repository_name_of(path))
-            for child in children:
-                if not child.startswith("_"):
-                    await visit(f"{path}/{child}")
-
-        await visit(layout.REPOSITORIES)
-        return sorted(found)
+        return await repository_dirs(self.driver, ("_manifests",))
 
     async def check_storage(self) -> None:
         """Write, read back and delete a probe file; raises StorageError when storage cannot

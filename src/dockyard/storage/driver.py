@@ -7,7 +7,7 @@ backend's failures onto the exceptions below at one boundary, so the registry mo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,14 @@ class InvalidPath(StorageError):
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(f"invalid storage path: {path!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A name found by :meth:`StorageDriver.walk`."""
+
+    path: str
+    is_dir: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,12 @@ class StorageDriver(Protocol):
     async def remove_empty_dir(self, path: str) -> None:
         """Remove a directory if it is empty; do nothing otherwise (or on backends without
         directories). Writers racing with it still succeed: they recreate parents."""
+        ...
+
+    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
+        """Every file and directory below ``path``, at any depth; a directory is entered only
+        if ``descend(name)`` says so (it is listed either way). Empty when ``path`` is missing.
+        ``descend`` must be pure: a driver may call it on another thread."""
         ...
 
     def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:

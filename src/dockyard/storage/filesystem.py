@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from dockyard.storage.driver import FileInfo, InvalidPath, PathNotFound, StorageError
+from dockyard.storage.driver import Entry, FileInfo, InvalidPath, PathNotFound, StorageError
 
 T = TypeVar("T")
 
@@ -45,6 +45,18 @@ class FilesystemDriver:
         except OSError as exc:
             raise StorageError(f"{path}: {exc}") from exc
 
+    def _inline(self, path: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a metadata call (stat, utime, reading a small file) on the event loop itself.
+        On a local filesystem these are page-cache hits costing microseconds, far less than a
+        hop to the thread pool and back; anything that can take long (big reads, writes,
+        directory listings, renames) goes to the pool."""
+        try:
+            return fn(*args)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathNotFound(path) from None
+        except OSError as exc:
+            raise StorageError(f"{path}: {exc}") from exc
+
     def _full(self, path: str) -> str:
         if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/" or "\0" in path:
             raise InvalidPath(path)
@@ -53,7 +65,10 @@ class FilesystemDriver:
     # -- small files -----------------------------------------------------------------------
     async def read(self, path: str) -> bytes:
         full = self._full(path)
-        return await self._run(path, _read_file, full)
+        data = self._inline(path, _read_small_file, full)
+        if data is None:
+            return await self._run(path, _read_file, full)
+        return data
 
     async def write(self, path: str, data: bytes) -> None:
         full = self._full(path)
@@ -65,16 +80,20 @@ class FilesystemDriver:
 
     async def touch(self, path: str) -> None:
         full = self._full(path)
-        await self._run(path, os.utime, full)
+        self._inline(path, os.utime, full)
 
     async def stat(self, path: str) -> FileInfo:
         full = self._full(path)
-        st = await self._run(path, os.stat, full)
+        st = self._inline(path, os.stat, full)
         return FileInfo(path=path, size=st.st_size, modified=st.st_mtime, is_dir=_isdir(st))
 
     async def list(self, path: str) -> list[str]:
         full = self._full(path)
         return await self._run(path, os.listdir, full)
+
+    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
+        full = self._full(path)
+        return await self._run(path, _walk, full, len(self.root), descend)
 
     async def move(self, source: str, dest: str) -> None:
         src, dst = self._full(source), self._full(dest)
@@ -149,9 +168,27 @@ def _isdir(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode)
 
 
+#: files up to this size are read on the event loop (links, most manifests)
+INLINE_READ_LIMIT = 64 * 1024
+
+
 def _read_file(full: str) -> bytes:
     with open(full, "rb") as f:
         return f.read()
+
+
+def _read_small_file(full: str) -> bytes | None:
+    """The content of a small file, or None when it is too big to read inline."""
+    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size > INLINE_READ_LIMIT:
+            return None
+        chunks = []
+        while chunk := os.read(fd, INLINE_READ_LIMIT + 1):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 #: attempts for writers whose parent directory a concurrent cleanup may remove in between
@@ -199,6 +236,24 @@ def _write_new(full: str, data: bytes) -> bool:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def _walk(full: str, root_length: int, descend: Callable[[str], bool]) -> list[Entry]:
+    """One pass of os.scandir per directory, all on one pool thread."""
+    found: list[Entry] = []
+    pending = [full]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            found.append(Entry(entry.path[root_length:], is_dir))
+            if is_dir and descend(entry.name):
+                pending.append(entry.path)
+    return found
 
 
 def _move(src: str, dst: str) -> None:

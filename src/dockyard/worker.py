@@ -1,0 +1,157 @@
+"""What runs inside a child process: a worker serving the registry port, or the certificate
+manager. Imported only after the fork, so the supervising parent stays small (it never loads
+aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from dockyard import maintenance
+from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
+from dockyard.api.base import REGISTRY_KEY
+from dockyard.app import INFLIGHT_KEY, build_app
+from dockyard.config import Config
+from dockyard.errors import ConfigError
+from dockyard.tls import server_context, watch_certificate
+
+if TYPE_CHECKING:
+    from dockyard.acme import CertificateManager
+
+log = logging.getLogger("dockyard.server")
+
+DEFAULT_DRAIN_SECONDS = 60.0
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel background tasks and wait until they have finished unwinding."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve(
+    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+) -> None:
+    app = build_app(config, secret)
+    drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger(ACCESS_LOGGER),
+        shutdown_timeout=drain,
+    )
+    letsencrypt = config.http.tls.letsencrypt
+    ssl_context = server_context(
+        config.http.tls, certificate=letsencrypt.cachefile if letsencrypt.enabled else None
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=ssl_context)
+    await site.start()
+    background = []
+    if ssl_context is not None and letsencrypt.enabled:
+        background.append(
+            asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
+        )
+    if with_maintenance:
+        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY].driver)))
+    log.info(
+        "serving",
+        extra={
+            "fields": {"addr": config.http.addr, "pid": os.getpid(), "tls": ssl_context is not None}
+        },
+    )
+    await _until_signalled()
+    await _cancel(*background)
+    inflight = app[INFLIGHT_KEY]
+    log.info(
+        "stopping: finishing in-flight requests",
+        extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
+    )
+    await site.stop()
+    if not await inflight.drain(drain):
+        log.warning(
+            "drain timeout: cancelling requests still running",
+            extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
+        )
+    await runner.cleanup()
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = _new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def run_worker(
+    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+) -> None:
+    _run(lambda: _serve(config, secret, sock, with_maintenance=with_maintenance))
+
+
+async def _answer_challenges(
+    manager: CertificateManager, sock: socket.socket, https_port: int, work: Awaitable[None]
+) -> None:
+    """Serve HTTP-01 challenges (and redirect to HTTPS) on ``sock`` while ``work`` runs."""
+    runner = web.AppRunner(manager.challenge_app(https_port), handle_signals=False, access_log=None)
+    await runner.setup()
+    # A duplicate: stopping the site closes its socket, and the original is served again later.
+    await web.SockSite(runner, sock.dup()).start()
+    try:
+        await work
+    finally:
+        await runner.cleanup()
+
+
+async def _renew(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:
+    renewal = asyncio.create_task(manager.renew_forever())
+    try:
+        await _answer_challenges(manager, sock, https_port, _until_signalled())
+    finally:
+        await _cancel(renewal)
+
+
+def run_certificate_manager(
+    manager: CertificateManager, sock: socket.socket, https_port: int
+) -> None:
+    _run(lambda: _renew(manager, sock, https_port))
+
+
+def obtain_certificate(manager: CertificateManager, sock: socket.socket, https_port: int) -> None:
+    """Start-up: get a certificate before any worker serves TLS (registry:2 does the same)."""
+    from dockyard.acme import AcmeError
+
+    try:
+        asyncio.run(_answer_challenges(manager, sock, https_port, manager.obtain()))
+    except (AcmeError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
+        raise ConfigError(
+            "http.tls.letsencrypt",
+            f"could not obtain a certificate from {manager.config.directoryurl}: {exc}",
+        ) from None
