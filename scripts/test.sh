@@ -18,6 +18,8 @@ DEBIAN_PACKAGES=(
   pebble          # Let's Encrypt's test ACME server
   docker-compose  # validates deploy/docker-compose.yml
   debootstrap     # a local Debian base image to build deploy/Dockerfile without Docker Hub
+  wrk             # HTTP load for the benchmark's smoke run (bench/)
+  curl            # the benchmark's streaming client
 )
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -1,0 +1,63 @@
+"""Keep the benchmarks working: their smoke versions run in CI (timings are not checked —
+performance is judged by the full runs in docs/performance.md, not by tests)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compare_quick_runs_against_both_servers(tmp_path: Path) -> None:
+    missing = [
+        b
+        for b in ("docker-registry", "skopeo", "wrk", "ab", "htpasswd", "curl")
+        if shutil.which(b) is None
+    ]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    report = tmp_path / "report.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/compare.py"), "--quick", "--output", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = report.read_text()
+    assert "| 1 |" in text and "error" not in text.lower().split("notes:")[0]
+
+
+def test_memory_and_auth_benchmarks_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/memory.py"),
+            "--size-gib",
+            "0.05",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "server peak RSS during upload" in result.stdout
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/auth.py"), "--seconds", "1", "--cost", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "speed-up" in result.stdout
