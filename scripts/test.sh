@@ -20,6 +20,11 @@ DEBIAN_PACKAGES=(
   debootstrap     # a local Debian base image to build deploy/Dockerfile without Docker Hub
   wrk             # HTTP load for the benchmark's smoke run (bench/)
   curl            # the benchmark's streaming client
+  radosgw         # Ceph RADOS Gateway: a real S3 server that checks signatures (tests/rgw/)
+  ceph-mon        # its monitor (one, on loopback, no cephx)
+  ceph-osd        # its object store (one in-memory memstore OSD)
+  ceph-common     # ceph, radosgw-admin, monmaptool: the tools rgw-up.sh runs
+  redis-server    # the shared cache of several instances; tests start their own on free ports
 )
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -33,9 +38,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# Installing packages may start their services (registry:2 on port 5000, nginx on 80); the
-# tests run their own instances on free ports.
-as_root sh -c 'command -v systemctl >/dev/null && systemctl stop docker-registry docker nginx 2>/dev/null || true'
+# Installing packages may start their services (registry:2 on port 5000, nginx on 80, redis on
+# 6379); the tests run their own instances on free ports.
+as_root sh -c 'command -v systemctl >/dev/null && systemctl stop docker-registry docker nginx redis-server 2>/dev/null || true'
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from s3support import S3Endpoint, new_bucket, start_moto, start_redis, start_rgw
 from support import (  # noqa: F401 - re-exported for tests
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -65,3 +67,45 @@ def repo(request: pytest.FixtureRequest) -> str:
     base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower()).strip("-")
     base = "-".join(p for p in base.split("-") if p)[:60]
     return f"t{next(_counter)}/{base}"
+
+
+# -- S3 and Redis servers (s3support.py), one of each per session, started on first use --------
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Endpoint]:
+    """moto's S3 emulator (fast; checks no signatures: see s3support.py)."""
+    with start_moto() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def rgw_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """Ceph RGW, a real S3 server (about 12 s to start); skipped if Ceph is not installed."""
+    with start_rgw(tmp_path_factory.mktemp("rgw")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def redis_addr() -> Iterator[str]:
+    """``"127.0.0.1:PORT"`` of a redis-server shared by the session (``flush_redis`` empties
+    it); skipped if redis-server is not installed."""
+    with start_redis() as addr:
+        yield addr
+
+
+@pytest.fixture
+def s3_bucket_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[S3Endpoint], str]]:
+    """``make(endpoint)`` creates a bucket named after the test and returns its name; the
+    buckets are emptied and deleted at teardown (best effort)."""
+    made: list[tuple[S3Endpoint, str]] = []
+
+    def make(endpoint: S3Endpoint) -> str:
+        name = new_bucket(endpoint, request.node.name)
+        made.append((endpoint, name))
+        return name
+
+    yield make
+    for endpoint, name in made:
+        with contextlib.suppress(Exception):
+            endpoint.delete_bucket(name)

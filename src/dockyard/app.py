@@ -16,6 +16,7 @@ from dockyard.api.base import (
 from dockyard.auth.setup import build_auth
 from dockyard.config import Config
 from dockyard.lifecycle import InFlight
+from dockyard.registry.cache import build_cache
 from dockyard.registry.repository import Registry
 from dockyard.storage import build_driver
 
@@ -24,11 +25,13 @@ INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
 def build_app(config: Config, secret: str) -> web.Application:
     driver = build_driver(config)
+    cache = build_cache(config, driver)
     registry = Registry(
         driver,
         secret=secret,
         delete_enabled=config.storage.delete.enabled,
         touch_interval=config.storage.maintenance.gc.touch_interval,
+        cache=cache,
     )
     inflight = InFlight()
     auth = build_auth(config)
@@ -57,7 +60,8 @@ def build_app(config: Config, secret: str) -> web.Application:
     app.on_response_prepare.append(inflight.on_prepare)
 
     async def close_driver(_: web.Application) -> None:
-        driver.close()
+        await cache.close()
+        await driver.close()
 
     app.on_cleanup.append(close_driver)
     return app

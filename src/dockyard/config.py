@@ -188,6 +188,46 @@ class FilesystemConfig(Section):
     fsync: bool = False
 
 
+class S3Config(Section):
+    """registry:2's ``storage.s3`` keys. Without accesskey/secretkey, credentials come from
+    botocore's default chain (environment, shared files, instance roles)."""
+
+    region: str = ""
+    regionendpoint: str = ""
+    forcepathstyle: bool = False
+    bucket: str
+    accesskey: str = ""
+    secretkey: str = ""
+    rootdirectory: str = ""
+    secure: bool = True
+    skipverify: bool = False
+    v4auth: bool = True
+    chunksize: int = Field(default=10 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipartcopychunksize: int = Field(default=32 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipartcopymaxconcurrency: int = Field(default=100, ge=1)
+    multipartcopythresholdsize: int = Field(default=32 * 1024 * 1024, ge=0)
+    encrypt: bool = False
+    keyid: str = ""
+    storageclass: str = "STANDARD"
+    objectacl: str = "private"
+    useragent: str = ""
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not v:
+            raise ValueError("required")
+        return v
+
+    @field_validator("storageclass")
+    @classmethod
+    def _storage_class(cls, v: str) -> str:
+        allowed = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "INTELLIGENT_TIERING", "NONE")
+        if v.upper() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return v.upper()
+
+
 class DeleteConfig(Section):
     enabled: bool = False
 
@@ -199,6 +239,16 @@ class CacheConfig(Section):
 
 class RedirectConfig(Section):
     disable: bool = False
+    #: Dockyard's addition: how long a presigned URL stays valid (registry:2 uses 20 minutes)
+    expiry: Duration = 1200.0
+
+    @field_validator("expiry", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
 
 
 class UploadPurgingConfig(Section):
@@ -246,12 +296,13 @@ class MaintenanceConfig(Section):
 
 #: storage drivers registry:2 knows; the ones Dockyard implements are in SUPPORTED_DRIVERS
 KNOWN_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
-SUPPORTED_DRIVERS = ("filesystem",)
+SUPPORTED_DRIVERS = ("filesystem", "s3")
 STORAGE_SETTINGS = ("delete", "cache", "redirect", "maintenance", "tag")
 
 
 class StorageConfig(Section):
     filesystem: FilesystemConfig | None = None
+    s3: S3Config | None = None
     delete: DeleteConfig = Field(default_factory=DeleteConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     redirect: RedirectConfig = Field(default_factory=RedirectConfig)
@@ -259,7 +310,7 @@ class StorageConfig(Section):
 
     @property
     def driver(self) -> str:
-        return "filesystem"
+        return "s3" if self.s3 is not None else "filesystem"
 
 
 class HtpasswdAuthConfig(Section):
@@ -326,6 +377,48 @@ class AuthConfig(Section):
 UNSUPPORTED_AUTH = ("silly",)
 
 
+class RedisPoolConfig(Section):
+    maxidle: int = Field(default=16, ge=0)
+    maxactive: int = Field(default=64, ge=1)
+    idletimeout: Duration = 300.0
+
+    @field_validator("idletimeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class RedisTLSConfig(Section):
+    enabled: bool = False
+
+
+class RedisConfig(Section):
+    """registry:2's ``redis`` section: the blob descriptor cache shared between instances
+    (``storage.cache.blobdescriptor: redis``)."""
+
+    addr: str = ""
+    password: str = ""
+    username: str = ""
+    db: int = Field(default=0, ge=0)
+    dialtimeout: Duration = 5.0
+    readtimeout: Duration = 5.0
+    writetimeout: Duration = 5.0
+    pool: RedisPoolConfig = Field(default_factory=RedisPoolConfig)
+    tls: RedisTLSConfig = Field(default_factory=RedisTLSConfig)
+
+    @field_validator("dialtimeout", "readtimeout", "writetimeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        if v and (":" not in v or not v.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"{v!r} is not host:port")
+        return v
+
+
 class CatalogConfig(Section):
     maxentries: int = Field(default=1000, ge=1)
 
@@ -338,7 +431,7 @@ class Config(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     notifications: dict[str, Any] = Field(default_factory=dict)
-    redis: dict[str, Any] = Field(default_factory=dict)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
     health: dict[str, Any] = Field(default_factory=dict)
     proxy: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
@@ -576,7 +669,9 @@ def _reject_unsupported(config: Config) -> None:
         )
     if config.proxy:
         raise ConfigError("proxy", "pull-through cache mode is not supported")
-    for key in ("notifications", "redis", "health", "validation", "middleware", "reporting"):
+    if config.storage.cache.blobdescriptor == "redis" and not config.redis.addr:
+        raise ConfigError("redis.addr", "required with storage.cache.blobdescriptor: redis")
+    for key in ("notifications", "health", "validation", "middleware", "reporting"):
         if getattr(config, key):
             log.warning("configuration key %s is accepted but has no effect yet", key)
 

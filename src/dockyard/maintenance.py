@@ -11,10 +11,11 @@ import random
 from collections.abc import Awaitable, Callable
 
 from dockyard.config import Config
+from dockyard.registry.blobs import BlobStore
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.purge import purge_uploads
-from dockyard.storage.driver import StorageDriver, StorageError
+from dockyard.storage.driver import StorageError
 
 log = logging.getLogger("dockyard.maintenance")
 
@@ -40,8 +41,9 @@ async def _every(
         await asyncio.sleep(interval)
 
 
-async def run(config: Config, driver: StorageDriver) -> None:
+async def run(config: Config, store: BlobStore) -> None:
     """Run the configured schedules until cancelled."""
+    driver = store.driver
     m = config.storage.maintenance
     jobs = []
     if m.uploadpurging.enabled:
@@ -64,6 +66,7 @@ async def run(config: Config, driver: StorageDriver) -> None:
                 touch_interval=gc.touch_interval,
                 delete_untagged=gc.deleteuntagged,
                 dry_run=gc.dryrun,
+                cache=store.cache,
             ).run()
             log.info("scheduled garbage collection: %s", report.summary())
 

@@ -79,7 +79,7 @@ async def _serve(
             asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
         )
     if with_maintenance:
-        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY].driver)))
+        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY].blobs)))
     log.info(
         "serving",
         extra={

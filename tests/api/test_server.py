@@ -44,7 +44,8 @@ def port_is_free(port: int) -> bool:
             "version: 0.1\nstorage: {filesystem: {rootdirectory: /tmp/x}, delete: {enabled: 7}}\n",
             "storage.delete.enabled",
         ),
-        ("version: 0.1\nstorage: {s3: {bucket: b}}\n", "storage.s3"),
+        ("version: 0.1\nstorage: {gcs: {bucket: b}}\n", "storage.gcs"),
+        ("version: 0.1\nstorage: {s3: {region: x}}\n", "storage.s3.bucket"),
         ("version: 0.1\nstorage: {filesystem: {}}\nhttp: {addr: 'nonsense'}\n", "http.addr"),
         (
             "version: 0.1\nstorage: {filesystem: {rootdirectory: /proc/nope}}\n",

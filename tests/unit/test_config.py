@@ -126,7 +126,28 @@ def test_default_config() -> None:
         ("version: 0.2\nstorage: {filesystem: {}}\n", "version", "unsupported"),
         ("version: 0.1\n", "storage", "no storage driver"),
         ("version: 0.1\nstorage: {filesystem: {}, s3: {}}\n", "storage", "exactly one"),
-        ("version: 0.1\nstorage: {s3: {bucket: b}}\n", "storage.s3", "does not support"),
+        ("version: 0.1\nstorage: {azure: {}}\n", "storage.azure", "does not support"),
+        ("version: 0.1\nstorage: {s3: {region: us-east-1}}\n", "storage.s3.bucket", "required"),
+        (
+            "version: 0.1\nstorage: {s3: {bucket: b, chunksize: 1048576}}\n",
+            "storage.s3.chunksize",
+            "5242880",
+        ),
+        (
+            "version: 0.1\nstorage: {s3: {bucket: b}, cache: {blobdescriptor: redis}}\n",
+            "redis.addr",
+            "required",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}, redirect: {expiry: 0s}}\n",
+            "storage.redirect.expiry",
+            "positive",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nredis: {addr: nohost}\n",
+            "redis.addr",
+            "host:port",
+        ),
         ("version: 0.1\nstorage: {floppy: {}}\n", "storage.floppy", "unknown storage driver"),
         ("version: 0.1\nstorage: {filesystem: {}}\nlog: {level: loud}\n", "log.level", ""),
         (

@@ -27,7 +27,7 @@ V2 = "docker/registry/v2"
 def registry(tmp_path: Path) -> Iterator[Registry]:
     driver = FilesystemDriver(str(tmp_path), max_threads=8)
     yield Registry(driver, secret="s", delete_enabled=True)
-    driver.close()
+    asyncio.run(driver.close())
 
 
 def run(coro):  # type: ignore[no-untyped-def]

@@ -88,6 +88,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repository_of(request)
     digest = digest_param(request)
     info: BlobInfo = await repo.blobs.stat(digest)
+    url = await repo.blobs.store.redirect_url(digest, request.method)
+    if url is not None:
+        # Object storage serves the bytes itself, as registry:2 does (storage.redirect).
+        return web.Response(
+            status=307, headers={"Location": url, "Docker-Content-Digest": str(digest)}
+        )
     headers = blob_headers(digest, info.size)
     if _not_modified(request, digest):
         del headers["Content-Length"]

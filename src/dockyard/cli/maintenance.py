@@ -14,6 +14,8 @@ import click
 
 from dockyard.cli import load, main
 from dockyard.config import Config, parse_duration
+from dockyard.registry.blobs import BlobStore
+from dockyard.registry.cache import build_cache
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.purge import purge_uploads
@@ -32,12 +34,20 @@ def _duration(value: str | None) -> float | None:
         raise click.BadParameter(str(exc)) from None
 
 
-def _run(config: Config, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+def _run(config: Config, work: Callable[[BlobStore], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` on the configured store (with the shared cache, which deletions must
+    update)."""
     driver = build_driver(config)
-    try:
-        return asyncio.run(work(driver))
-    finally:
-        driver.close()
+    cache = build_cache(config, driver)
+
+    async def main() -> T:
+        try:
+            return await work(BlobStore(driver, cache=cache))
+        finally:
+            await cache.close()
+            await driver.close()
+
+    return asyncio.run(main())
 
 
 @contextmanager
@@ -100,15 +110,16 @@ def gc(
     if grace_seconds is None:
         grace_seconds = config.storage.maintenance.gc.grace
 
-    async def work(driver: Any) -> Any:
+    async def work(store: BlobStore) -> Any:
         with _progress("gc") as progress:
             collector = GarbageCollector(
-                driver,
+                store.driver,
                 grace=grace_seconds,
                 touch_interval=config.storage.maintenance.gc.touch_interval,
                 delete_untagged=delete_untagged,
                 dry_run=dry_run,
                 progress=progress,
+                cache=store.cache,
             )
             return await collector.run()
 
@@ -129,7 +140,7 @@ def gc(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def du(config_path: str | None, as_json: bool) -> None:
     """Space used per repository (unique to it, shared with others) and by the whole store."""
-    usage = _run(load(config_path), measure)
+    usage = _run(load(config_path), lambda store: measure(store.driver))
     if as_json:
         click.echo(json.dumps(usage.to_json(), indent=2))
         return
@@ -161,9 +172,9 @@ def fsck(config_path: str | None, repair: bool) -> None:
     """Check that every blob matches its digest and every link and tag points to content."""
     from dockyard.registry.fsck import check
 
-    async def work(driver: Any) -> Any:
+    async def work(store: BlobStore) -> Any:
         with _progress("fsck") as progress:
-            return await check(driver, repair=repair, progress=progress)
+            return await check(store.driver, repair=repair, progress=progress, cache=store.cache)
 
     report = _run(load(config_path), work)
     for problem in report.problems:
@@ -192,7 +203,7 @@ def purge_uploads_command(config_path: str | None, age: str | None, dry_run: boo
     seconds = _duration(age)
     if seconds is None:
         seconds = config.storage.maintenance.uploadpurging.age
-    report = _run(config, lambda driver: purge_uploads(driver, seconds, dry_run))
+    report = _run(config, lambda store: purge_uploads(store.driver, seconds, dry_run))
     for item in report.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {item}")
     click.echo(f"{len(report.removed)} abandoned uploads")

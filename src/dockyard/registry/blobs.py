@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
+from dockyard.registry.cache import BlobDescriptorCache, NoCache
 from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
 
 
@@ -77,10 +78,14 @@ class BlobStore:
     """The registry-wide content store under ``blobs/``."""
 
     def __init__(
-        self, driver: StorageDriver, touch_interval: float = DEFAULT_TOUCH_INTERVAL
+        self,
+        driver: StorageDriver,
+        touch_interval: float = DEFAULT_TOUCH_INTERVAL,
+        cache: BlobDescriptorCache | None = None,
     ) -> None:
         self.driver = driver
         self.touch_interval = touch_interval
+        self.cache: BlobDescriptorCache = cache or NoCache()
 
     async def stat(self, digest: Digest) -> BlobInfo:
         try:
@@ -141,6 +146,10 @@ class BlobStore:
     def local_path(self, digest: Digest) -> str | None:
         return self.driver.local_path(layout.blob_data(digest))
 
+    async def redirect_url(self, digest: Digest, method: str) -> str | None:
+        """Where a client can fetch the blob directly (object storage), or None."""
+        return await self.driver.redirect_url(layout.blob_data(digest), method)
+
 
 class LinkedBlobs:
     """One repository's blobs: those linked under its ``_layers``."""
@@ -157,19 +166,25 @@ class LinkedBlobs:
         """The blob if this repository may serve it. Manifests are blobs too: registry:2 only
         serves ``_layers`` links from the blob endpoint; Dockyard also serves a repository's
         manifests there (``oras blob fetch`` of a manifest digest works)."""
-        linked = await self.is_linked(digest)
-        if not linked:
+        cache = self.store.cache
+        size = await cache.linked_size(self.name, digest)
+        if size is not None:
+            return BlobInfo(digest=digest, size=size, modified=0.0)
+        layer = await self.is_linked(digest)
+        if not layer:
             link = await read_link(self.driver, layout.revision_link(self.name, digest))
-            linked = link == digest
-        if not linked:
-            raise blob_unknown(digest)
+            if link != digest:
+                raise blob_unknown(digest)
         try:
-            return await self.store.keep(digest)
+            info = await self.store.keep(digest)
         except RegistryError:
             # The collector may hold a recently used blob aside for a moment before putting it
             # back (registry.gc); look once more before answering that it is gone.
             await asyncio.sleep(0.05)
-            return await self.store.keep(digest)
+            info = await self.store.keep(digest)
+        if layer:  # only layer links: they are the only ones removed through forget_link
+            await cache.remember(self.name, digest, info.size)
+        return info
 
     async def link(self, digest: Digest) -> None:
         await write_link(self.driver, layout.layer_link(self.name, digest), digest)
@@ -178,4 +193,5 @@ class LinkedBlobs:
         if not await self.is_linked(digest):
             raise blob_unknown(digest)
         path = layout.layer_link(self.name, digest)
+        await self.store.cache.forget_link(self.name, digest)
         await delete_if_present(self.driver, path.rsplit("/", 1)[0])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from dockyard.oci.digest import new_hasher
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore
+from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.storage.driver import PathNotFound, StorageDriver
 
 Progress = Callable[[str, int], None]
@@ -39,11 +40,15 @@ async def _hash(driver: StorageDriver, path: str, algorithm: str) -> str:
 
 
 async def check(
-    driver: StorageDriver, *, repair: bool = False, progress: Progress | None = None
+    driver: StorageDriver,
+    *,
+    repair: bool = False,
+    progress: Progress | None = None,
+    cache: BlobDescriptorCache | None = None,
 ) -> FsckReport:
     report = FsckReport()
     progress = progress or (lambda phase, n: None)
-    store = BlobStore(driver)
+    store = BlobStore(driver, cache=cache)
     corrupt = set()
     async for blob in inventory.blobs(driver):
         path = layout.blob_data(blob.digest)
@@ -62,6 +67,7 @@ async def check(
         )
         if repair:
             target = layout.quarantine(blob.digest, time.strftime("%Y%m%dT%H%M%S"))
+            await store.cache.forget_blob(blob.digest)
             await driver.move(path, target)
             report.quarantined.append(f"{blob.digest} -> {target}")
     for name in await inventory.repository_names(driver):

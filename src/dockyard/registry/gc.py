@@ -36,14 +36,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from dockyard.errors import RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import Manifest, read_stored, referenced_digests
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore
+from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.registry.lease import Lease
 from dockyard.storage.driver import PathNotFound, StorageDriver
 
@@ -87,9 +89,10 @@ class GarbageCollector:
         delete_untagged: bool = False,
         dry_run: bool = False,
         progress: Progress | None = None,
+        cache: BlobDescriptorCache | None = None,
     ) -> None:
         self.driver = driver
-        self.store = BlobStore(driver)
+        self.store = BlobStore(driver, cache=cache)
         self.grace = grace
         self.touch_interval = touch_interval
         self.swept: set[Digest] = set()
@@ -97,6 +100,7 @@ class GarbageCollector:
         self.dry_run = dry_run
         self.progress = progress or (lambda phase, n: None)
         self.run_id = uuid.uuid4().hex[:12]
+        self.lease: Lease | None = None
         self.cutoff = 0.0
 
     async def run(self) -> GCReport:
@@ -106,6 +110,7 @@ class GarbageCollector:
         # grace period may carry a stamp up to that much older.
         self.cutoff = started - self.grace - self.touch_interval
         async with Lease(self.driver, "gc") as lease:
+            self.lease = lease
             names = await inventory.repository_names(self.driver)
             report.repositories = len(names)
             marked: set[Digest] = set()
@@ -155,7 +160,7 @@ class GarbageCollector:
         report.manifests_kept += len(kept)
         for digest in set(repo.revisions) - kept:
             path = layout.revision_link(name, digest)
-            if await self._remove(path):
+            if await self._remove(path, _nothing):
                 report.manifests_removed += 1
                 report.removed.append(f"manifest {name}@{digest}")
                 if not self.dry_run:
@@ -187,9 +192,10 @@ class GarbageCollector:
 
     # -- sweep --------------------------------------------------------------------------
 
-    async def _remove(self, path: str) -> bool:
+    async def _remove(self, path: str, forget: Callable[[], Awaitable[None]]) -> bool:
         """Delete ``path`` unless it was used within the grace period, checking again after
-        moving it aside (rule 3 in the module docstring). True if it was (or would be) removed."""
+        moving it aside (rule 3 in the module docstring); ``forget`` drops it from the shared
+        cache first. True if it was (or would be) removed."""
         try:
             if (await self.driver.stat(path)).modified >= self.cutoff:
                 return False
@@ -197,6 +203,9 @@ class GarbageCollector:
             return False
         if self.dry_run:
             return True
+        if self.lease is not None:
+            self.lease.check()  # never delete after losing the lease to another collector
+        await forget()
         aside = f"{path}.gc-{self.run_id}"
         try:
             await self.driver.move(path, aside)
@@ -225,7 +234,7 @@ class GarbageCollector:
                 report.blobs_recent += 1
                 continue
             path = layout.blob_data(blob.digest)
-            if await self._remove(path):
+            if await self._remove(path, partial(self.store.cache.forget_blob, blob.digest)):
                 self.swept.add(blob.digest)
                 report.blobs_removed += 1
                 report.bytes_removed += blob.size
@@ -243,7 +252,11 @@ class GarbageCollector:
             if digest not in self.swept and await self.store.exists(digest):
                 continue
             path = layout.layer_link(name, digest)
-            if await self._remove(path):
+            if await self._remove(path, partial(self.store.cache.forget_link, name, digest)):
                 report.links_removed += 1
                 if not self.dry_run:
                     await self.driver.remove_empty_dir(path.rsplit("/", 1)[0])
+
+
+async def _nothing() -> None:
+    return None

@@ -102,6 +102,10 @@ def health_probe(name: str) -> str:
     return f"{DOCKYARD}/health/{name}"
 
 
+def cache_epoch() -> str:
+    return f"{DOCKYARD}/cache-epoch"
+
+
 def lease(name: str) -> str:
     return f"{DOCKYARD}/leases/{name}"
 

@@ -1,9 +1,14 @@
 """A lease in storage: one holder at a time across every worker and instance sharing it
-(one garbage collection at a time). Taken by creating the lease file exclusively; a lease whose
-holder stopped renewing it expires and can be taken over."""
+(one garbage collection at a time). Taken by creating the lease file exclusively (a conditional
+PUT on object storage); a lease whose holder stopped renewing it expires and can be taken over.
+While held as a context manager it is renewed in the background every third of its lifetime, so
+a long holder keeps it; if a renewal finds the lease gone or taken, ``check`` raises from then
+on and the holder must stop changing anything."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -13,7 +18,7 @@ from types import TracebackType
 
 from dockyard.registry import layout
 from dockyard.registry.blobs import delete_if_present
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
 
 
 class LeaseBusy(Exception):
@@ -32,6 +37,8 @@ class Lease:
         self.path = layout.lease(name)
         self.ttl = ttl
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._renewer: asyncio.Task[None] | None = None
+        self._lost: BaseException | None = None
 
     def _body(self) -> bytes:
         return json.dumps({"holder": self.holder, "expires": time.time() + self.ttl}).encode()
@@ -71,11 +78,32 @@ class Lease:
         if current is not None and current[0] == self.holder:
             await delete_if_present(self.driver, self.path)
 
+    def check(self) -> None:
+        """Raise if the background renewal found the lease lost."""
+        if self._lost is not None:
+            raise LeaseBusy(self.name, "another holder (this one's lease lapsed)", 0.0)
+
+    async def _keep_renewed(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.renew()
+            except LeaseBusy as exc:
+                self._lost = exc
+                return
+            except StorageError:  # a passing storage error: the next attempt may work
+                continue
+
     async def __aenter__(self) -> Lease:
         await self.acquire()
+        self._renewer = asyncio.create_task(self._keep_renewed())
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self.release()

@@ -66,6 +66,7 @@ async def purge_uploads(driver: StorageDriver, age: float, dry_run: bool) -> Pur
             report.removed.append(f"{name}/_uploads/{upload_id}")
             if not dry_run:
                 await delete_if_present(driver, layout.upload_dir(name, upload_id))
+    report.removed += await driver.purge_partial(layout.ROOT, cutoff, dry_run)
     if report.removed:
         log.info(
             "purged abandoned uploads",

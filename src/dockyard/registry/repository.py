@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from dockyard.oci.names import validate_name
 from dockyard.registry import layout
 from dockyard.registry.blobs import DEFAULT_TOUCH_INTERVAL, BlobStore, LinkedBlobs
+from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.registry.manifests import ManifestStore
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
@@ -75,10 +76,11 @@ class Registry:
         secret: str,
         delete_enabled: bool,
         touch_interval: float = DEFAULT_TOUCH_INTERVAL,
+        cache: BlobDescriptorCache | None = None,
     ) -> None:
         self.driver = driver
         self.delete_enabled = delete_enabled
-        self.blobs = BlobStore(driver, touch_interval)
+        self.blobs = BlobStore(driver, touch_interval, cache)
         self.tokens = UploadTokens(secret)
         self.hashers = HasherCache()
 

@@ -261,7 +261,10 @@ class Uploads:
         repository. On a mismatch the upload is discarded (as registry:2 does) and
         DIGEST_INVALID raised."""
         path = layout.upload_data(self.name, session.id)
-        size = await self.size(session)
+        await self.size(session)  # BLOB_UPLOAD_UNKNOWN if it is gone
+        writer = await self.driver.writer(path, append=True)
+        await writer.commit()  # whole and movable from now on (completes an S3 multipart upload)
+        size = writer.size
         hasher = self.hashers.take(session.id, size, digest.algorithm)
         if hasher is None:
             hasher = await self._hash_stored(path, digest.algorithm)

@@ -60,6 +60,12 @@ class FileWriter(Protocol):
         """Keep what was written. The file can later be reopened for appending."""
         ...
 
+    async def commit(self) -> None:
+        """Keep what was written and make the file final: whole, readable and movable like any
+        other file, and no longer appendable. (On object storage an appendable file is a
+        multipart upload in progress, which cannot be read or copied until it is completed.)"""
+        ...
+
     async def abort(self) -> None:
         """Drop what this writer wrote and close."""
         ...
@@ -127,6 +133,21 @@ class StorageDriver(Protocol):
     async def writer(self, path: str, append: bool) -> FileWriter:
         """Open a writer; ``append`` continues an existing file (created if missing), otherwise
         the file is truncated."""
+        ...
+
+    async def redirect_url(self, path: str, method: str = "GET") -> str | None:
+        """A time-limited URL a client can fetch the file from directly (a presigned URL on
+        object storage), or None when the driver has none or redirects are disabled."""
+        ...
+
+    async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
+        """Remove what unfinished writes below ``path`` that started before ``before`` (epoch
+        seconds) left behind, and return a description of each: abandoned multipart uploads on
+        object storage; nothing on a filesystem."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads; the driver is not used afterwards."""
         ...
 
     def local_path(self, path: str) -> str | None:

@@ -133,10 +133,16 @@ class FilesystemDriver:
         f = await self._run(path, _open_writer, full, append)
         return FilesystemWriter(self, path, f)
 
+    async def redirect_url(self, path: str, method: str = "GET") -> str | None:
+        return None
+
     def local_path(self, path: str) -> str | None:
         return self._full(path)
 
-    def close(self) -> None:
+    async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
+        return []  # appends go straight into the file: nothing is ever left aside
+
+    async def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
@@ -158,6 +164,9 @@ class FilesystemWriter:
 
     async def close(self) -> None:
         await self._driver._run(self._path, _close, self._file, self._driver.fsync)
+
+    async def commit(self) -> None:
+        await self.close()  # a file on disk is always readable and movable
 
     async def abort(self) -> None:
         await self._driver._run(self._path, _truncate_close, self._file, self._start)

@@ -1,0 +1,210 @@
+"""The blob descriptor cache (registry:2's ``storage.cache.blobdescriptor: redis``), shared by
+every instance through Redis.
+
+It answers one question without a storage round trip: "may repository R serve blob D, and how
+big is it?" — the HEAD each client sends for every layer of every push and pull, which on object
+storage costs two requests (the link, the blob). Four rules keep it from ever claiming content
+that storage no longer has:
+
+1. *Only storage fills it.* An entry is written after storage confirmed the link and the blob and
+   the blob's time was refreshed (``keep``). Writes never consult it: an upload, a mount or a
+   manifest push checks storage, so a stale entry can never make Dockyard skip writing something.
+2. *Entries live at most one touch interval.* A blob touched within the touch interval is never
+   a garbage-collection candidate (see ``registry.gc``), so while its entry lives the blob is
+   there — unless Dockyard itself deletes it, and then:
+3. *Every deletion forgets first.* Unlinking a blob from a repository and every removal by the
+   garbage collector delete the entry before they touch storage. A reader racing the collector
+   refills the entry only after a successful ``keep``, which the collector sees on its second
+   look and answers by putting the blob back.
+4. *Keys carry the store's epoch,* a random id kept in storage (``/dockyard/cache-epoch``).
+   Storage that was wiped or replaced has a new epoch, so entries a Redis kept from an earlier
+   store are never read.
+
+A flushed Redis is an empty cache; an unreachable one is skipped (with a warning, retried after a
+pause) and every answer comes from storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dockyard.oci.digest import Digest
+from dockyard.registry import layout
+from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
+
+if TYPE_CHECKING:
+    from dockyard.config import Config
+
+log = logging.getLogger("dockyard.cache")
+
+#: seconds between re-reads of the storage epoch
+EPOCH_CHECK_INTERVAL = 60.0
+#: seconds Redis is left alone after it failed
+RETRY_AFTER_FAILURE = 5.0
+
+
+class BlobDescriptorCache(Protocol):
+    async def linked_size(self, name: str, digest: Digest) -> int | None:
+        """The size of a blob ``name`` may serve, if known; None means "ask storage"."""
+        ...
+
+    async def remember(self, name: str, digest: Digest, size: int) -> None: ...
+
+    async def forget_link(self, name: str, digest: Digest) -> None:
+        """Called before a link is deleted; raises StorageError if it cannot forget."""
+        ...
+
+    async def forget_blob(self, digest: Digest) -> None:
+        """Called before a blob is deleted; raises StorageError if it cannot forget."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoCache:
+    """Every answer from storage. (A per-process cache could not see deletions made by other
+    workers, so registry:2's ``inmemory`` setting also means this.)"""
+
+    async def linked_size(self, name: str, digest: Digest) -> int | None:
+        return None
+
+    async def remember(self, name: str, digest: Digest, size: int) -> None:
+        return None
+
+    async def forget_link(self, name: str, digest: Digest) -> None:
+        return None
+
+    async def forget_blob(self, digest: Digest) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisCache:
+    def __init__(self, client: Any, driver: StorageDriver, ttl: float) -> None:
+        self.client = client
+        self.driver = driver
+        self.ttl = max(1, int(ttl))
+        self._epoch = ""
+        self._epoch_checked = 0.0
+        self._down_until = 0.0
+
+    async def _prefix(self) -> str:
+        now = time.monotonic()
+        if not self._epoch or now - self._epoch_checked > EPOCH_CHECK_INTERVAL:
+            self._epoch = await read_epoch(self.driver)
+            self._epoch_checked = now
+        return f"dockyard:{self._epoch}"
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._available():
+            log.warning(
+                "redis is unavailable; answering from storage",
+                extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}},
+            )
+        self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
+
+    async def linked_size(self, name: str, digest: Digest) -> int | None:
+        if not self._available():
+            return None
+        try:
+            prefix = await self._prefix()
+            link, blob = await self.client.mget(
+                f"{prefix}:link:{name}:{digest}", f"{prefix}:blob:{digest}"
+            )
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        if link is None or blob is None:
+            return None
+        try:
+            return int(blob)
+        except ValueError:
+            return None
+
+    async def remember(self, name: str, digest: Digest, size: int) -> None:
+        if not self._available():
+            return
+        try:
+            prefix = await self._prefix()
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(f"{prefix}:blob:{digest}", str(size), ex=self.ttl)
+                pipe.set(f"{prefix}:link:{name}:{digest}", "1", ex=self.ttl)
+                await pipe.execute()
+        except Exception as exc:
+            self._failed(exc)
+
+    async def _delete(self, suffix: str) -> None:
+        """Forget an entry or fail: the deletion that called this must not go ahead while
+        another instance could still read the entry. (Tried even during a pause.)"""
+        try:
+            prefix = await self._prefix()
+            await self.client.delete(f"{prefix}:{suffix}")
+        except Exception as exc:
+            self._failed(exc)
+            raise StorageError(
+                f"cannot remove {suffix} from the redis cache, so it is not deleted: {exc}"
+            ) from exc
+
+    async def forget_link(self, name: str, digest: Digest) -> None:
+        await self._delete(f"link:{name}:{digest}")
+
+    async def forget_blob(self, digest: Digest) -> None:
+        await self._delete(f"blob:{digest}")
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception:  # closing a client whose server is gone
+            log.debug("closing the redis client failed", exc_info=True)
+
+
+async def read_epoch(driver: StorageDriver) -> str:
+    """The store's epoch, created on first use (exactly once, whoever races)."""
+    path = layout.cache_epoch()
+    for _ in range(3):
+        try:
+            return (await driver.read(path)).decode("ascii", "replace").strip()
+        except PathNotFound:
+            await driver.write_new(path, secrets.token_hex(8).encode())
+    return (await driver.read(path)).decode("ascii", "replace").strip()
+
+
+def build_cache(config: Config, driver: StorageDriver) -> BlobDescriptorCache:
+    """Redis when ``storage.cache.blobdescriptor: redis``; otherwise none (see NoCache)."""
+    if config.storage.cache.blobdescriptor != "redis":
+        return NoCache()
+    r = config.redis
+    client = redis_client(
+        r.addr,
+        r.password,
+        r.username,
+        r.db,
+        socket_connect_timeout=r.dialtimeout,
+        socket_timeout=max(r.readtimeout, r.writetimeout),
+        max_connections=r.pool.maxactive,
+        ssl=r.tls.enabled,
+    )
+    return RedisCache(client, driver, ttl=config.storage.maintenance.gc.touch_interval)
+
+
+def redis_client(addr: str, password: str, username: str, db: int, **options: Any) -> Any:
+    """A redis.asyncio client (connections are made lazily, on the loop that uses them)."""
+    import redis.asyncio  # loaded only when Redis is configured
+
+    host, _, port = addr.rpartition(":")
+    return redis.asyncio.Redis(
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port),
+        password=password or None,
+        username=username or None,
+        db=db,
+        **options,
+    )

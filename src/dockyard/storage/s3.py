@@ -1,0 +1,700 @@
+"""S3 driver: registry:2's ``storage.s3``, on any S3-compatible object store.
+
+Keys are the filesystem layout's paths under ``rootdirectory``, exactly as registry:2 writes
+them, so one bucket can be served by either.
+
+Objects have no directories and no append, so two things are built here:
+
+- *Directories* are key prefixes: a directory exists while some key lies below it.
+- *Appendable files* (blob uploads in progress). An appendable file is an S3 multipart upload
+  holding its whole ``chunksize`` parts, plus an object at the file's own key holding the tail
+  (the bytes that do not make a full part yet, so less than ``chunksize``) with the upload id,
+  the number of parts that count and their total size in its metadata. Every PATCH, on any
+  instance, reads that object, uploads new full parts, and writes the object back: one PUT, so
+  the file's state changes atomically. Parts uploaded by a writer that then fails are not
+  counted (the next writer overwrites them). ``commit`` uploads the tail as the last part and
+  completes the multipart upload onto the same key, which leaves an ordinary object there.
+  Memory per upload is bounded by ``chunksize``, whatever the blob's size.
+
+Moving a file is a server-side copy (multipart part-copies above ``multipartcopythresholdsize``)
+followed by a delete: the destination appears whole or not at all, and no byte passes through
+Dockyard. A file's modification time is the object's LastModified; ``touch`` refreshes it with a
+server-side copy of the object onto itself. A copy has a new LastModified, so a move keeps the
+source's time in the destination's metadata (``dockyard-modified``, which ``stat`` prefers), as a
+rename keeps a file's mtime: garbage collection moves a candidate aside and reads its time again
+(``registry.gc``, rule 3). A source touched while it was being copied is copied again. (A touch
+landing in the instant between the move's last look at the source and its delete is lost: a
+rename has no such instant.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dockyard.storage.driver import Entry, FileInfo, InvalidPath, PathNotFound, StorageError
+
+#: S3's smallest part (all but the last part of a multipart upload)
+MIN_PART = 5 * 1024 * 1024
+#: S3's largest single CopyObject
+MAX_SINGLE_COPY = 5 * 1024 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+#: concurrent listings while walking a tree
+WALK_CONCURRENCY = 16
+
+_META_UPLOAD = "dockyard-upload"
+_META_PARTS = "dockyard-parts"
+_META_PARTS_SIZE = "dockyard-parts-size"
+#: the modification time a moved object had before the move (epoch seconds)
+_META_MODIFIED = "dockyard-modified"
+#: copies a move makes at most of a source that keeps being touched meanwhile
+MOVE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    bucket: str
+    region: str = "us-east-1"
+    regionendpoint: str = ""
+    accesskey: str = ""
+    secretkey: str = ""
+    rootdirectory: str = ""
+    secure: bool = True
+    skipverify: bool = False
+    v4auth: bool = True
+    forcepathstyle: bool = False
+    chunksize: int = 10 * 1024 * 1024
+    multipartcopychunksize: int = 32 * 1024 * 1024
+    multipartcopymaxconcurrency: int = 100
+    multipartcopythresholdsize: int = 32 * 1024 * 1024
+    encrypt: bool = False
+    keyid: str = ""
+    storageclass: str = "STANDARD"
+    objectacl: str = "private"
+    useragent: str = ""
+    #: seconds a presigned URL stays valid; 0 disables redirects
+    redirect_expiry: float = 1200.0
+
+
+def _is_missing(exc: Exception) -> bool:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("NoSuchKey", "404", "NotFound", "NoSuchUpload") or status == 404
+
+
+def _modified(head: dict[str, Any]) -> float:
+    """A file's modification time: kept through moves in the metadata (see the module
+    docstring), else the object's LastModified."""
+    kept = head.get("Metadata", {}).get(_META_MODIFIED)
+    with contextlib.suppress(TypeError, ValueError):
+        return float(kept)
+    return float(head["LastModified"].timestamp())
+
+
+def _version(head: dict[str, Any]) -> tuple[Any, ...]:
+    """What changes whenever an object is rewritten or touched."""
+    return head["LastModified"], head.get("ETag"), sorted(head.get("Metadata", {}).items())
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class S3Driver:
+    name = "s3"
+
+    def __init__(self, settings: S3Settings) -> None:
+        if settings.chunksize < MIN_PART:
+            raise ValueError(f"chunksize must be at least {MIN_PART} (S3's smallest part)")
+        self.settings = settings
+        self.bucket = settings.bucket
+        self._prefix = settings.rootdirectory.strip("/")
+        self._client: Any = None
+        self._client_cm: Any = None
+        self._client_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- the client, created on the event loop that uses it ---------------------------------
+    async def _s3(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is loop:
+            return self._client
+        if self._client_lock is None or self._loop is not loop:
+            # A client belongs to one event loop (one per worker; tests may use several).
+            self._client_lock, self._loop, self._client = asyncio.Lock(), loop, None
+        async with self._client_lock:
+            if self._client is None:
+                self._client_cm = self._create_client()
+                self._client = await self._client_cm.__aenter__()
+        return self._client
+
+    def _create_client(self) -> Any:
+        from aiobotocore.config import AioConfig  # loaded only when S3 is configured
+        from aiobotocore.session import get_session
+
+        s = self.settings
+        endpoint = s.regionendpoint or None
+        if endpoint and "://" not in endpoint:
+            endpoint = ("https://" if s.secure else "http://") + endpoint
+        addressing = "path" if (s.forcepathstyle or endpoint) else "auto"
+        config = AioConfig(
+            signature_version="s3v4" if s.v4auth else "s3",
+            s3={"addressing_style": addressing},
+            max_pool_connections=64,
+            retries={"max_attempts": 5, "mode": "standard"},
+            user_agent_extra=s.useragent or None,
+            # Only send a checksum where S3 requires one: several S3-compatible servers (Ceph
+            # RGW among them) reject the newer default checksum trailers.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return get_session().create_client(
+            "s3",
+            region_name=s.region or "us-east-1",
+            endpoint_url=endpoint,
+            use_ssl=s.secure if endpoint is None else endpoint.startswith("https://"),
+            verify=False if s.skipverify else None,
+            aws_access_key_id=s.accesskey or None,
+            aws_secret_access_key=s.secretkey or None,
+            config=config,
+        )
+
+    async def close(self) -> None:
+        if self._client_cm is not None:
+            cm, self._client_cm, self._client = self._client_cm, None, None
+            await cm.__aexit__(None, None, None)
+
+    # -- keys and the one place backend errors become driver errors ---------------------------
+    def _key(self, path: str) -> str:
+        if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/" or "\0" in path:
+            raise InvalidPath(path)
+        return (self._prefix + path).lstrip("/") if path != "/" else self._prefix
+
+    def _dir_prefix(self, path: str) -> str:
+        key = self._key(path).rstrip("/")
+        return key + "/" if key else ""
+
+    @contextlib.contextmanager
+    def _errors(self, path: str) -> Iterator[None]:
+        try:
+            yield
+        except (PathNotFound, StorageError, InvalidPath):
+            raise
+        except Exception as exc:
+            if _is_missing(exc):
+                raise PathNotFound(path) from None
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+                raise
+            raise StorageError(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+    def _put_args(self) -> dict[str, Any]:
+        s = self.settings
+        args: dict[str, Any] = {"ACL": s.objectacl} if s.objectacl != "private" else {}
+        if s.storageclass and s.storageclass.upper() not in ("STANDARD", "NONE"):
+            args["StorageClass"] = s.storageclass
+        if s.encrypt:
+            args["ServerSideEncryption"] = "aws:kms" if s.keyid else "AES256"
+            if s.keyid:
+                args["SSEKMSKeyId"] = s.keyid
+        return args
+
+    # -- small files --------------------------------------------------------------------------
+    async def read(self, path: str) -> bytes:
+        key = self._key(path)
+        s3 = await self._s3()
+        with self._errors(path):
+            response = await s3.get_object(Bucket=self.bucket, Key=key)
+            self._refuse_unfinished(path, response.get("Metadata", {}))
+            async with response["Body"] as body:
+                return bytes(await body.read())
+
+    async def write(self, path: str, data: bytes) -> None:
+        key = self._key(path)
+        s3 = await self._s3()
+        with self._errors(path):
+            await s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **self._put_args())
+
+    async def write_new(self, path: str, data: bytes) -> bool:
+        key = self._key(path)
+        s3 = await self._s3()
+        with self._errors(path):
+            try:
+                await s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfNoneMatch="*")
+            except Exception as exc:
+                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+
+    async def touch(self, path: str) -> None:
+        key = self._key(path)
+        s3 = await self._s3()
+        with self._errors(path):
+            head = await s3.head_object(Bucket=self.bucket, Key=key)
+            metadata = dict(head.get("Metadata", {}))
+            metadata.pop(_META_MODIFIED, None)  # from now on the copy's LastModified counts
+            # A copy onto itself must change something: S3 refuses a no-op copy.
+            metadata["dockyard-touched"] = f"{time.time():.3f}"
+            await self._copy(key, key, int(head["ContentLength"]), metadata)
+
+    async def stat(self, path: str) -> FileInfo:
+        key = self._key(path)
+        s3 = await self._s3()
+        with self._errors(path):
+            try:
+                head = await s3.head_object(Bucket=self.bucket, Key=key)
+            except Exception as exc:
+                if not _is_missing(exc):
+                    raise
+            else:
+                size = int(head["ContentLength"])
+                size += int(head.get("Metadata", {}).get(_META_PARTS_SIZE, 0))
+                return FileInfo(path, size, _modified(head), is_dir=False)
+            listing = await s3.list_objects_v2(
+                Bucket=self.bucket, Prefix=self._dir_prefix(path), MaxKeys=1
+            )
+            if listing.get("KeyCount", 0) or listing.get("Contents"):
+                return FileInfo(path, 0, 0.0, is_dir=True)
+        raise PathNotFound(path)
+
+    async def list(self, path: str) -> list[str]:
+        prefix = self._dir_prefix(path)
+        names: list[str] = []
+        with self._errors(path):
+            async for page in self._pages(prefix, delimiter="/"):
+                names.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page["dirs"])
+                names.extend(o["Key"][len(prefix) :] for o in page["files"])
+        if not names:
+            raise PathNotFound(path)
+        return names
+
+    async def _pages(self, prefix: str, delimiter: str = "") -> AsyncIterator[dict[str, Any]]:
+        s3 = await self._s3()
+        paginator = s3.get_paginator("list_objects_v2")
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        async for page in paginator.paginate(**args):
+            yield {"dirs": page.get("CommonPrefixes", []), "files": page.get("Contents", [])}
+
+    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
+        """Level by level, one delimited listing per directory (several at once), so subtrees
+        ``descend`` refuses (every repository's links) are never listed."""
+        root_prefix = self._key("/").rstrip("/")
+        root_prefix = root_prefix + "/" if root_prefix else ""
+        found: list[Entry] = []
+        limit = asyncio.Semaphore(WALK_CONCURRENCY)
+
+        async def children(directory: str) -> list[Entry]:
+            prefix = self._dir_prefix(directory)
+            entries: list[Entry] = []
+            async with limit:
+                with self._errors(directory):
+                    async for page in self._pages(prefix, delimiter="/"):
+                        for p in page["dirs"]:
+                            entries.append(Entry("/" + p["Prefix"][len(root_prefix) : -1], True))
+                        for o in page["files"]:
+                            entries.append(Entry("/" + o["Key"][len(root_prefix) :], False))
+            return entries
+
+        level = [path]
+        while level:
+            batches = await asyncio.gather(*(children(d) for d in level))
+            level = []
+            for entries in batches:
+                found.extend(entries)
+                level.extend(
+                    e.path for e in entries if e.is_dir and descend(e.path.rsplit("/", 1)[-1])
+                )
+        return found
+
+    async def move(self, source: str, dest: str) -> None:
+        src, dst = self._key(source), self._key(dest)
+        s3 = await self._s3()
+        with self._errors(source):
+            for _ in range(MOVE_ATTEMPTS):
+                head = await s3.head_object(Bucket=self.bucket, Key=src)
+                metadata = dict(head.get("Metadata", {}))
+                self._refuse_unfinished(source, metadata)
+                metadata[_META_MODIFIED] = f"{_modified(head):.3f}"
+                await self._copy(src, dst, int(head["ContentLength"]), metadata)
+                # Touched meanwhile (a touch changes the metadata)? Then the copy carries a
+                # stale time: copy again with the new one.
+                again = await s3.head_object(Bucket=self.bucket, Key=src)
+                if _version(again) == _version(head):
+                    break
+            await s3.delete_object(Bucket=self.bucket, Key=src)
+
+    async def delete(self, path: str) -> None:
+        key = self._key(path)
+        s3 = await self._s3()
+        found = False
+        with self._errors(path):
+            try:
+                head = await s3.head_object(Bucket=self.bucket, Key=key)
+            except Exception as exc:
+                if not _is_missing(exc):
+                    raise
+            else:
+                found = True
+                upload_id = head.get("Metadata", {}).get(_META_UPLOAD)
+                await s3.delete_object(Bucket=self.bucket, Key=key)
+                if upload_id:
+                    with contextlib.suppress(Exception):
+                        await s3.abort_multipart_upload(
+                            Bucket=self.bucket, Key=key, UploadId=upload_id
+                        )
+                return
+            prefix = self._dir_prefix(path)
+            batch: list[dict[str, str]] = []
+            async for page in self._pages(prefix):
+                for obj in page["files"]:
+                    batch.append({"Key": obj["Key"]})
+                    if len(batch) == 1000:
+                        await self._delete_batch(batch)
+                        batch = []
+            if batch:
+                await self._delete_batch(batch)
+                found = True
+            for upload in await self.multipart_uploads(path):
+                found = True
+                with contextlib.suppress(Exception):
+                    await s3.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+                    )
+        if not found:
+            raise PathNotFound(path)
+
+    async def _delete_batch(self, batch: list[dict[str, str]]) -> None:
+        s3 = await self._s3()
+        response = await s3.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+        )
+        errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            raise StorageError(f"deleting {errors[0].get('Key')}: {errors[0].get('Message')}")
+
+    async def remove_empty_dir(self, path: str) -> None:
+        return None  # prefixes vanish with their last key
+
+    # -- multipart uploads (upload purging) ----------------------------------------------------
+    async def multipart_uploads(self, path: str) -> list[MultipartUpload]:
+        """Multipart uploads in progress below ``path``, with their start times."""
+        prefix = self._dir_prefix(path)
+        root = self._key("/").rstrip("/")
+        s3 = await self._s3()
+        found: list[MultipartUpload] = []
+        with self._errors(path):
+            paginator = s3.get_paginator("list_multipart_uploads")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    key = upload["Key"]
+                    found.append(
+                        MultipartUpload(
+                            path="/" + key[len(root) :].lstrip("/"),
+                            key=key,
+                            upload_id=upload["UploadId"],
+                            started=upload["Initiated"].timestamp(),
+                        )
+                    )
+        return found
+
+    async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
+        """Abort multipart uploads started before ``before``: parts of uploads whose session
+        was abandoned, of writers that failed, or of copies that were interrupted."""
+        s3 = await self._s3()
+        removed = []
+        for upload in await self.multipart_uploads(path):
+            if upload.started >= before:
+                continue
+            removed.append(f"{upload.path} (multipart upload {upload.upload_id})")
+            if not dry_run:
+                with self._errors(upload.path), contextlib.suppress(PathNotFound):
+                    await s3.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+                    )
+        return removed
+
+    # -- streams ----------------------------------------------------------------------------
+    async def reader(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        key = self._key(path)
+        if length == 0:
+            return
+        s3 = await self._s3()
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{end}"
+        with self._errors(path):
+            try:
+                response = await s3.get_object(**args)
+            except Exception as exc:
+                if _error_code(exc) == "InvalidRange":
+                    return  # offset at or past the end: nothing to read
+                raise
+            self._refuse_unfinished(path, response.get("Metadata", {}))
+            async with response["Body"] as body:
+                while chunk := await body.read(READ_CHUNK):
+                    yield chunk
+
+    async def writer(self, path: str, append: bool) -> S3Writer:
+        key = self._key(path)
+        writer = S3Writer(self, path, key)
+        with self._errors(path):
+            await writer.open(append)
+        return writer
+
+    async def redirect_url(self, path: str, method: str = "GET") -> str | None:
+        if self.settings.redirect_expiry <= 0:
+            return None
+        return await self.presign(path, method, self.settings.redirect_expiry)
+
+    async def presign(self, path: str, method: str, expires: float) -> str:
+        s3 = await self._s3()
+        operation = "head_object" if method == "HEAD" else "get_object"
+        with self._errors(path):
+            url: str = await s3.generate_presigned_url(
+                operation,
+                Params={"Bucket": self.bucket, "Key": self._key(path)},
+                ExpiresIn=max(1, int(expires)),
+            )
+        return url
+
+    def local_path(self, path: str) -> str | None:
+        return None
+
+    # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _refuse_unfinished(path: str, metadata: dict[str, str]) -> None:
+        if int(metadata.get(_META_PARTS, 0) or 0):
+            raise StorageError(f"{path} is still being written (commit it first)")
+
+    async def _copy(
+        self, source: str, dest: str, size: int, metadata: dict[str, str] | None
+    ) -> None:
+        """Server-side copy; part-copies in parallel above the threshold (and always above
+        S3's 5 GiB single-copy limit)."""
+        s3 = await self._s3()
+        s = self.settings
+        extra = self._put_args()
+        if metadata is not None:
+            extra.update(Metadata=metadata, MetadataDirective="REPLACE")
+        copy_source = {"Bucket": self.bucket, "Key": source}
+        if size <= min(s.multipartcopythresholdsize, MAX_SINGLE_COPY) or size == 0:
+            await s3.copy_object(Bucket=self.bucket, Key=dest, CopySource=copy_source, **extra)
+            return
+        extra.pop("MetadataDirective", None)
+        created = await s3.create_multipart_upload(Bucket=self.bucket, Key=dest, **extra)
+        upload_id = created["UploadId"]
+        piece = max(s.multipartcopychunksize, -(-size // 10000))
+        ranges = [(start, min(start + piece, size) - 1) for start in range(0, size, piece)]
+        limit = asyncio.Semaphore(max(1, s.multipartcopymaxconcurrency))
+
+        async def copy_part(number: int, first: int, last: int) -> dict[str, Any]:
+            async with limit:
+                result = await s3.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=dest,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=copy_source,
+                    CopySourceRange=f"bytes={first}-{last}",
+                )
+            return {"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]}
+
+        try:
+            parts = await asyncio.gather(
+                *(copy_part(i + 1, first, last) for i, (first, last) in enumerate(ranges))
+            )
+            await s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=dest, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    s3.abort_multipart_upload(Bucket=self.bucket, Key=dest, UploadId=upload_id)
+                )
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartUpload:
+    path: str
+    key: str
+    upload_id: str
+    started: float
+
+
+class S3Writer:
+    """An appending writer on an appendable file (see the module docstring)."""
+
+    def __init__(self, driver: S3Driver, path: str, key: str) -> None:
+        self._driver = driver
+        self._path = path
+        self._key = key
+        self._chunk = driver.settings.chunksize
+        self._upload_id: str | None = None
+        self._parts = 0  # parts that count
+        self._parts_size = 0
+        self._etags: dict[int, str] = {}  # parts this writer uploaded
+        self._tail = bytearray()
+        self._plain_size = 0  # an ordinary object being appended to, not converted yet
+
+    @property
+    def size(self) -> int:
+        return self._plain_size or self._parts_size + len(self._tail)
+
+    async def open(self, append: bool) -> None:
+        s3 = await self._driver._s3()
+        bucket = self._driver.bucket
+        try:
+            response = await s3.get_object(Bucket=bucket, Key=self._key)
+        except Exception as exc:
+            if not _is_missing(exc):
+                raise
+            return
+        metadata = response.get("Metadata", {})
+        size = int(response["ContentLength"])
+        if not append:
+            response["Body"].close()
+            if metadata.get(_META_UPLOAD):  # drop the unfinished content this file replaces
+                with contextlib.suppress(Exception):
+                    await s3.abort_multipart_upload(
+                        Bucket=bucket, Key=self._key, UploadId=metadata[_META_UPLOAD]
+                    )
+            return
+        if metadata.get(_META_UPLOAD):
+            self._upload_id = metadata[_META_UPLOAD]
+            self._parts = int(metadata.get(_META_PARTS, 0))
+            self._parts_size = int(metadata.get(_META_PARTS_SIZE, 0))
+        elif size > self._chunk:
+            # An ordinary object larger than a part: left as it is unless something is
+            # appended (see _convert).
+            response["Body"].close()
+            self._plain_size = size
+            return
+        async with response["Body"] as body:
+            self._tail += await body.read()
+
+    async def _start_upload(self) -> None:
+        s3 = await self._driver._s3()
+        created = await s3.create_multipart_upload(
+            Bucket=self._driver.bucket, Key=self._key, **self._driver._put_args()
+        )
+        self._upload_id = created["UploadId"]
+
+    async def _upload_part(self, data: bytes | bytearray) -> None:
+        s3 = await self._driver._s3()
+        if self._upload_id is None:
+            await self._start_upload()
+        number = self._parts + 1
+        result = await s3.upload_part(
+            Bucket=self._driver.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=bytes(data),
+        )
+        self._etags[number] = result["ETag"]
+        self._parts = number
+        self._parts_size += len(data)
+
+    async def _convert(self) -> None:
+        """Turn an ordinary object into an appendable file: its whole parts are copied
+        server-side into a new multipart upload and the rest becomes the tail."""
+        s3 = await self._driver._s3()
+        bucket = self._driver.bucket
+        size, self._plain_size = self._plain_size, 0
+        whole = size - size % self._chunk
+        await self._start_upload()
+        for number, first in enumerate(range(0, whole, self._chunk), start=1):
+            result = await s3.upload_part_copy(
+                Bucket=bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": bucket, "Key": self._key},
+                CopySourceRange=f"bytes={first}-{first + self._chunk - 1}",
+            )
+            self._etags[number] = result["CopyPartResult"]["ETag"]
+        self._parts, self._parts_size = whole // self._chunk, whole
+        if whole < size:
+            tail = await s3.get_object(Bucket=bucket, Key=self._key, Range=f"bytes={whole}-")
+            async with tail["Body"] as body:
+                self._tail += await body.read()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        with self._driver._errors(self._path):
+            if self._plain_size:
+                await self._convert()
+            self._tail += data
+            while len(self._tail) >= self._chunk:
+                part = self._tail[: self._chunk]
+                await self._upload_part(part)
+                del self._tail[: self._chunk]
+
+    async def close(self) -> None:
+        if self._plain_size:
+            return  # nothing was appended: the object stays as it is
+        s3 = await self._driver._s3()
+        metadata: dict[str, str] = {}
+        if self._upload_id is not None:
+            metadata = {
+                _META_UPLOAD: self._upload_id,
+                _META_PARTS: str(self._parts),
+                _META_PARTS_SIZE: str(self._parts_size),
+            }
+        with self._driver._errors(self._path):
+            await s3.put_object(
+                Bucket=self._driver.bucket,
+                Key=self._key,
+                Body=bytes(self._tail),
+                Metadata=metadata,
+                **self._driver._put_args(),
+            )
+
+    async def commit(self) -> None:
+        if self._upload_id is None:
+            await self.close()
+            return
+        s3 = await self._driver._s3()
+        bucket = self._driver.bucket
+        with self._driver._errors(self._path):
+            if self._tail:
+                await self._upload_part(self._tail)  # the last part may be small
+                self._tail = bytearray()
+            known = dict(self._etags)
+            if len(known) < self._parts:
+                paginator = s3.get_paginator("list_parts")
+                async for page in paginator.paginate(
+                    Bucket=bucket, Key=self._key, UploadId=self._upload_id
+                ):
+                    for part in page.get("Parts", []):
+                        known.setdefault(part["PartNumber"], part["ETag"])
+            missing = [n for n in range(1, self._parts + 1) if n not in known]
+            if missing:
+                raise StorageError(f"{self._path}: parts {missing[:5]} of the upload are missing")
+            parts = [{"PartNumber": n, "ETag": known[n]} for n in range(1, self._parts + 1)]
+            await s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+
+    async def abort(self) -> None:
+        # Nothing this writer did is counted until close: parts it uploaded are beyond the
+        # stored part count and will be overwritten or dropped at completion.
+        self._tail = bytearray()

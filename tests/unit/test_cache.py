@@ -1,0 +1,150 @@
+"""The Redis blob descriptor cache (registry/cache.py) on a real redis-server: it answers from
+Redis only what storage confirmed, forgets before every deletion, ignores entries of a wiped
+store, and degrades to storage when Redis is flushed or gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_model import digest_of, upload
+
+from dockyard.errors import RegistryError
+from dockyard.oci.digest import Digest
+from dockyard.registry import layout
+from dockyard.registry.cache import RedisCache, redis_client
+from dockyard.registry.gc import GarbageCollector
+from dockyard.registry.repository import Registry
+from dockyard.storage.driver import StorageError
+from dockyard.storage.filesystem import FilesystemDriver
+from support import free_port
+
+
+def cached_registry(root: Path, addr: str, ttl: float = 3600) -> Registry:
+    driver = FilesystemDriver(str(root), max_threads=4)
+    cache = RedisCache(redis_client(addr, "", "", 0, socket_timeout=1), driver, ttl=ttl)
+    return Registry(driver, secret="s", delete_enabled=True, cache=cache)
+
+
+@pytest.fixture
+def redis_db(redis_addr: str) -> Iterator[str]:
+    from s3support import flush_redis
+
+    flush_redis(redis_addr)
+    yield redis_addr
+    flush_redis(redis_addr)
+
+
+def keys(addr: str) -> list[str]:
+    import redis
+
+    host, port = addr.rsplit(":", 1)
+    return sorted(k.decode() for k in redis.Redis(host=host, port=int(port)).keys("*"))
+
+
+def test_storage_fills_the_cache_and_answers_come_from_it(tmp_path: Path, redis_db: str) -> None:
+    registry = cached_registry(tmp_path, redis_db)
+
+    async def go() -> None:
+        d = await upload(registry, "app", b"layer bytes")
+        assert keys(redis_db) == []  # an upload does not fill it: only a confirmed read does
+        info = await registry.repository("app").blobs.stat(d)
+        assert info.size == len(b"layer bytes")
+        found = keys(redis_db)
+        assert len(found) == 2 and any(f":link:app:{d}" in k for k in found)
+        # The answer now comes from Redis: no storage read of the link (moved away to prove it).
+        link = tmp_path / layout.layer_link("app", d).lstrip("/")
+        link.rename(tmp_path / "elsewhere")
+        assert (await registry.repository("app").blobs.stat(d)).size == info.size
+        link.parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "elsewhere").rename(link)
+        # Another repository never gets an answer from app's entry.
+        with pytest.raises(RegistryError):
+            await registry.repository("other").blobs.stat(d)
+
+    asyncio.run(go())
+
+
+def test_deletions_forget_first(tmp_path: Path, redis_db: str) -> None:
+    registry = cached_registry(tmp_path, redis_db, ttl=3600)
+
+    async def go() -> None:
+        d = await upload(registry, "app", b"to be unlinked")
+        blobs = registry.repository("app").blobs
+        await blobs.stat(d)
+        await blobs.unlink(d)
+        with pytest.raises(RegistryError):
+            await blobs.stat(d)
+
+        # Garbage collection: an unreferenced, old blob is swept and forgotten.
+        kept = await upload(registry, "app", b"swept by gc")
+        await blobs.stat(kept)
+        await registry.driver.touch(layout.blob_data(kept))
+        old = time.time() - 10 * 86400
+        data = tmp_path / layout.blob_data(kept).lstrip("/")
+        link = tmp_path / layout.layer_link("app", kept).lstrip("/")
+        for path in (data, link):
+            os.utime(path, (old, old))
+        report = await GarbageCollector(
+            registry.driver, grace=60, touch_interval=15, cache=registry.blobs.cache
+        ).run()
+        assert report.blobs_removed >= 1
+        with pytest.raises(RegistryError):
+            await blobs.stat(kept)
+
+    asyncio.run(go())
+
+
+def test_a_wiped_store_never_sees_old_entries(tmp_path: Path, redis_db: str) -> None:
+    first = cached_registry(tmp_path / "one", redis_db)
+
+    async def fill() -> Digest:
+        d = await upload(first, "app", b"was here")
+        await first.repository("app").blobs.stat(d)
+        return d
+
+    d = asyncio.run(fill())
+    shutil.rmtree(tmp_path / "one")  # storage reset under a Redis that still holds entries
+    second = cached_registry(tmp_path / "one", redis_db)
+
+    async def look() -> None:
+        with pytest.raises(RegistryError):
+            await second.repository("app").blobs.stat(d)
+
+    asyncio.run(look())
+
+
+def test_flushed_or_unreachable_redis_degrades_to_storage(tmp_path: Path, redis_db: str) -> None:
+    from s3support import flush_redis
+
+    registry = cached_registry(tmp_path, redis_db)
+
+    async def go() -> None:
+        d = await upload(registry, "app", b"still served")
+        await registry.repository("app").blobs.stat(d)
+        flush_redis(redis_db)
+        assert (await registry.repository("app").blobs.stat(d)).size == len(b"still served")
+
+    asyncio.run(go())
+
+    dead = cached_registry(tmp_path, f"127.0.0.1:{free_port()}")
+
+    async def without_redis() -> None:
+        d = digest_of(b"still served")
+        started = time.monotonic()
+        for _ in range(20):
+            assert (await dead.repository("app").blobs.stat(d)).size == len(b"still served")
+        assert time.monotonic() - started < 5  # one failed connect, then a pause, not 20
+        d2 = await upload(dead, "app", b"pushed while redis is down")
+        assert (await dead.repository("app").blobs.stat(d2)).size > 0
+        # A deletion that cannot reach Redis does not happen.
+        with pytest.raises(StorageError):
+            await dead.repository("app").blobs.unlink(d2)
+        assert await dead.repository("app").blobs.is_linked(d2)
+
+    asyncio.run(without_redis())

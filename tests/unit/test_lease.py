@@ -1,0 +1,39 @@
+"""The storage lease behind "one garbage collection at a time": exclusive, renewed in the
+background while held, and reported lost when someone else took it over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dockyard.registry import layout
+from dockyard.registry.lease import Lease, LeaseBusy
+from dockyard.storage.filesystem import FilesystemDriver
+
+
+def test_lease_is_exclusive_renewed_and_lost_when_taken(tmp_path: Path) -> None:
+    driver = FilesystemDriver(str(tmp_path), max_threads=4)
+    path = tmp_path / layout.lease("gc").lstrip("/")
+
+    async def go() -> None:
+        async with Lease(driver, "gc", ttl=0.6) as lease:
+            with pytest.raises(LeaseBusy):
+                await Lease(driver, "gc").acquire()
+            first = json.loads(path.read_text())["expires"]
+            await asyncio.sleep(0.5)  # longer than a third of the lifetime: renewed meanwhile
+            assert json.loads(path.read_text())["expires"] > first
+            lease.check()
+            # A holder that lost its lease (it lapsed and another took it) must stop.
+            path.write_text(json.dumps({"holder": "other:1", "expires": time.time() + 60}))
+            await asyncio.sleep(0.4)
+            with pytest.raises(LeaseBusy):
+                lease.check()
+        # Leaving does not remove a lease this holder no longer owns.
+        assert json.loads(path.read_text())["holder"] == "other:1"
+        await driver.close()
+
+    asyncio.run(go())
