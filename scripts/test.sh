@@ -50,6 +50,12 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 export PATH="$PWD/.venv/bin:$PATH"
-ruff check src tests
-ruff format --check src tests
-exec python -m pytest "$@"
+ruff check src tests bench
+ruff format --check src tests bench
+if [ $# -gt 0 ]; then
+  exec python -m pytest "$@"
+fi
+python -m pytest
+# The API suite once more with every server on the S3 driver (against moto), so the registry's
+# behaviour is checked on object storage too, not only the driver.
+DOCKYARD_TEST_S3=moto python -m pytest -q tests/api

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +25,31 @@ from support import (  # noqa: F401 - re-exported for tests
     wait_for_port,
     write_config,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def api_suite_on_s3() -> Iterator[None]:
+    """``DOCKYARD_TEST_S3=moto``: every server the tests start keeps its data in S3 (a moto
+    server in this process) instead of a directory, so the API suite checks the registry on the
+    S3 driver; tests marked ``filesystem`` (they read the data directory) are skipped."""
+    if os.environ.get("DOCKYARD_TEST_S3") != "moto":
+        yield
+        return
+    with start_moto() as endpoint:
+        bucket = new_bucket(endpoint, "api")
+        os.environ["DOCKYARD_TEST_S3"] = json.dumps(endpoint.storage_config(bucket))
+        try:
+            yield
+        finally:
+            os.environ["DOCKYARD_TEST_S3"] = "moto"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("DOCKYARD_TEST_S3"):
+        skip = pytest.mark.skip(reason="reads the data directory; the servers use S3")
+        for item in items:
+            if "filesystem" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture

@@ -159,6 +159,13 @@ def write_config(path: Path, root: Path, port: int, **overrides: Any) -> None:
         "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "test-secret"},
     }
+    s3 = os.environ.get("DOCKYARD_TEST_S3")
+    if s3 and not {"s3", "filesystem"} & set(overrides.get("storage", {})):
+        # The API suite on S3 instead of a disk: DOCKYARD_TEST_S3 holds storage.s3 as JSON (each
+        # data directory becomes its own prefix; blobs are served by Dockyard, not redirected).
+        prefix = hashlib.sha256(str(root).encode()).hexdigest()[:16]  # one per data directory
+        config["storage"]["s3"] = {**json.loads(s3), "rootdirectory": f"/{prefix}"}
+        config["storage"]["redirect"] = {"disable": True}
     _merge(config, overrides)
     if "s3" in config["storage"]:  # another driver replaces the default filesystem one
         del config["storage"]["filesystem"]

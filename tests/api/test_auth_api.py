@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import os
 import subprocess
 import sys
 import time
@@ -324,6 +325,9 @@ def test_mount_needs_pull_on_the_source(external: tuple[Server, Any]) -> None:
 # -- the built-in token server ----------------------------------------------------------------
 
 
+ON_S3 = "DOCKYARD_TEST_S3"
+
+
 @pytest.fixture
 def token_server(start_server: ServerFactory, tmp_path: Path) -> Server:
     users = tmp_path / "users"
@@ -336,6 +340,12 @@ def token_server(start_server: ServerFactory, tmp_path: Path) -> Server:
                 "issuer": "dockyard-test",
                 "server": {
                     "htpasswd": str(users),
+                    # On S3 there is no data directory to keep a generated key in.
+                    **(
+                        {"key": str(tmp_path / "key.pem")}
+                        if os.environ.get("DOCKYARD_TEST_S3")
+                        else {}
+                    ),
                     "admins": ["admin"],
                     "groups": {"team-a": ["bob"]},
                     "access": [
@@ -369,6 +379,7 @@ def token_for(s: Server, auth: tuple[str, str] | None, *scopes: str) -> dict[str
     return bearer(r.json()["token"])
 
 
+@pytest.mark.filesystem
 def test_token_endpoint_protocol(token_server: Server) -> None:
     s = token_server
     r = requests.get(s.v2(""))

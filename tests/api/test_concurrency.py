@@ -9,6 +9,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
 from support import OCI_MANIFEST, Server, ServerFactory, sha256
@@ -29,6 +30,7 @@ def check_store(root: Path) -> None:
     assert not [p for p in v2.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.filesystem
 def test_concurrent_uploads_of_the_same_blob(start_server: ServerFactory) -> None:
     s = start_server(workers=2)
     data = os.urandom(3 * 1024 * 1024)
@@ -59,6 +61,7 @@ def test_concurrent_uploads_of_the_same_blob(start_server: ServerFactory) -> Non
     check_store(s.root)
 
 
+@pytest.mark.filesystem
 def test_concurrent_pushes_of_the_same_tag(start_server: ServerFactory) -> None:
     s: Server = start_server(workers=2)
     images = [s.push_image("race/app", None) for _ in range(12)]

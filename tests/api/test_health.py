@@ -6,11 +6,13 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from support import ServerFactory
 
 
+@pytest.mark.filesystem
 def test_health_reports_storage(start_server: ServerFactory, tmp_path: Path) -> None:
     users = tmp_path / "htpasswd"
     users.write_text("")  # auth on, no users: health still answers without credentials

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from support import OCI_INDEX, OCI_MANIFEST, Server, ServerFactory, assert_error, sha256
@@ -47,6 +48,7 @@ def layer(n: int) -> bytes:
 NO_GRACE = {"maintenance": {"gc": {"grace": "0s"}}}
 
 
+@pytest.mark.filesystem
 def test_gc_removes_only_what_nothing_references(start_server: ServerFactory) -> None:
     s = start_server(storage=NO_GRACE)
     shared = layer(1)
@@ -135,6 +137,7 @@ def test_delete_untagged_keeps_index_children_and_referrers(start_server: Server
     assert f"removed manifest multi@{sha256(sig_body)}" in out
 
 
+@pytest.mark.filesystem
 def test_grace_period_protects_recent_content(start_server: ServerFactory) -> None:
     s = start_server(storage=NO_GRACE)
     digest = s.push_blob("fresh", b"uploaded but not referenced yet")
@@ -146,6 +149,7 @@ def test_grace_period_protects_recent_content(start_server: ServerFactory) -> No
     assert not blob_exists(s, digest)
 
 
+@pytest.mark.filesystem
 def test_one_collection_at_a_time(start_server: ServerFactory) -> None:
     s = start_server()
     lease = s.root / "dockyard/leases/gc"
@@ -158,6 +162,7 @@ def test_one_collection_at_a_time(start_server: ServerFactory) -> None:
     assert not lease.exists()
 
 
+@pytest.mark.filesystem
 def test_scheduled_collection_while_serving(start_server: ServerFactory) -> None:
     s = start_server(
         storage={"maintenance": {"gc": {"enabled": True, "interval": "1s", "grace": "0s"}}}
@@ -172,6 +177,7 @@ def test_scheduled_collection_while_serving(start_server: ServerFactory) -> None
     assert "scheduled garbage collection" in s.log()
 
 
+@pytest.mark.filesystem
 def test_du(start_server: ServerFactory) -> None:
     s = start_server()
     shared = layer(5000)
@@ -193,6 +199,7 @@ def test_du(start_server: ServerFactory) -> None:
     assert "REPOSITORY" in table and "\na " in table and "store:" in table
 
 
+@pytest.mark.filesystem
 def test_fsck_finds_and_quarantines_corruption(start_server: ServerFactory) -> None:
     s = start_server()
     _, manifest = s.push_image("fs", "v1", [layer(1), layer(2)])
@@ -213,6 +220,7 @@ def test_fsck_finds_and_quarantines_corruption(start_server: ServerFactory) -> N
     assert f"layer link {victim} points to a missing blob" in result.stdout
 
 
+@pytest.mark.filesystem
 def test_upload_purging(start_server: ServerFactory) -> None:
     s = start_server(
         storage={

@@ -258,6 +258,7 @@ def test_conditional_get(server: Server, repo: str) -> None:
     assert r.status_code == 304
 
 
+@pytest.mark.filesystem
 def test_retag_moves_the_tag(server: Server, repo: str) -> None:
     d1, _ = server.push_image(repo, "latest")
     d2, _ = server.push_image(repo, "latest")

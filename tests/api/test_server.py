@@ -164,6 +164,7 @@ def test_workers_serve_one_port_and_are_restarted(start_server: ServerFactory) -
         assert requests.get(s.v2(""), headers={"Connection": "close"}).status_code == 200
 
 
+@pytest.mark.filesystem
 def test_sigterm_finishes_in_flight_requests(start_server: ServerFactory) -> None:
     s = start_server(workers=2)
     data = os.urandom(4 * 1024 * 1024)
