@@ -148,6 +148,21 @@ class DriverContract:
 
         run(go())
 
+    def test_move_keeps_the_modification_time(self, driver: StorageDriver) -> None:
+        """Garbage collection moves a file aside and reads its time again (registry/gc.py): a
+        move must carry the time over, as a rename does, and a later touch must count."""
+
+        async def go() -> None:
+            await driver.write("/old", b"x")
+            before = (await driver.stat("/old")).modified
+            await asyncio.sleep(1.1)
+            await driver.move("/old", "/aside")
+            assert abs((await driver.stat("/aside")).modified - before) < 1.0
+            await driver.touch("/aside")
+            assert (await driver.stat("/aside")).modified > before
+
+        run(go())
+
     def test_concurrent_atomic_writes(self, driver: StorageDriver) -> None:
         """Readers racing writers see one whole version, never a torn or empty file."""
         versions = [bytes([i]) * 65536 for i in range(1, 9)]

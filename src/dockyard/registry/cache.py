@@ -88,7 +88,8 @@ class RedisCache:
     def __init__(self, client: Any, driver: StorageDriver, ttl: float) -> None:
         self.client = client
         self.driver = driver
-        self.ttl = max(1, int(ttl))
+        # Milliseconds: an entry must never outlive the touch interval, however short.
+        self.ttl_ms = max(1, int(ttl * 1000))
         self._epoch = ""
         self._epoch_checked = 0.0
         self._down_until = 0.0
@@ -135,8 +136,8 @@ class RedisCache:
         try:
             prefix = await self._prefix()
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(f"{prefix}:blob:{digest}", str(size), ex=self.ttl)
-                pipe.set(f"{prefix}:link:{name}:{digest}", "1", ex=self.ttl)
+                pipe.set(f"{prefix}:blob:{digest}", str(size), px=self.ttl_ms)
+                pipe.set(f"{prefix}:link:{name}:{digest}", "1", px=self.ttl_ms)
                 await pipe.execute()
         except Exception as exc:
             self._failed(exc)
