@@ -56,9 +56,24 @@ async def keep(driver: StorageDriver, path: str, interval: float) -> float:
     info = await driver.stat(path)
     now = time.time()
     if now - info.modified >= interval:
-        await driver.touch(path)
+        await stamp(driver, path)
         return now
     return info.modified
+
+
+#: how long a stamp waits before it confirms the file is still there, where a move is not one
+#: atomic step (docs/gc.md, "On S3"): far longer than a collector takes from its last look at
+#: a file it moved aside to deleting the original
+STAMP_CONFIRM_DELAY = 0.25
+
+
+async def stamp(driver: StorageDriver, path: str) -> None:
+    """Touch ``path``; PathNotFound if it is missing, or if it vanished right after the touch
+    because a collector that had already moved it aside deleted it."""
+    await driver.touch(path)
+    if not driver.atomic_move:
+        await asyncio.sleep(STAMP_CONFIRM_DELAY)
+        await driver.stat(path)
 
 
 async def delete_if_present(driver: StorageDriver, path: str) -> bool:
@@ -110,16 +125,10 @@ class BlobStore:
             info = await self.driver.stat(path)
             now = time.time()
             if now - info.modified >= self.touch_interval:
-                await self.driver.touch(path)
+                await stamp(self.driver, path)
         except PathNotFound:
             raise blob_unknown(digest) from None
         return BlobInfo(digest=digest, size=info.size, modified=info.modified)
-
-    async def touch(self, digest: Digest) -> None:
-        try:
-            await self.driver.touch(layout.blob_data(digest))
-        except PathNotFound:
-            raise blob_unknown(digest) from None
 
     async def read(self, digest: Digest) -> bytes:
         """Whole content of a small blob (a manifest)."""

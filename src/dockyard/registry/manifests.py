@@ -104,12 +104,13 @@ class ManifestStore:
         return PushedManifest(digest=digest, manifest=manifest)
 
     async def _blob_present(self, digest: Digest) -> bool:
-        """Linked here and its data present, which is touched: a manifest about to reference
-        it makes it in use (registry.gc)."""
+        """Linked here and its data present, which is stamped: a manifest about to reference
+        it makes it in use (registry.gc). A stamp younger than the touch interval is left as it
+        is: no collection can take the blob before the manifest is in place to mark it."""
         if not await self.blobs.is_linked(digest):
             return False
         try:
-            await self.store.touch(digest)
+            await self.store.keep(digest)
         except RegistryError:
             return False
         return True

@@ -278,7 +278,7 @@ class Uploads:
                 {"provided": str(digest), "computed": str(actual), "size": size},
             )
         await self.store.adopt(path, digest)
-        await self.store.touch(digest)  # in use from now on, whatever the upload's own times
+        await self.store.keep(digest)  # in use from now on, whatever the upload's own times
         await delete_if_present(self.driver, layout.upload_dir(self.name, session.id))
         await self.blobs.link(digest)
         return BlobInfo(digest=digest, size=size, modified=time.time())
@@ -296,8 +296,7 @@ class Uploads:
         if not await source.is_linked(digest):
             return None
         try:
-            info = await self.store.stat(digest)
-            await self.store.touch(digest)
+            info = await self.store.keep(digest)
         except RegistryError:
             return None
         await self.blobs.link(digest)

@@ -76,6 +76,9 @@ class StorageDriver(Protocol):
     for a missing path (where it says so) and :class:`StorageError` for anything else."""
 
     name: str
+    #: True when ``move`` is one atomic step (a rename): a touch either precedes it or fails.
+    #: False on object storage (copy, then delete), where registry.blobs.stamp confirms touches.
+    atomic_move: bool
 
     async def read(self, path: str) -> bytes:
         """The whole content of a small file (links, manifests). PathNotFound if missing."""

@@ -27,6 +27,7 @@ READ_CHUNK = 1024 * 1024
 
 class FilesystemDriver:
     name = "filesystem"
+    atomic_move = True
 
     def __init__(self, root: str, *, max_threads: int = 100, fsync: bool = False) -> None:
         self.root = os.path.abspath(root)

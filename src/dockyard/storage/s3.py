@@ -112,6 +112,7 @@ def _error_code(exc: Exception) -> str:
 
 class S3Driver:
     name = "s3"
+    atomic_move = False  # a move is a copy and a delete (see registry.blobs.stamp)
 
     def __init__(self, settings: S3Settings) -> None:
         if settings.chunksize < MIN_PART:
