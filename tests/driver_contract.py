@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from dockyard.config import S3Config
 from dockyard.storage.driver import InvalidPath, PathNotFound, StorageDriver, StorageError
-from dockyard.storage.s3 import MIN_PART, S3Driver, S3Settings
+from dockyard.storage.s3 import MIN_PART, S3Driver
 from s3support import S3Endpoint
 
 
@@ -188,18 +189,12 @@ MiB = 1024 * 1024
 
 
 def make_driver(endpoint: S3Endpoint, bucket: str, **settings: object) -> S3Driver:
-    return S3Driver(
-        S3Settings(
-            bucket=bucket,
-            region=endpoint.region,
-            regionendpoint=endpoint.url,
-            accesskey=endpoint.access_key,
-            secretkey=endpoint.secret_key,
-            secure=False,
-            chunksize=MIN_PART,
-            **settings,  # type: ignore[arg-type]
-        )
+    """A driver on ``endpoint`` with the smallest parts S3 allows; ``settings`` are more
+    ``storage.s3`` keys."""
+    config = S3Config.model_validate(
+        endpoint.storage_config(bucket, chunksize=MIN_PART, **settings)
     )
+    return S3Driver(config)
 
 
 class S3Contract(DriverContract):

@@ -216,7 +216,7 @@ def test_instance_config_is_valid(caplog: pytest.LogCaptureFixture) -> None:
     # What an instance builds from it (neither connects before first use).
     driver = build_driver(config)
     assert isinstance(driver, S3Driver)
-    assert driver.settings.redirect_expiry == 0.0
+    assert driver.redirect_expiry == 0.0
     cache = build_cache(config, driver)
     assert isinstance(cache, RedisCache)
 

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dockyard.config import S3Config
 from dockyard.storage.driver import Entry, FileInfo, InvalidPath, PathNotFound, StorageError
 
 #: S3's smallest part (all but the last part of a multipart upload)
@@ -53,31 +54,6 @@ _META_PARTS_SIZE = "dockyard-parts-size"
 _META_MODIFIED = "dockyard-modified"
 #: copies a move makes at most of a source that keeps being touched meanwhile
 MOVE_ATTEMPTS = 5
-
-
-@dataclass(frozen=True, slots=True)
-class S3Settings:
-    bucket: str
-    region: str = "us-east-1"
-    regionendpoint: str = ""
-    accesskey: str = ""
-    secretkey: str = ""
-    rootdirectory: str = ""
-    secure: bool = True
-    skipverify: bool = False
-    v4auth: bool = True
-    forcepathstyle: bool = False
-    chunksize: int = 10 * 1024 * 1024
-    multipartcopychunksize: int = 32 * 1024 * 1024
-    multipartcopymaxconcurrency: int = 100
-    multipartcopythresholdsize: int = 32 * 1024 * 1024
-    encrypt: bool = False
-    keyid: str = ""
-    storageclass: str = "STANDARD"
-    objectacl: str = "private"
-    useragent: str = ""
-    #: seconds a presigned URL stays valid; 0 disables redirects
-    redirect_expiry: float = 1200.0
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -114,10 +90,11 @@ class S3Driver:
     name = "s3"
     atomic_move = False  # a move is a copy and a delete (see registry.blobs.stamp)
 
-    def __init__(self, settings: S3Settings) -> None:
-        if settings.chunksize < MIN_PART:
-            raise ValueError(f"chunksize must be at least {MIN_PART} (S3's smallest part)")
+    def __init__(self, settings: S3Config, redirect_expiry: float = 1200.0) -> None:
+        """``settings`` is registry:2's ``storage.s3`` section (validated by the config);
+        ``redirect_expiry``: seconds a presigned URL stays valid, 0 for no redirects."""
         self.settings = settings
+        self.redirect_expiry = redirect_expiry
         self.bucket = settings.bucket
         self._prefix = settings.rootdirectory.strip("/")
         self._client: Any = None
@@ -458,9 +435,9 @@ class S3Driver:
         return writer
 
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:
-        if self.settings.redirect_expiry <= 0:
+        if self.redirect_expiry <= 0:
             return None
-        return await self.presign(path, method, self.settings.redirect_expiry)
+        return await self.presign(path, method, self.redirect_expiry)
 
     async def presign(self, path: str, method: str, expires: float) -> str:
         s3 = await self._s3()
