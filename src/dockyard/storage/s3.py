@@ -207,7 +207,13 @@ class S3Driver:
         s3 = await self._s3()
         with self._errors(path):
             try:
-                await s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfNoneMatch="*")
+                await s3.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(data),
+                    IfNoneMatch="*",  # exactly one of several writers creates it
+                    **self._put_args(),
+                )
             except Exception as exc:
                 if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     return False
