@@ -4,6 +4,7 @@ served back byte for byte."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from dockyard.errors import ErrorCode, RegistryError
@@ -36,6 +37,35 @@ class PushedManifest:
     manifest: Manifest
 
 
+class ManifestBodies:
+    """Per process: recently served manifest bytes by digest. Content-addressed bytes never
+    change, so a copy is never stale; whether a repository has the manifest is still asked of
+    storage on every request (its revision link). Saves one storage read per manifest request,
+    which on object storage is a round trip."""
+
+    def __init__(self, capacity: int = 16 * 1024 * 1024) -> None:
+        self._entries: OrderedDict[Digest, bytes] = OrderedDict()
+        self._capacity = capacity
+        self._size = 0
+
+    def get(self, digest: Digest) -> bytes | None:
+        body = self._entries.get(digest)
+        if body is not None:
+            self._entries.move_to_end(digest)
+        return body
+
+    def put(self, digest: Digest, body: bytes) -> None:
+        if digest in self._entries or len(body) > self._capacity // 16:
+            return
+        if Digest.from_bytes(body, digest.algorithm) != digest:
+            return  # damaged in storage: served as it is (fsck reports it), never remembered
+        self._entries[digest] = body
+        self._size += len(body)
+        while self._size > self._capacity:
+            _, dropped = self._entries.popitem(last=False)
+            self._size -= len(dropped)
+
+
 class ManifestStore:
     def __init__(
         self,
@@ -44,8 +74,10 @@ class ManifestStore:
         blobs: LinkedBlobs,
         tags: TagStore,
         referrers: ReferrersIndex,
+        bodies: ManifestBodies | None = None,
     ) -> None:
         self.name = name
+        self.bodies = bodies or ManifestBodies(0)
         self.store = store
         self.driver = store.driver
         self.blobs = blobs
@@ -57,24 +89,33 @@ class ManifestStore:
         return link == digest and await self.store.exists(digest)
 
     async def _keep(self, digest: Digest) -> bool:
-        """Present and now marked in use (its revision link and its data): True, else False."""
-        path = layout.revision_link(self.name, digest)
-        if await read_link(self.driver, path) != digest:
-            return False
+        """In this repository, and now marked in use: True, else False. The revision link's
+        stamp is the mark: while it is there the collector keeps the manifest and so its data
+        (registry.gc), so the data needs no stamp of its own — one storage request, not four."""
         try:
-            await keep(self.driver, path, self.store.touch_interval)
-            await self.store.keep(digest)
-        except (PathNotFound, RegistryError):
+            await keep(
+                self.driver, layout.revision_link(self.name, digest), self.store.touch_interval
+            )
+        except PathNotFound:
             return False
         return True
 
-    async def get(self, digest: Digest) -> StoredManifest:
-        if not await self._keep(digest):
-            raise manifest_unknown(str(digest))
+    async def _body(self, digest: Digest) -> bytes | None:
         try:
             body = await self.store.read(digest)
         except RegistryError:
-            raise manifest_unknown(str(digest)) from None
+            return None
+        self.bodies.put(digest, body)
+        return body
+
+    async def get(self, digest: Digest) -> StoredManifest:
+        body = self.bodies.get(digest)
+        if body is None:
+            present, body = await asyncio.gather(self._keep(digest), self._body(digest))
+        else:
+            present = await self._keep(digest)
+        if not present or body is None:
+            raise manifest_unknown(str(digest))
         return StoredManifest(digest=digest, media_type=sniff_media_type(body), body=body)
 
     async def put(

@@ -11,7 +11,7 @@ from dockyard.oci.names import validate_name
 from dockyard.registry import layout
 from dockyard.registry.blobs import DEFAULT_TOUCH_INTERVAL, BlobStore, LinkedBlobs
 from dockyard.registry.cache import BlobDescriptorCache
-from dockyard.registry.manifests import ManifestStore
+from dockyard.registry.manifests import ManifestBodies, ManifestStore
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
 from dockyard.registry.uploads import HasherCache, Uploads, UploadTokens
@@ -57,7 +57,9 @@ class Repository:
         self.blobs = LinkedBlobs(name, store)
         self.tags = TagStore(name, registry.driver)
         self.referrers = ReferrersIndex(name, store)
-        self.manifests = ManifestStore(name, store, self.blobs, self.tags, self.referrers)
+        self.manifests = ManifestStore(
+            name, store, self.blobs, self.tags, self.referrers, registry.manifest_bodies
+        )
         self.uploads = Uploads(name, store, self.blobs, registry.tokens, registry.hashers)
 
     async def exists(self) -> bool:
@@ -83,6 +85,7 @@ class Registry:
         self.blobs = BlobStore(driver, touch_interval, cache)
         self.tokens = UploadTokens(secret)
         self.hashers = HasherCache()
+        self.manifest_bodies = ManifestBodies()
 
     def repository(self, name: str) -> Repository:
         return Repository(self, validate_name(name))
