@@ -56,6 +56,9 @@ if [ $# -gt 0 ]; then
   exec python -m pytest "$@"
 fi
 python -m pytest
-# The API suite once more with every server on the S3 driver (against moto), so the registry's
-# behaviour is checked on object storage too, not only the driver.
-DOCKYARD_TEST_S3=moto python -m pytest -q tests/api
+# The protocol's API tests once more with every server on the S3 driver (against moto), so the
+# registry's behaviour is checked on object storage too, not only the driver. (The whole API
+# suite runs this way with `DOCKYARD_TEST_S3=moto pytest tests/api`; CI keeps to the protocol.)
+DOCKYARD_TEST_S3=moto python -m pytest -q tests/api/test_base_api.py tests/api/test_blobs_api.py \
+  tests/api/test_uploads_api.py tests/api/test_manifests_api.py tests/api/test_tags_catalog_api.py \
+  tests/api/test_referrers_api.py
