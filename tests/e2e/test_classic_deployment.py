@@ -20,13 +20,11 @@ timeouts, ``client_max_body_size``, buffering and the API version header map sta
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,9 +38,10 @@ import requests
 import yaml
 from engines import start_dockerd
 from images import BuiltImage, build_busybox_image
+from services import NginxProcess, nginx_test, run_nginx, sub_exactly, write_nginx_conf
 
 from certs import CA, Issued, server_certificate
-from support import Server, ServerFactory, free_port, wait_for_port
+from support import Server, ServerFactory, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -88,11 +87,7 @@ def _output(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def _sub(text: str, pattern: str, replacement: str, count: int) -> str:
-    """Replace ``pattern`` (a regex matching whole lines' content) exactly ``count`` times: if the
-    shipped file changes shape, the template fails loudly instead of testing something else."""
-    new, n = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    assert n == count, f"expected {count} match(es) of {pattern!r} in {SITE}, found {n}"
-    return new
+    return sub_exactly(text, pattern, replacement, count, SITE)
 
 
 def render_site(*, upstream: int, http_port: int, tls_port: int, cert: Issued) -> str:
@@ -109,40 +104,9 @@ def render_site(*, upstream: int, http_port: int, tls_port: int, cert: Issued) -
     return site
 
 
-def write_nginx_conf(prefix: Path, site: str) -> Path:
-    """A minimal nginx.conf around the site: foreground, everything under ``prefix``."""
-    for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (prefix / "temp" / temp).mkdir(parents=True, exist_ok=True)
-    (prefix / "registry.conf").write_text(site)
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        f"""\
-daemon off;
-master_process on;
-worker_processes 2;
-user root;  # pytest's temp directories are private to root
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 512; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/temp/client_body;
-    proxy_temp_path {prefix}/temp/proxy;
-    fastcgi_temp_path {prefix}/temp/fastcgi;
-    uwsgi_temp_path {prefix}/temp/uwsgi;
-    scgi_temp_path {prefix}/temp/scgi;
-    include {prefix}/registry.conf;
-}}
-"""
-    )
-    return conf
-
-
 @dataclass
-class Nginx:
-    prefix: Path
+class Nginx(NginxProcess):
     conf: Path
-    proc: subprocess.Popen[bytes]
     http_port: int
     tls_port: int
 
@@ -154,10 +118,6 @@ class Nginx:
     def url(self) -> str:
         return f"https://{self.host}"
 
-    def error_log(self) -> str:
-        path = self.prefix / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
     def access_log(self) -> str:
         path = self.prefix / "access.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -165,36 +125,11 @@ class Nginx:
     def temp_files(self) -> list[Path]:
         return [p for p in (self.prefix / "temp").rglob("*") if p.is_file()]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # fast shutdown, workers exit with the master
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: master + workers
-                self.proc.wait()
-
 
 def start_nginx(binary: str, prefix: Path, site: str, http_port: int, tls_port: int) -> Nginx:
     conf = write_nginx_conf(prefix, site)
-    log = open(prefix / "nginx.out", "ab")  # noqa: SIM115 - closed right after Popen
-    with log:
-        proc = subprocess.Popen(
-            [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    nginx = Nginx(prefix, conf, proc, http_port, tls_port)
-    try:
-        wait_for_port(tls_port, proc)
-        wait_for_port(http_port, proc)
-    except Exception:
-        nginx.stop()
-        out = (prefix / "nginx.out").read_text(errors="replace")
-        raise RuntimeError(f"nginx did not start:\n{out}\n{nginx.error_log()}") from None
-    return nginx
+    proc = run_nginx(binary, prefix, conf, [tls_port, http_port])
+    return Nginx(prefix, proc, conf, http_port, tls_port)
 
 
 # -- module fixtures: a user, a CA and certificate, an image --------------------------------------
@@ -249,13 +184,7 @@ class Deployment:
         log = self.server.log()
         assert "Traceback" not in log, log[-6000:]
         assert PASSWORD not in log, "the password was written to Dockyard's log"
-        bad = [
-            line
-            for line in self.nginx.error_log().splitlines()
-            if re.search(r"\[(crit|alert|emerg)\]", line)
-            or ("[error]" in line and "upstream" in line)
-        ]
-        assert not bad, "\n".join(bad)
+        self.nginx.assert_clean_error_log()
 
 
 @pytest.fixture
@@ -312,10 +241,7 @@ def test_nginx_config_is_valid(tls: tuple[CA, Issued], tmp_path: Path) -> None:
     _, cert = tls
     site = render_site(upstream=free_port(), http_port=free_port(), tls_port=free_port(), cert=cert)
     conf = write_nginx_conf(tmp_path, site)
-    checked = subprocess.run(
-        [binary, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    checked = nginx_test(binary, tmp_path, conf)
     assert checked.returncode == 0, _output(checked)
     assert "syntax is ok" in checked.stderr, _output(checked)
     assert "test is successful" in checked.stderr, _output(checked)

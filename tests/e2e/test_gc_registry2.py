@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from services import Loopback
 
 from support import (
     DOCKER_LIST,
@@ -63,19 +64,11 @@ def _need_binaries() -> None:
 
 
 @dataclass
-class Registry2:
+class Registry2(Loopback):
     port: int
     config_path: Path
     log_path: Path
     proc: subprocess.Popen[bytes]
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

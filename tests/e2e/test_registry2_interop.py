@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import pytest
 import requests
 import yaml
+from pushload import oci_manifest
+from services import Loopback
 
 from support import (
     DOCKER_LIST,
@@ -83,21 +85,13 @@ class Registry(Protocol):
 
 
 @dataclass
-class Registry2:
+class Registry2(Loopback):
     """A running ``docker-registry serve`` (registry:2 v2.8)."""
 
     port: int
     root: Path
     log_path: Path
     proc: subprocess.Popen[bytes]
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -526,24 +520,7 @@ def chunked_push(registry: Registry, blobs: dict[str, bytes]) -> str:
     )
     assert r.status_code == 201, r.text
 
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": sha256(layer),
-                    "size": len(layer),
-                }
-            ],
-        }
-    ).encode()
+    manifest = oci_manifest(config, [layer])
     r = requests.put(
         f"{base}/manifests/{CHUNKED_TAG}",
         data=manifest,
