@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -388,6 +389,21 @@ def _dockyard_version() -> str:
     return f"{version('dockyard')} (git {rev})"
 
 
+def _code_fingerprint() -> str:
+    """What the servers run: the committed tree of src/ plus any uncommitted change to it."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    tree = _first_line(["git", "-C", repo, "rev-parse", "HEAD:src"])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        diff = subprocess.run(
+            ["git", "-C", repo, "diff", "HEAD", "--", "src"],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        ).stdout
+        return f"{tree} {hashlib.sha256(diff).hexdigest()}"
+    return tree
+
+
 def _filesystem(path: Path) -> str:
     found = _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)])
     return " on ".join(found.split())
@@ -506,15 +522,17 @@ class RGW:
         frontends = f"beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1"
         with open(self.directory / "radosgw-restart.log", "wb") as log:
             config = str(self.directory / "ceph.conf")
-            subprocess.run(
+            restarted = subprocess.run(
                 ["radosgw", "-c", config, "-n", "client.rgw.a", "--rgw_frontends", frontends],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 timeout=120,
-                check=True,
+                check=False,
             )
+        if restarted.returncode:
+            raise BenchError(f"radosgw restart exited with {restarted.returncode}")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, http.client.HTTPException):
@@ -1022,6 +1040,7 @@ def main() -> int:
         )
     workdir = Path(tempfile.mkdtemp(prefix="dockyard-bench-", dir=args.workdir))
     machine = machine_description(workdir)
+    code_at_start = _code_fingerprint()
     if loadavg() > 0.5:
         print(f"warning: 1-min load average is {loadavg():.2f}; the machine is not idle")
     sampler = MemorySampler(0.1)
@@ -1072,6 +1091,12 @@ def main() -> int:
     if failed_setup:
         return 1
     elapsed = time.monotonic() - started
+    if _code_fingerprint() != code_at_start:
+        # The servers are restarted for every workload: later rows ran the newer code.
+        runner.notes.append(
+            f"Dockyard's code (src/) changed during the run: {machine['Dockyard']} at the"
+            f" start, {_dockyard_version()} at the end; later rows ran the newer code."
+        )
     text = report(runner.results, machine, runner, args, elapsed, interrupted)
     print()
     print(text)
