@@ -39,7 +39,8 @@ osd data = $D/osd.\$id
 osd max object name len = 460
 osd max object namespace len = 64
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$RGWP
+# tcp_nodelay: otherwise every small response waits ~40 ms (Nagle + delayed ACK)
+rgw frontends = beast endpoint=127.0.0.1:$RGWP tcp_nodelay=1
 rgw data = $D/rgw
 CONF
 C="-c $D/ceph.conf"
