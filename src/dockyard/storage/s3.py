@@ -535,6 +535,7 @@ class S3Writer:
         self._etags: dict[int, str] = {}  # parts this writer uploaded
         self._tail = bytearray()
         self._plain_size = 0  # an ordinary object being appended to, not converted yet
+        self._unchanged = False  # the stored object already holds exactly this writer's state
 
     @property
     def size(self) -> int:
@@ -559,6 +560,7 @@ class S3Writer:
                         Bucket=bucket, Key=self._key, UploadId=metadata[_META_UPLOAD]
                     )
             return
+        self._unchanged = True
         if metadata.get(_META_UPLOAD):
             self._upload_id = metadata[_META_UPLOAD]
             self._parts = int(metadata.get(_META_PARTS, 0))
@@ -620,6 +622,9 @@ class S3Writer:
                 self._tail += await body.read()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        self._unchanged = False
         with self._driver._errors(self._path):
             if self._plain_size:
                 await self._convert()
@@ -630,7 +635,7 @@ class S3Writer:
                 del self._tail[: self._chunk]
 
     async def close(self) -> None:
-        if self._plain_size:
+        if self._unchanged:
             return  # nothing was appended: the object stays as it is
         s3 = await self._driver._s3()
         metadata: dict[str, str] = {}
@@ -651,7 +656,7 @@ class S3Writer:
 
     async def commit(self) -> None:
         if self._upload_id is None:
-            await self.close()
+            await self.close()  # an ordinary object: final already (no write if unchanged)
             return
         s3 = await self._driver._s3()
         bucket = self._driver.bucket
