@@ -100,6 +100,9 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             str(wheels),
             "setuptools>=77",
             "wheel",
+            # redis needs it on Pythons before 3.11.3, such as bookworm's 3.11.2 in the image,
+            # though not on the one running the tests
+            "async-timeout>=4.0.3",
         ],
         check=True,
         timeout=600,
