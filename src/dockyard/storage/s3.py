@@ -22,9 +22,10 @@ Dockyard. A file's modification time is the object's LastModified; ``touch`` ref
 server-side copy of the object onto itself. A copy has a new LastModified, so a move keeps the
 source's time in the destination's metadata (``dockyard-modified``, which ``stat`` prefers), as a
 rename keeps a file's mtime: garbage collection moves a candidate aside and reads its time again
-(``registry.gc``, rule 3). A source touched while it was being copied is copied again. (A touch
-landing in the instant between the move's last look at the source and its delete is lost: a
-rename has no such instant.)
+(``registry.gc``, rule 3). A source touched while it was being copied is copied again. A touch
+landing in the instant between the move's last look at the source and its delete would be lost
+(a rename has no such instant), so ``atomic_move`` is False and ``registry.blobs.stamp`` confirms
+each touch a moment later (docs/gc.md, "On S3").
 """
 
 from __future__ import annotations
