@@ -33,6 +33,28 @@ class Loopback:
         return f"{self.url}/v2/{path}"
 
 
+@dataclass(kw_only=True)
+class Registry2Process(Loopback):
+    """A running ``docker-registry serve`` (registry:2 v2.8) on ``port``, logging to
+    ``log_path``; subclasses add what it serves from (a directory, a bucket)."""
+
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # -- nginx ----------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from services import Loopback
+from services import Registry2Process
 
 from support import (
     DOCKER_LIST,
@@ -63,24 +62,9 @@ def _need_binaries() -> None:
 # -- registry:2 ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Registry2(Loopback):
-    port: int
+@dataclass(kw_only=True)
+class Registry2(Registry2Process):
     config_path: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def registry2_config(root: Path, port: int) -> dict[str, Any]:
@@ -109,7 +93,7 @@ def start_registry2(
             proc = subprocess.Popen(
                 [REGISTRY2, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
             )
-        registry = Registry2(port, config_path, log_path, proc)
+        registry = Registry2(port=port, config_path=config_path, log_path=log_path, proc=proc)
         started.append(registry)
         try:
             wait_for_port(port, proc)

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import pytest
 import requests
 import yaml
 from pushload import oci_manifest
-from services import Loopback
+from services import Registry2Process
 
 from support import (
     DOCKER_LIST,
@@ -84,26 +83,11 @@ class Registry(Protocol):
     def log(self) -> str: ...
 
 
-@dataclass
-class Registry2(Loopback):
-    """A running ``docker-registry serve`` (registry:2 v2.8)."""
+@dataclass(kw_only=True)
+class Registry2(Registry2Process):
+    """registry:2 on a directory."""
 
-    port: int
     root: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ import pytest
 import requests
 import yaml
 from pushload import oci_manifest
-from services import Loopback
+from services import Registry2Process
 from test_registry2_interop import (
     LINK_CONTENT,
     OciLayout,
@@ -93,26 +92,11 @@ def storage_section(endpoint: S3Endpoint, bucket: str) -> dict[str, Any]:
 # -- registry:2 on S3 ---------------------------------------------------------------------------
 
 
-@dataclass
-class Registry2(Loopback):
-    """A running ``docker-registry serve`` on an S3 bucket."""
+@dataclass(kw_only=True)
+class Registry2(Registry2Process):
+    """registry:2 on an S3 bucket."""
 
-    port: int
     bucket: str
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
     def errors(self) -> list[str]:
         """Lines logged at level=error, other than the 404s tests ask for on purpose."""
