@@ -12,6 +12,10 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
+
+import requests
+import yaml
 
 from support import wait_for_port
 
@@ -53,6 +57,34 @@ class Registry2Process(Loopback):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    @classmethod
+    def launch(
+        cls,
+        binary: str,
+        work: Path,
+        config: dict[str, Any],
+        port: int,
+        env: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> Self:
+        """Write ``config`` into ``work``, start ``binary serve`` on it and return once
+        ``/v2/`` answers 200; ``fields`` are the subclass's own."""
+        config_path = work / "config.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        log_path = work / "registry2.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [binary, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        registry = cls(port=port, log_path=log_path, proc=proc, **fields)
+        try:
+            wait_for_port(port, proc)
+        except Exception:
+            registry.stop()
+            raise RuntimeError(f"registry:2 did not start:\n{registry.log()}") from None
+        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == 200
+        return registry
 
 
 # -- nginx ----------------------------------------------------------------------------------------

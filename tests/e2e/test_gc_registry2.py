@@ -36,7 +36,6 @@ from support import (
     OCI_MANIFEST,
     free_port,
     sha256,
-    wait_for_port,
 )
 
 pytestmark = pytest.mark.e2e
@@ -86,20 +85,9 @@ def start_registry2(
         assert REGISTRY2 is not None
         work = tmp_path_factory.mktemp("registry2")
         port = free_port()
-        config_path = work / "config.yml"
-        config_path.write_text(yaml.safe_dump(registry2_config(root, port)))
-        log_path = work / "registry2.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [REGISTRY2, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
-            )
-        registry = Registry2(port=port, config_path=config_path, log_path=log_path, proc=proc)
+        config = registry2_config(root, port)
+        registry = Registry2.launch(REGISTRY2, work, config, port, config_path=work / "config.yml")
         started.append(registry)
-        try:
-            wait_for_port(port, proc)
-        except Exception:
-            registry.stop()
-            raise RuntimeError(f"registry:2 did not start:\n{registry.log()}") from None
         return registry
 
     yield start

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import pytest
 import requests
-import yaml
 from pushload import oci_manifest
 from services import Registry2Process
 
@@ -38,7 +37,6 @@ from support import (
     ServerFactory,
     free_port,
     sha256,
-    wait_for_port,
 )
 
 pytestmark = pytest.mark.e2e
@@ -109,21 +107,8 @@ def start_registry2(
             },
             "http": {"addr": f"127.0.0.1:{port}", "secret": "registry2-test-secret"},
         }
-        config_path = work / "config.yml"
-        config_path.write_text(yaml.safe_dump(config))
-        log_path = work / "registry2.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [REGISTRY2, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
-            )
-        registry = Registry2(port=port, root=root, log_path=log_path, proc=proc)
+        registry = Registry2.launch(REGISTRY2, work, config, port, root=root)
         started.append(registry)
-        try:
-            wait_for_port(port, proc)
-        except Exception:
-            registry.stop()
-            raise RuntimeError(f"registry:2 did not start:\n{registry.log()}") from None
-        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == 200
         return registry
 
     yield start

@@ -56,7 +56,7 @@ from test_registry2_interop import (
 )
 
 from s3support import S3Endpoint
-from support import OCI_INDEX, OCI_MANIFEST, Server, ServerFactory, free_port, sha256, wait_for_port
+from support import OCI_INDEX, OCI_MANIFEST, Server, ServerFactory, free_port, sha256
 
 pytestmark = pytest.mark.e2e
 
@@ -123,26 +123,10 @@ def start_registry2(
             "storage": {"s3": storage_section(endpoint, bucket), "delete": {"enabled": True}},
             "http": {"addr": f"127.0.0.1:{port}", "secret": "registry2-s3-test-secret"},
         }
-        config_path = work / "config.yml"
-        config_path.write_text(yaml.safe_dump(config))
-        log_path = work / "registry2.log"
         # registry:2's S3 driver fails on AWS_CA_BUNDLE (see /work/shared/guide/s3.md).
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [REGISTRY2, "serve", str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        registry = Registry2(port=port, bucket=bucket, log_path=log_path, proc=proc)
+        registry = Registry2.launch(REGISTRY2, work, config, port, env=env, bucket=bucket)
         started.append(registry)
-        try:
-            wait_for_port(port, proc)
-        except Exception:
-            registry.stop()
-            raise RuntimeError(f"registry:2 did not start:\n{registry.log()}") from None
-        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == 200
         return registry
 
     yield start
