@@ -84,10 +84,6 @@ class ManifestStore:
         self.tags = tags
         self.referrers = referrers
 
-    async def exists(self, digest: Digest) -> bool:
-        link = await read_link(self.driver, layout.revision_link(self.name, digest))
-        return link == digest and await self.store.exists(digest)
-
     async def _keep(self, digest: Digest) -> bool:
         """In this repository, and now marked in use: True, else False. The revision link's
         stamp is the mark: while it is there the collector keeps the manifest and so its data
