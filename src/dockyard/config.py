@@ -15,14 +15,22 @@ field is warned about and ignored, as is an unknown key in the file.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from dockyard.errors import ConfigError
 
@@ -71,7 +79,8 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow", coerce_numbers_to_str=True)
 
 
-Duration = float
+#: a Go duration (``168h``, ``1h30m``) or a number of seconds, held as seconds
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class AccessLogConfig(Section):
@@ -105,11 +114,6 @@ class LetsEncryptConfig(Section):
     renewbefore: Duration = 30 * 24 * 3600.0
     checkinterval: Duration = 12 * 3600.0
 
-    @field_validator("renewbefore", "checkinterval", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
-
     @property
     def enabled(self) -> bool:
         return bool(self.cachefile)
@@ -141,6 +145,42 @@ class DebugConfig(Section):
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
 
 
+class LoginThrottleConfig(Section):
+    """Dockyard's addition: back-off of failed logins (htpasswd and the built-in token server).
+
+    Counted per (user, client address) and per client address across users, in windows of
+    ``window``; a key over its limit is locked out for ``lockout``, doubling on each further
+    lockout up to ``maxlockout``. Checked before any bcrypt work."""
+
+    attempts: int = Field(default=10, ge=1)
+    addressattempts: int = Field(default=100, ge=1)
+    window: Duration = 60.0
+    lockout: Duration = 30.0
+    maxlockout: Duration = 900.0
+
+
+class LimitsConfig(Section):
+    """Dockyard's addition (registry:2 ignores it): what one client may hold of the server."""
+
+    #: largest request line or header field (registry:2, being Go, accepts 1 MiB of headers;
+    #: large bearer tokens from external token servers need far more than 8 KiB)
+    maxheaderbytes: int = Field(default=1024 * 1024, ge=8 * 1024)
+    #: a request body that delivers no byte for this long is abandoned and the connection closed
+    bodyidletimeout: Duration = 60.0
+    #: open connections from one client address (0: unlimited); trusted proxies are exempt
+    connectionsperaddress: int = Field(default=256, ge=0)
+    #: upload sessions open at once in one repository (0: unlimited)
+    uploadsperrepository: int = Field(default=1000, ge=0)
+    login: LoginThrottleConfig = Field(default_factory=LoginThrottleConfig)
+
+    @field_validator("bodyidletimeout")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
+
+
 class HTTPConfig(Section):
     addr: str = ":5000"
     net: Literal["tcp", "unix"] = "tcp"
@@ -152,11 +192,10 @@ class HTTPConfig(Section):
     headers: dict[str, list[str]] = Field(default_factory=dict)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
-
-    @field_validator("draintimeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    #: Dockyard's addition: peers (addresses or CIDR networks) whose ``X-Forwarded-For`` is
+    #: believed when deciding a client's address; empty: the TCP peer is the client
+    trustedproxies: list[str] = Field(default_factory=list)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -164,6 +203,16 @@ class HTTPConfig(Section):
         # registry:2 takes a list per header; accept a single string too.
         if isinstance(v, Mapping):
             return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @field_validator("trustedproxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
         return v
 
     @field_validator("host")
@@ -242,10 +291,9 @@ class RedirectConfig(Section):
     #: Dockyard's addition: how long a presigned URL stays valid (registry:2 uses 20 minutes)
     expiry: Duration = 1200.0
 
-    @field_validator("expiry", mode="before")
+    @field_validator("expiry")
     @classmethod
-    def _duration(cls, v: Any) -> float:
-        seconds = parse_duration(v)
+    def _positive(cls, seconds: float) -> float:
         if seconds <= 0:
             raise ValueError("must be positive")
         return seconds
@@ -256,11 +304,6 @@ class UploadPurgingConfig(Section):
     age: Duration = 168 * 3600.0
     interval: Duration = 24 * 3600.0
     dryrun: bool = False
-
-    @field_validator("age", "interval", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class ReadOnlyConfig(Section):
@@ -276,11 +319,6 @@ class GCConfig(Section):
     grace: Duration = 24 * 3600.0
     deleteuntagged: bool = False
     dryrun: bool = False
-
-    @field_validator("interval", "grace", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
     @property
     def touch_interval(self) -> float:
@@ -319,11 +357,6 @@ class HtpasswdAuthConfig(Section):
     #: Dockyard's addition: how long a successful bcrypt verification is remembered (0: off)
     cachettl: Duration = 300.0
 
-    @field_validator("cachettl", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
-
 
 Action = Literal["pull", "push", "delete", "*"]
 
@@ -347,11 +380,6 @@ class TokenServerConfig(Section):
     admins: list[str] = Field(default_factory=list)
     groups: dict[str, list[str]] = Field(default_factory=dict)
     access: list[AccessRuleConfig] = Field(default_factory=list)
-
-    @field_validator("expiration", "refreshexpiration", "cachettl", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class TokenAuthConfig(Section):
@@ -382,11 +410,6 @@ class RedisPoolConfig(Section):
     maxactive: int = Field(default=64, ge=1)
     idletimeout: Duration = 300.0
 
-    @field_validator("idletimeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
-
 
 class RedisTLSConfig(Section):
     enabled: bool = False
@@ -405,11 +428,6 @@ class RedisConfig(Section):
     writetimeout: Duration = 5.0
     pool: RedisPoolConfig = Field(default_factory=RedisPoolConfig)
     tls: RedisTLSConfig = Field(default_factory=RedisTLSConfig)
-
-    @field_validator("dialtimeout", "readtimeout", "writetimeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
     @field_validator("addr")
     @classmethod
