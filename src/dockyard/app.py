@@ -18,6 +18,7 @@ from dockyard.config import Config
 from dockyard.lifecycle import InFlight
 from dockyard.registry.cache import build_cache
 from dockyard.registry.repository import Registry
+from dockyard.registry.upload_locks import build_upload_locks
 from dockyard.storage import build_driver
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
@@ -32,6 +33,8 @@ def build_app(config: Config, secret: str) -> web.Application:
         delete_enabled=config.storage.delete.enabled,
         touch_interval=config.storage.maintenance.gc.touch_interval,
         cache=cache,
+        upload_locks=build_upload_locks(config, driver),
+        max_upload_sessions=config.http.limits.uploadsperrepository,
     )
     inflight = InFlight()
     auth = build_auth(config)
@@ -61,6 +64,7 @@ def build_app(config: Config, secret: str) -> web.Application:
 
     async def close_driver(_: web.Application) -> None:
         await cache.close()
+        await registry.upload_locks.close()
         await driver.close()
 
     app.on_cleanup.append(close_driver)

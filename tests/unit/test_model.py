@@ -17,7 +17,7 @@ from dockyard.oci import mediatypes as mt
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
 from dockyard.registry.repository import Registry, paginate
-from dockyard.registry.uploads import ContentRange, HasherCache
+from dockyard.registry.uploads import Chain, ContentRange, HasherCache, Part, RunningHash
 from dockyard.storage.filesystem import FilesystemDriver
 
 V2 = "docker/registry/v2"
@@ -72,7 +72,7 @@ def test_layout_paths_match_registry2() -> None:
     assert layout.tag_index_link("a", "v1", d) == (
         f"/{V2}/repositories/a/_manifests/tags/v1/index/sha256/{d.hex}/link"
     )
-    assert layout.upload_data("a", "u") == f"/{V2}/repositories/a/_uploads/u/data"
+    assert layout.upload_part("a", "u", 7) == f"/{V2}/repositories/a/_uploads/u/parts/7"
     assert layout.upload_started_at("a", "u") == f"/{V2}/repositories/a/_uploads/u/startedat"
 
 
@@ -385,14 +385,88 @@ def test_paginate() -> None:
 
 
 def test_hasher_cache_offsets() -> None:
+    """A cached hasher is handed out only for exactly the chain it covers: same end, same last
+    chunk (claimed by the worker that hashed it), same algorithm."""
     cache = HasherCache(capacity=2)
     h = hashlib.sha256()
-    cache.put("u", 10, "sha256", h)
-    assert cache.take("u", 9, "sha256") is None  # wrong offset: gone
-    cache.put("u", 10, "sha256", h)
-    assert cache.take("u", 10, "sha512") is None
-    cache.put("u", 10, "sha256", h)
-    assert cache.take("u", 10, "sha256") is h
+    chain = Chain((Part(0, 10, "a" * 32),), end=10)
+    cache.put("u", RunningHash(10, "sha256", "a" * 32, h))
+    assert cache.take("u", Chain((Part(0, 9, "a" * 32),), end=9), "sha256") is None  # gone
+    cache.put("u", RunningHash(10, "sha256", "a" * 32, h))
+    assert cache.take("u", chain, "sha512") is None
+    cache.put("u", RunningHash(10, "sha256", "a" * 32, h))
+    other = Chain((Part(0, 10, "b" * 32),), end=10)  # same size, another request's chunk
+    assert cache.take("u", other, "sha256") is None
+    cache.put("u", RunningHash(10, "sha256", "a" * 32, h))
+    assert cache.take("u", chain, "sha256") is h
     for i in range(3):
-        cache.put(str(i), 0, "sha256", h)
-    assert cache.take("0", 0, "sha256") is None  # evicted
+        cache.put(str(i), RunningHash(0, "sha256", None, h))
+    assert cache.take("0", Chain(), "sha256") is None  # evicted
+    assert cache.take("2", Chain(), "sha256") is h
+
+
+async def held_body(gate: asyncio.Event, *chunks: bytes) -> AsyncIterator[bytes]:
+    """A body that sends nothing until ``gate`` opens (a PATCH with its body held back)."""
+    await gate.wait()
+    for c in chunks:
+        yield c
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing-blob", "new-blob"])
+def test_commit_racing_a_held_append_publishes_exactly_what_it_verified(
+    registry: Registry, tmp_path: Path, existing: bool
+) -> None:
+    """The model alone (no upload locks): an append whose body is held back while the upload
+    is committed. The commit seals the chain and publishes what it hashed; the append's bytes
+    never reach the blob, and an existing blob is not even touched (same file, same bytes)."""
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+
+    async def go() -> None:
+        if existing:
+            await upload(registry, "victim", data)
+        blob = tmp_path / layout.blob_data(digest).lstrip("/")
+        before = blob.stat().st_ino if existing else None
+        repo = registry.repository("attacker")
+        session = await repo.uploads.start()
+        await repo.uploads.append(session, body(data))
+        gate = asyncio.Event()
+        held = asyncio.create_task(repo.uploads.append(session, held_body(gate, b"X" * 100)))
+        await asyncio.sleep(0.05)  # the append has opened its chunk and is waiting for bytes
+        await repo.uploads.commit(session, digest)
+        gate.set()
+        with pytest.raises(RegistryError) as err:
+            await held
+        assert err.value.code in (ErrorCode.BLOB_UPLOAD_INVALID, ErrorCode.BLOB_UPLOAD_UNKNOWN)
+        assert blob.read_bytes() == data
+        if existing:
+            assert blob.stat().st_ino == before  # never replaced
+        assert await registry.repository("attacker").blobs.is_linked(digest)
+
+    run(go())
+    assert not list((tmp_path / V2 / "repositories/attacker/_uploads").glob("*"))
+
+
+def test_concurrent_appends_without_locks_keep_one_chain(registry: Registry) -> None:
+    """Two appends on one session at once, no locks: one claims the offset, the other is
+    refused whole (416), and the upload commits exactly the winner's bytes."""
+    first, second = os.urandom(200_000), os.urandom(200_000)
+
+    async def go() -> None:
+        repo = registry.repository("x")
+        session = await repo.uploads.start()
+        gate_a, gate_b = asyncio.Event(), asyncio.Event()
+        a = asyncio.create_task(repo.uploads.append(session, held_body(gate_a, first)))
+        b = asyncio.create_task(repo.uploads.append(session, held_body(gate_b, second)))
+        await asyncio.sleep(0.05)
+        gate_a.set()
+        assert await a == len(first)
+        gate_b.set()
+        with pytest.raises(RegistryError) as err:
+            await b
+        assert err.value.status == 416
+        assert await repo.uploads.size(session) == len(first)
+        info = await repo.uploads.commit(session, digest_of(first))
+        assert info.size == len(first)
+
+    run(go())

@@ -3,6 +3,7 @@ becomes an OCI JSON body), common headers, URL building behind proxies, and requ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -77,9 +78,30 @@ def int_query(request: web.Request, key: str) -> int | None:
 
 
 async def body_stream(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives (chunked or not), never buffered whole."""
-    async for chunk in request.content.iter_any():
+    """The request body as it arrives (chunked or not), never buffered whole.
+
+    A body that delivers no byte for ``http.limits.bodyidletimeout`` is abandoned: the request
+    fails with 408 and the connection is closed, so a stalled client holds nothing for long,
+    while a slow link that keeps moving finishes, however long it takes. (The timeout is per
+    read; reads return everything that arrived, a few hundred KiB at speed, so it costs
+    microseconds per megabyte.)"""
+    content = request.content
+    idle = request.app[CONFIG_KEY].http.limits.bodyidletimeout
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise RegistryError(
+                ErrorCode.BLOB_UPLOAD_INVALID,
+                f"no data received for {idle:g} s (http.limits.bodyidletimeout); request abandoned",
+                status=408,
+                headers={"Connection": "close"},
+            ) from None
+        if not chunk:
+            return
         yield chunk
+        del chunk  # not kept alive while the next read waits (a stalled client's last read)
 
 
 def content_length(request: web.Request) -> int | None:

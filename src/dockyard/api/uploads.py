@@ -7,6 +7,7 @@ and ``Docker-Upload-UUID``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 
@@ -103,11 +104,11 @@ async def start_upload(request: web.Request) -> web.Response:
             await repo.uploads.append(
                 session, body_stream(request), content_length=content_length(request)
             )
+            await repo.uploads.commit(session, digest)
         except BaseException:
             with contextlib.suppress(RegistryError):
-                await repo.uploads.cancel(session)
+                await asyncio.shield(repo.uploads.cancel(session))
             raise
-        await repo.uploads.commit(session, digest)
         return blob_created(request, repo, digest)
     session = await repo.uploads.start(algorithm)
     return web.Response(status=202, headers=upload_headers(request, repo, session, 0))
@@ -139,7 +140,8 @@ async def _append(request: web.Request, repo: Repository, session: UploadSession
 async def patch_upload(request: web.Request) -> web.Response:
     """end-5: a chunk (with ``Content-Range``) or docker's streamed body (without)."""
     repo, session = await _session(request)
-    size = await _append(request, repo, session)
+    async with repo.uploads.hold(session):
+        size = await _append(request, repo, session)
     return web.Response(status=202, headers=upload_headers(request, repo, session, size))
 
 
@@ -148,9 +150,10 @@ async def finish_upload(request: web.Request) -> web.Response:
     """end-6: optionally a last chunk, then verify the digest and make the blob visible."""
     repo, session = await _session(request)
     digest = _requested_digest(request)
-    if request.can_read_body:
-        await _append(request, repo, session)
-    await repo.uploads.commit(session, digest)
+    async with repo.uploads.hold(session):
+        if request.can_read_body:
+            await _append(request, repo, session)
+        await repo.uploads.commit(session, digest)
     return blob_created(request, repo, digest)
 
 
@@ -166,7 +169,8 @@ async def upload_status(request: web.Request) -> web.Response:
 async def cancel_upload(request: web.Request) -> web.Response:
     """end-14: drop the upload and its data."""
     repo, session = await _session(request)
-    await repo.uploads.cancel(session)
+    async with repo.uploads.hold(session):
+        await repo.uploads.cancel(session)
     return web.Response(status=204)
 
 

@@ -1,8 +1,9 @@
 """Blobs: the global content-addressed store, and each repository's view of it (its links).
 
 A blob's bytes live once under ``blobs/``; a repository can serve a blob only if it links it.
-Content becomes visible only by a rename of fully written, digest-verified data (see uploads.py),
-and a link is written only after the data it points to is in place.
+Content becomes visible only by a no-overwrite move of fully written, digest-verified data (see
+uploads.py): stored content is never replaced, so a blob, once there, keeps its bytes. A link is
+written only after the data it points to is in place.
 """
 
 from __future__ import annotations
@@ -138,14 +139,15 @@ class BlobStore:
             raise blob_unknown(digest) from None
 
     async def put(self, digest: Digest, data: bytes) -> None:
-        """Store bytes whose digest the caller has computed; atomic (temp file + rename)."""
-        await self.driver.write(layout.blob_data(digest), data)
+        """Store bytes whose digest the caller has computed, unless the blob exists (stored
+        content is never replaced); the file appears whole or not at all."""
+        await self.driver.write_new(layout.blob_data(digest), data)
 
-    async def adopt(self, source: str, digest: Digest) -> None:
-        """Make a verified file the blob's content by moving it into place (a rename on a
-        filesystem: the blob appears whole or not at all). Replacing existing identical content
-        is harmless and repairs a damaged copy."""
-        await self.driver.move(source, layout.blob_data(digest))
+    async def publish(self, source: str, digest: Digest) -> bool:
+        """Give the verified file ``source`` the blob's name unless the blob exists: True if
+        it did; False if the blob was there already (``source`` is left for the caller to
+        discard). The blob appears whole or not at all, and is never replaced."""
+        return await self.driver.move_new(source, layout.blob_data(digest))
 
     def reader(
         self, digest: Digest, offset: int = 0, length: int | None = None

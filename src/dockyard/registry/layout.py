@@ -10,13 +10,17 @@
         _manifests/tags/<tag>/current/link              tag -> manifest digest
         _manifests/tags/<tag>/index/<alg>/<hex>/link    every digest the tag has pointed to
         _manifests/referrers/<alg>/<hex>/<alg>/<hex>/link   Dockyard: subject -> referrer
-        _uploads/<id>/data                              upload in progress
-        _uploads/<id>/startedat                         RFC 3339 start time
+        _uploads/<id>/startedat                         RFC 3339 start time (the session)
+        _uploads/<id>/chunks/<token>                    Dockyard: the bytes one request sent
+        _uploads/<id>/parts/<offset>                    Dockyard: which chunk holds the bytes
+                                                        from <offset> (or the commit's seal)
     /dockyard/                                          Dockyard's own: health probes, leases
                                                         (one GC at a time), quarantined blobs
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
-not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it.
+not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it. An
+upload in progress is Dockyard's own (registry:2 keeps it in ``_uploads/<id>/data``; neither
+continues the other's uploads, and both purge the other's abandoned ones by ``startedat``).
 """
 
 from __future__ import annotations
@@ -90,8 +94,16 @@ def upload_dir(name: str, upload_id: str) -> str:
     return f"{REPOSITORIES}/{name}/_uploads/{upload_id}"
 
 
-def upload_data(name: str, upload_id: str) -> str:
-    return f"{upload_dir(name, upload_id)}/data"
+def upload_chunk(name: str, upload_id: str, token: str) -> str:
+    return f"{upload_dir(name, upload_id)}/chunks/{token}"
+
+
+def upload_parts_dir(name: str, upload_id: str) -> str:
+    return f"{upload_dir(name, upload_id)}/parts"
+
+
+def upload_part(name: str, upload_id: str, offset: int) -> str:
+    return f"{upload_dir(name, upload_id)}/parts/{offset}"
 
 
 def upload_started_at(name: str, upload_id: str) -> str:

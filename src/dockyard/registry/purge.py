@@ -44,14 +44,11 @@ async def _started_at(driver: StorageDriver, name: str, upload_id: str) -> float
         )
     except PathNotFound:
         started = None
-    if started is None:  # no usable start time: judge by the data's last write
+    if started is None:  # no usable start time: judge by the directory's last change
         try:
-            started = (await driver.stat(layout.upload_data(name, upload_id))).modified
+            started = (await driver.stat(layout.upload_dir(name, upload_id))).modified
         except PathNotFound:
-            try:
-                started = (await driver.stat(layout.upload_dir(name, upload_id))).modified
-            except PathNotFound:
-                return None
+            return None
     return started
 
 

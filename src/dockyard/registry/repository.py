@@ -14,6 +14,7 @@ from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.registry.manifests import ManifestBodies, ManifestStore
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
+from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks
 from dockyard.registry.uploads import HasherCache, Uploads, UploadTokens
 from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
 
@@ -60,7 +61,15 @@ class Repository:
         self.manifests = ManifestStore(
             name, store, self.blobs, self.tags, self.referrers, registry.manifest_bodies
         )
-        self.uploads = Uploads(name, store, self.blobs, registry.tokens, registry.hashers)
+        self.uploads = Uploads(
+            name,
+            store,
+            self.blobs,
+            registry.tokens,
+            registry.hashers,
+            registry.upload_locks,
+            registry.max_upload_sessions,
+        )
 
     async def exists(self) -> bool:
         try:
@@ -79,9 +88,13 @@ class Registry:
         delete_enabled: bool,
         touch_interval: float = DEFAULT_TOUCH_INTERVAL,
         cache: BlobDescriptorCache | None = None,
+        upload_locks: UploadLocks | None = None,
+        max_upload_sessions: int = 0,
     ) -> None:
         self.driver = driver
         self.delete_enabled = delete_enabled
+        self.upload_locks: UploadLocks = upload_locks or NoUploadLocks()
+        self.max_upload_sessions = max_upload_sessions
         self.blobs = BlobStore(driver, touch_interval, cache)
         self.tokens = UploadTokens(secret)
         self.hashers = HasherCache()

@@ -46,29 +46,35 @@ class FileInfo:
 
 
 class FileWriter(Protocol):
-    """An appending writer. Data written becomes part of the file only when ``close`` returns;
-    ``abort`` drops everything this writer wrote (the file is back to its size at open)."""
+    """A new file being written. Nothing is visible at its path until ``close`` returns; then
+    the whole content is, at once (a reader sees the old file or the new one, never a prefix).
+    ``abort`` drops everything."""
 
     @property
     def size(self) -> int:
-        """Bytes in the file: what it held when opened plus what this writer wrote."""
+        """Bytes written so far."""
         ...
 
     async def write(self, data: bytes | bytearray | memoryview) -> None: ...
 
     async def close(self) -> None:
-        """Keep what was written. The file can later be reopened for appending."""
-        ...
-
-    async def commit(self) -> None:
-        """Keep what was written and make the file final: whole, readable and movable like any
-        other file, and no longer appendable. (On object storage an appendable file is a
-        multipart upload in progress, which cannot be read or copied until it is completed.)"""
+        """Make the file visible at its path, replacing what was there."""
         ...
 
     async def abort(self) -> None:
-        """Drop what this writer wrote and close."""
+        """Drop what was written; the path is left as it was."""
         ...
+
+
+class Lock(Protocol):
+    """An exclusive advisory lock on a file, tried without waiting, released by ``release`` or
+    when the process holding it dies (never by a timeout)."""
+
+    def acquire(self) -> bool:
+        """True if taken; False if another holder has it. PathNotFound if the file is missing."""
+        ...
+
+    def release(self) -> None: ...
 
 
 class StorageDriver(Protocol):
@@ -113,6 +119,15 @@ class StorageDriver(Protocol):
         filesystem). PathNotFound if ``source`` is missing."""
         ...
 
+    async def move_new(self, source: str, dest: str) -> bool:
+        """Move a file only if ``dest`` does not exist: True if moved; False (``source`` left as
+        it is) if ``dest`` exists. Never replaces an existing file: of two movers to the same
+        ``dest`` exactly one wins where the backend has a conditional create (a hard link on a
+        filesystem; a conditional copy on object storage — where the backend ignores the
+        condition, the later of two simultaneous movers may rewrite the file, see s3.py).
+        PathNotFound if ``source`` is missing."""
+        ...
+
     async def delete(self, path: str) -> None:
         """Delete a file or a whole directory tree. PathNotFound if missing."""
         ...
@@ -133,9 +148,15 @@ class StorageDriver(Protocol):
         missing (raised on the first iteration)."""
         ...
 
-    async def writer(self, path: str, append: bool) -> FileWriter:
-        """Open a writer; ``append`` continues an existing file (created if missing), otherwise
-        the file is truncated."""
+    async def writer(self, path: str) -> FileWriter:
+        """A writer for a new version of the file at ``path`` (see FileWriter): parents are
+        created, the content appears whole on ``close``. Memory held is bounded by the driver
+        (a part size on object storage), not by the file's size."""
+        ...
+
+    def lock(self, path: str) -> Lock | None:
+        """An advisory lock on the existing file ``path``, or None where the backend has none
+        (object storage)."""
         ...
 
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -77,7 +78,7 @@ class FilesystemDriver:
 
     async def write_new(self, path: str, data: bytes) -> bool:
         full = self._full(path)
-        return await self._run(path, _write_new, full, data)
+        return await self._run(path, _write_new, full, data, self.fsync)
 
     async def touch(self, path: str) -> None:
         full = self._full(path)
@@ -129,10 +130,17 @@ class FilesystemDriver:
         finally:
             f.close()
 
-    async def writer(self, path: str, append: bool) -> FilesystemWriter:
+    async def writer(self, path: str) -> FilesystemWriter:
         full = self._full(path)
-        f = await self._run(path, _open_writer, full, append)
-        return FilesystemWriter(self, path, f)
+        tmp, f = await self._run(path, _open_temp, full)
+        return FilesystemWriter(self, path, full, tmp, f)
+
+    async def move_new(self, source: str, dest: str) -> bool:
+        src, dst = self._full(source), self._full(dest)
+        return await self._run(source, _move_new, src, dst)
+
+    def lock(self, path: str) -> FileLock | None:
+        return FileLock(self._full(path))
 
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:
         return None
@@ -148,12 +156,16 @@ class FilesystemDriver:
 
 
 class FilesystemWriter:
-    def __init__(self, driver: FilesystemDriver, path: str, f: Any) -> None:
+    """Writes a temporary file beside the destination; ``close`` renames it into place, so the
+    file appears whole or not at all."""
+
+    def __init__(self, driver: FilesystemDriver, path: str, full: str, tmp: str, f: Any) -> None:
         self._driver = driver
         self._path = path
+        self._full = full
+        self._tmp = tmp
         self._file = f
-        self._start = f.tell()
-        self._size = self._start
+        self._size = 0
 
     @property
     def size(self) -> int:
@@ -164,14 +176,45 @@ class FilesystemWriter:
         self._size += len(data)
 
     async def close(self) -> None:
-        await self._driver._run(self._path, _close, self._file, self._driver.fsync)
-
-    async def commit(self) -> None:
-        await self.close()  # a file on disk is always readable and movable
+        await self._driver._run(
+            self._path, _finish_temp, self._file, self._tmp, self._full, self._driver.fsync
+        )
 
     async def abort(self) -> None:
-        await self._driver._run(self._path, _truncate_close, self._file, self._start)
-        self._size = self._start
+        await self._driver._run(self._path, _discard_temp, self._file, self._tmp)
+
+
+class FileLock:
+    """An advisory lock on an existing file (``flock``), tried without waiting. The kernel
+    releases it when the descriptor closes — on ``release``, or when the process dies — so it
+    can never outlive its holder, and it never expires under one."""
+
+    def __init__(self, full: str) -> None:
+        self._full = full
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True if this call took the lock; False if another holder has it. PathNotFound if the
+        file is missing."""
+        try:
+            fd = os.open(self._full, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathNotFound(self._full) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"{self._full}: cannot lock: {exc}") from exc
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _isdir(st: os.stat_result) -> bool:
@@ -229,23 +272,30 @@ def _write_atomic(full: str, data: bytes, fsync: bool) -> None:
             raise
 
 
-def _write_new(full: str, data: bytes) -> bool:
+def _write_new(full: str, data: bytes, fsync: bool) -> bool:
     """Written to a temporary file, then hard-linked into place: the link fails if the name
     exists, so the file appears complete or not at all, and only once."""
-    directory = os.path.dirname(full)
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{full}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    for attempt in range(_DIR_RACE_ATTEMPTS):
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex}"
         try:
-            os.link(tmp, full)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            with open(tmp, "xb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            try:
+                os.link(tmp, full)
+            except FileExistsError:
+                return False
+            return True
+        except FileNotFoundError:
+            if attempt == _DIR_RACE_ATTEMPTS - 1:
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    raise AssertionError("unreachable")
 
 
 def _walk(full: str, root_length: int, descend: Callable[[str], bool]) -> list[Entry]:
@@ -291,25 +341,55 @@ def _delete(full: str) -> None:
         os.unlink(full)
 
 
-def _open_writer(full: str, append: bool) -> Any:
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    f = open(full, "ab" if append else "wb")  # noqa: SIM115 - closed by the writer
-    f.seek(0, os.SEEK_END)
-    return f
+def _open_temp(full: str) -> tuple[str, Any]:
+    directory = os.path.dirname(full)
+    for attempt in range(_DIR_RACE_ATTEMPTS):
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+        try:
+            return tmp, open(tmp, "xb")  # closed by the writer
+        except FileNotFoundError:
+            if attempt == _DIR_RACE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
-def _close(f: Any, fsync: bool) -> None:
+def _finish_temp(f: Any, tmp: str, full: str, fsync: bool) -> None:
     try:
         f.flush()
         if fsync:
             os.fsync(f.fileno())
     finally:
         f.close()
-
-
-def _truncate_close(f: Any, size: int) -> None:
     try:
-        f.flush()
-        f.truncate(size)
-    finally:
+        _move(tmp, full)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _discard_temp(f: Any, tmp: str) -> None:
+    try:
         f.close()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _move_new(src: str, dst: str) -> bool:
+    """Give ``src`` the name ``dst`` unless ``dst`` exists: a hard link fails if the name is
+    taken, so of two movers exactly one wins and an existing file is never replaced."""
+    for attempt in range(_DIR_RACE_ATTEMPTS):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if not os.path.exists(src) or attempt == _DIR_RACE_ATTEMPTS - 1:
+                raise
+            continue  # a concurrent clean-up removed the destination's directory: again
+        os.unlink(src)
+        return True
+    raise AssertionError("unreachable")

@@ -3,18 +3,11 @@
 Keys are the filesystem layout's paths under ``rootdirectory``, exactly as registry:2 writes
 them, so one bucket can be served by either.
 
-Objects have no directories and no append, so two things are built here:
-
-- *Directories* are key prefixes: a directory exists while some key lies below it.
-- *Appendable files* (blob uploads in progress). An appendable file is an S3 multipart upload
-  holding its whole ``chunksize`` parts, plus an object at the file's own key holding the tail
-  (the bytes that do not make a full part yet, so less than ``chunksize``) with the upload id,
-  the number of parts that count and their total size in its metadata. Every PATCH, on any
-  instance, reads that object, uploads new full parts, and writes the object back: one PUT, so
-  the file's state changes atomically. Parts uploaded by a writer that then fails are not
-  counted (the next writer overwrites them). ``commit`` uploads the tail as the last part and
-  completes the multipart upload onto the same key, which leaves an ordinary object there.
-  Memory per upload is bounded by ``chunksize``, whatever the blob's size.
+Objects have no directories: a directory is a key prefix, which exists while some key lies
+below it. A file written by ``writer`` is uploaded in ``chunksize`` parts as it arrives (a multipart
+upload, completed by ``close``; a file smaller than one part is a single PUT), so memory per
+writer is bounded by ``chunksize`` whatever the file's size, and nothing is visible at the key
+until it is complete.
 
 Moving a file is a server-side copy (multipart part-copies above ``multipartcopythresholdsize``)
 followed by a delete: the destination appears whole or not at all, and no byte passes through
@@ -48,13 +41,12 @@ READ_CHUNK = 1024 * 1024
 #: concurrent listings while walking a tree
 WALK_CONCURRENCY = 16
 
-_META_UPLOAD = "dockyard-upload"
-_META_PARTS = "dockyard-parts"
-_META_PARTS_SIZE = "dockyard-parts-size"
 #: the modification time a moved object had before the move (epoch seconds)
 _META_MODIFIED = "dockyard-modified"
 #: copies a move makes at most of a source that keeps being touched meanwhile
 MOVE_ATTEMPTS = 5
+#: what S3 servers answer when a conditional write finds the key taken
+_PRECONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -193,7 +185,6 @@ class S3Driver:
         s3 = await self._s3()
         with self._errors(path):
             response = await s3.get_object(Bucket=self.bucket, Key=key)
-            self._refuse_unfinished(path, response.get("Metadata", {}))
             async with response["Body"] as body:
                 return bytes(await body.read())
 
@@ -216,7 +207,7 @@ class S3Driver:
                     **self._put_args(),
                 )
             except Exception as exc:
-                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                if _error_code(exc) in _PRECONDITION_FAILED:
                     return False
                 raise
             return True
@@ -242,9 +233,7 @@ class S3Driver:
                 if not _is_missing(exc):
                     raise
             else:
-                size = int(head["ContentLength"])
-                size += int(head.get("Metadata", {}).get(_META_PARTS_SIZE, 0))
-                return FileInfo(path, size, _modified(head), is_dir=False)
+                return FileInfo(path, int(head["ContentLength"]), _modified(head), is_dir=False)
             listing = await s3.list_objects_v2(
                 Bucket=self.bucket, Prefix=self._dir_prefix(path), MaxKeys=1
             )
@@ -310,7 +299,6 @@ class S3Driver:
             for _ in range(MOVE_ATTEMPTS):
                 head = await s3.head_object(Bucket=self.bucket, Key=src)
                 metadata = dict(head.get("Metadata", {}))
-                self._refuse_unfinished(source, metadata)
                 metadata[_META_MODIFIED] = f"{_modified(head):.3f}"
                 await self._copy(src, dst, int(head["ContentLength"]), metadata)
                 # Touched meanwhile (a touch changes the metadata)? Then the copy carries a
@@ -326,19 +314,12 @@ class S3Driver:
         found = False
         with self._errors(path):
             try:
-                head = await s3.head_object(Bucket=self.bucket, Key=key)
+                await s3.head_object(Bucket=self.bucket, Key=key)
             except Exception as exc:
                 if not _is_missing(exc):
                     raise
             else:
-                found = True
-                upload_id = head.get("Metadata", {}).get(_META_UPLOAD)
                 await s3.delete_object(Bucket=self.bucket, Key=key)
-                if upload_id:
-                    with contextlib.suppress(Exception):
-                        await s3.abort_multipart_upload(
-                            Bucket=self.bucket, Key=key, UploadId=upload_id
-                        )
                 return
             prefix = self._dir_prefix(path)
             batch: list[dict[str, str]] = []
@@ -429,17 +410,42 @@ class S3Driver:
                 if _error_code(exc) == "InvalidRange":
                     return  # offset at or past the end: nothing to read
                 raise
-            self._refuse_unfinished(path, response.get("Metadata", {}))
             async with response["Body"] as body:
                 while chunk := await body.read(READ_CHUNK):
                     yield chunk
 
-    async def writer(self, path: str, append: bool) -> S3Writer:
-        key = self._key(path)
-        writer = S3Writer(self, path, key)
-        with self._errors(path):
-            await writer.open(append)
-        return writer
+    async def writer(self, path: str) -> S3Writer:
+        return S3Writer(self, path, self._key(path))
+
+    async def move_new(self, source: str, dest: str) -> bool:
+        """A conditional copy (``If-None-Match: *``) and a delete. Where the S3 server ignores the
+        condition on copies (Ceph RGW before Squid), the existence check just before the copy
+        leaves a window of one request in which two movers to a missing ``dest`` can both copy;
+        Dockyard only moves verified content to a content-addressed name, so the two copies
+        hold the same bytes and the one that lands second changes nothing a reader can see."""
+        src, dst = self._key(source), self._key(dest)
+        s3 = await self._s3()
+        with self._errors(source):
+            try:
+                await s3.head_object(Bucket=self.bucket, Key=dst)
+                return False
+            except Exception as exc:
+                if not _is_missing(exc):
+                    raise
+            head = await s3.head_object(Bucket=self.bucket, Key=src)
+            metadata = dict(head.get("Metadata", {}))
+            metadata[_META_MODIFIED] = f"{_modified(head):.3f}"
+            try:
+                await self._copy(src, dst, int(head["ContentLength"]), metadata, exclusive=True)
+            except Exception as exc:
+                if _error_code(exc) in _PRECONDITION_FAILED:
+                    return False
+                raise
+            await s3.delete_object(Bucket=self.bucket, Key=src)
+        return True
+
+    def lock(self, path: str) -> None:
+        return None  # object storage has no locks (uploads are serialised through Redis)
 
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:
         if self.redirect_expiry <= 0:
@@ -461,24 +467,28 @@ class S3Driver:
         return None
 
     # -- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _refuse_unfinished(path: str, metadata: dict[str, str]) -> None:
-        if int(metadata.get(_META_PARTS, 0) or 0):
-            raise StorageError(f"{path} is still being written (commit it first)")
-
     async def _copy(
-        self, source: str, dest: str, size: int, metadata: dict[str, str] | None
+        self,
+        source: str,
+        dest: str,
+        size: int,
+        metadata: dict[str, str] | None,
+        *,
+        exclusive: bool = False,
     ) -> None:
         """Server-side copy; part-copies in parallel above the threshold (and always above
-        S3's 5 GiB single-copy limit)."""
+        S3's 5 GiB single-copy limit). ``exclusive``: only if ``dest`` does not exist."""
         s3 = await self._s3()
         s = self.settings
         extra = self._put_args()
         if metadata is not None:
             extra.update(Metadata=metadata, MetadataDirective="REPLACE")
+        condition = {"IfNoneMatch": "*"} if exclusive else {}
         copy_source = {"Bucket": self.bucket, "Key": source}
         if size <= min(s.multipartcopythresholdsize, MAX_SINGLE_COPY) or size == 0:
-            await s3.copy_object(Bucket=self.bucket, Key=dest, CopySource=copy_source, **extra)
+            await s3.copy_object(
+                Bucket=self.bucket, Key=dest, CopySource=copy_source, **extra, **condition
+            )
             return
         extra.pop("MetadataDirective", None)
         created = await s3.create_multipart_upload(Bucket=self.bucket, Key=dest, **extra)
@@ -504,7 +514,11 @@ class S3Driver:
                 *(copy_part(i + 1, first, last) for i, (first, last) in enumerate(ranges))
             )
             await s3.complete_multipart_upload(
-                Bucket=self.bucket, Key=dest, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                Bucket=self.bucket,
+                Key=dest,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **condition,
             )
         except BaseException:
             with contextlib.suppress(Exception):
@@ -523,7 +537,7 @@ class MultipartUpload:
 
 
 class S3Writer:
-    """An appending writer on an appendable file (see the module docstring)."""
+    """A new object uploaded as it is written (see the module docstring)."""
 
     def __init__(self, driver: S3Driver, path: str, key: str) -> None:
         self._driver = driver
@@ -531,62 +545,32 @@ class S3Writer:
         self._key = key
         self._chunk = driver.settings.chunksize
         self._upload_id: str | None = None
-        self._parts = 0  # parts that count
-        self._parts_size = 0
-        self._etags: dict[int, str] = {}  # parts this writer uploaded
-        self._tail = bytearray()
-        self._plain_size = 0  # an ordinary object being appended to, not converted yet
-        self._unchanged = False  # the stored object already holds exactly this writer's state
+        self._parts: list[dict[str, Any]] = []
+        self._buffer = bytearray()
+        self._size = 0
 
     @property
     def size(self) -> int:
-        return self._plain_size or self._parts_size + len(self._tail)
+        return self._size
 
-    async def open(self, append: bool) -> None:
-        s3 = await self._driver._s3()
-        bucket = self._driver.bucket
-        try:
-            response = await s3.get_object(Bucket=bucket, Key=self._key)
-        except Exception as exc:
-            if not _is_missing(exc):
-                raise
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
             return
-        metadata = response.get("Metadata", {})
-        size = int(response["ContentLength"])
-        if not append:
-            response["Body"].close()
-            if metadata.get(_META_UPLOAD):  # drop the unfinished content this file replaces
-                with contextlib.suppress(Exception):
-                    await s3.abort_multipart_upload(
-                        Bucket=bucket, Key=self._key, UploadId=metadata[_META_UPLOAD]
-                    )
-            return
-        self._unchanged = True
-        if metadata.get(_META_UPLOAD):
-            self._upload_id = metadata[_META_UPLOAD]
-            self._parts = int(metadata.get(_META_PARTS, 0))
-            self._parts_size = int(metadata.get(_META_PARTS_SIZE, 0))
-        elif size > self._chunk:
-            # An ordinary object larger than a part: left as it is unless something is
-            # appended (see _convert).
-            response["Body"].close()
-            self._plain_size = size
-            return
-        async with response["Body"] as body:
-            self._tail += await body.read()
-
-    async def _start_upload(self) -> None:
-        s3 = await self._driver._s3()
-        created = await s3.create_multipart_upload(
-            Bucket=self._driver.bucket, Key=self._key, **self._driver._put_args()
-        )
-        self._upload_id = created["UploadId"]
+        self._buffer += data
+        self._size += len(data)
+        with self._driver._errors(self._path):
+            while len(self._buffer) >= self._chunk:
+                await self._upload_part(self._buffer[: self._chunk])
+                del self._buffer[: self._chunk]
 
     async def _upload_part(self, data: bytes | bytearray) -> None:
         s3 = await self._driver._s3()
         if self._upload_id is None:
-            await self._start_upload()
-        number = self._parts + 1
+            created = await s3.create_multipart_upload(
+                Bucket=self._driver.bucket, Key=self._key, **self._driver._put_args()
+            )
+            self._upload_id = created["UploadId"]
+        number = len(self._parts) + 1
         result = await s3.upload_part(
             Bucket=self._driver.bucket,
             Key=self._key,
@@ -594,97 +578,37 @@ class S3Writer:
             PartNumber=number,
             Body=bytes(data),
         )
-        self._etags[number] = result["ETag"]
-        self._parts = number
-        self._parts_size += len(data)
-
-    async def _convert(self) -> None:
-        """Turn an ordinary object into an appendable file: its whole parts are copied
-        server-side into a new multipart upload and the rest becomes the tail."""
-        s3 = await self._driver._s3()
-        bucket = self._driver.bucket
-        size, self._plain_size = self._plain_size, 0
-        whole = size - size % self._chunk
-        await self._start_upload()
-        for number, first in enumerate(range(0, whole, self._chunk), start=1):
-            result = await s3.upload_part_copy(
-                Bucket=bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                CopySource={"Bucket": bucket, "Key": self._key},
-                CopySourceRange=f"bytes={first}-{first + self._chunk - 1}",
-            )
-            self._etags[number] = result["CopyPartResult"]["ETag"]
-        self._parts, self._parts_size = whole // self._chunk, whole
-        if whole < size:
-            tail = await s3.get_object(Bucket=bucket, Key=self._key, Range=f"bytes={whole}-")
-            async with tail["Body"] as body:
-                self._tail += await body.read()
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        self._unchanged = False
-        with self._driver._errors(self._path):
-            if self._plain_size:
-                await self._convert()
-            self._tail += data
-            while len(self._tail) >= self._chunk:
-                part = self._tail[: self._chunk]
-                await self._upload_part(part)
-                del self._tail[: self._chunk]
+        self._parts.append({"PartNumber": number, "ETag": result["ETag"]})
 
     async def close(self) -> None:
-        if self._unchanged:
-            return  # nothing was appended: the object stays as it is
-        s3 = await self._driver._s3()
-        metadata: dict[str, str] = {}
-        if self._upload_id is not None:
-            metadata = {
-                _META_UPLOAD: self._upload_id,
-                _META_PARTS: str(self._parts),
-                _META_PARTS_SIZE: str(self._parts_size),
-            }
-        with self._driver._errors(self._path):
-            await s3.put_object(
-                Bucket=self._driver.bucket,
-                Key=self._key,
-                Body=bytes(self._tail),
-                Metadata=metadata,
-                **self._driver._put_args(),
-            )
-
-    async def commit(self) -> None:
-        if self._upload_id is None:
-            await self.close()  # an ordinary object: final already (no write if unchanged)
-            return
         s3 = await self._driver._s3()
         bucket = self._driver.bucket
         with self._driver._errors(self._path):
-            if self._tail:
-                await self._upload_part(self._tail)  # the last part may be small
-                self._tail = bytearray()
-            known = dict(self._etags)
-            if len(known) < self._parts:
-                paginator = s3.get_paginator("list_parts")
-                async for page in paginator.paginate(
-                    Bucket=bucket, Key=self._key, UploadId=self._upload_id
-                ):
-                    for part in page.get("Parts", []):
-                        known.setdefault(part["PartNumber"], part["ETag"])
-            missing = [n for n in range(1, self._parts + 1) if n not in known]
-            if missing:
-                raise StorageError(f"{self._path}: parts {missing[:5]} of the upload are missing")
-            parts = [{"PartNumber": n, "ETag": known[n]} for n in range(1, self._parts + 1)]
-            await s3.complete_multipart_upload(
-                Bucket=bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+            if self._upload_id is None:
+                await s3.put_object(
+                    Bucket=bucket,
+                    Key=self._key,
+                    Body=bytes(self._buffer),
+                    **self._driver._put_args(),
+                )
+            else:
+                if self._buffer:
+                    await self._upload_part(self._buffer)  # the last part may be small
+                await s3.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+        self._buffer = bytearray()
 
     async def abort(self) -> None:
-        # Nothing this writer did is counted until close: parts it uploaded are beyond the
-        # stored part count and will be overwritten or dropped at completion.
-        self._tail = bytearray()
+        self._buffer = bytearray()
+        if self._upload_id is None:
+            return
+        s3 = await self._driver._s3()
+        # Best effort: what is left behind is found by purge_partial.
+        with contextlib.suppress(Exception):
+            await s3.abort_multipart_upload(
+                Bucket=self._driver.bucket, Key=self._key, UploadId=self._upload_id
+            )
