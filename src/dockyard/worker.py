@@ -21,6 +21,7 @@ from dockyard.api.base import REGISTRY_KEY
 from dockyard.app import INFLIGHT_KEY, build_app
 from dockyard.config import Config
 from dockyard.errors import ConfigError
+from dockyard.shared import Shared
 from dockyard.tls import server_context, watch_certificate
 
 if TYPE_CHECKING:
@@ -55,9 +56,15 @@ async def _until_signalled() -> None:
 
 
 async def _serve(
-    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+    config: Config,
+    secret: str,
+    sock: socket.socket,
+    shared: Shared,
+    worker: int,
+    *,
+    with_maintenance: bool = False,
 ) -> None:
-    app = build_app(config, secret)
+    app = build_app(config, secret, shared)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
     runner = web.AppRunner(
         app,
@@ -111,9 +118,17 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def run_worker(
-    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+    config: Config,
+    secret: str,
+    sock: socket.socket,
+    shared: Shared,
+    worker: int = 0,
+    *,
+    with_maintenance: bool = False,
 ) -> None:
-    _run(lambda: _serve(config, secret, sock, with_maintenance=with_maintenance))
+    """Serve as worker number ``worker`` (a restarted worker keeps the number of the one it
+    replaces) with the tables every worker shares."""
+    _run(lambda: _serve(config, secret, sock, shared, worker, with_maintenance=with_maintenance))
 
 
 async def _answer_challenges(
