@@ -17,9 +17,12 @@ from aiohttp import web
 
 from dockyard import maintenance
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
+from dockyard.api.admission import AdmissionSite
 from dockyard.api.base import REGISTRY_KEY
 from dockyard.app import INFLIGHT_KEY, build_app
+from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
+from dockyard.connections import ConnectionLimiter
 from dockyard.errors import ConfigError
 from dockyard.shared import Shared
 from dockyard.tls import server_context, watch_certificate
@@ -55,6 +58,30 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+def _site(
+    config: Config,
+    runner: web.AppRunner,
+    sock: socket.socket,
+    ssl_context: Any,
+    shared: Shared,
+    worker: int,
+) -> web.BaseSite:
+    """The listening site; with a limit on connections per address, one that admits each
+    connection first (counted in this worker's column of the shared table)."""
+    table = shared.connections
+    if table is None or sock.family == socket.AF_UNIX:
+        return web.SockSite(runner, sock, ssl_context=ssl_context)
+    # Whatever a previous process in this worker's place counted died with it.
+    table.reset_worker(worker)
+    limiter = ConnectionLimiter(
+        table,
+        worker,
+        config.http.limits.connectionsperaddress,
+        TrustedProxies(config.http.trustedproxies),
+    )
+    return AdmissionSite(runner, sock, limiter, ssl_context=ssl_context)
+
+
 async def _serve(
     config: Config,
     secret: str,
@@ -78,7 +105,7 @@ async def _serve(
         config.http.tls, certificate=letsencrypt.cachefile if letsencrypt.enabled else None
     )
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ssl_context)
+    site = _site(config, runner, sock, ssl_context, shared, worker)
     await site.start()
     background = []
     if ssl_context is not None and letsencrypt.enabled:

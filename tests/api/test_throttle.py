@@ -1,4 +1,4 @@
-"""Failed logins per client address, against running servers.
+"""Failed logins and connections per client address, against running servers.
 
 Clients come from several addresses by binding their sockets to 127.0.0.2, 127.0.0.3, ... (all
 of 127.0.0.0/8 is local on Linux); the servers listen on 127.0.0.1. Which worker serves a
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
+import signal
 import socket
 import time
 import uuid
@@ -288,3 +290,111 @@ def test_password_spraying_locks_the_address(start_server: ServerFactory, users:
     assert_error(sprayer.get(s.v2(""), auth=("erin", "x")), 429, "TOOMANYREQUESTS")
     assert_error(sprayer.get(s.v2(""), auth=ALICE), 429, "TOOMANYREQUESTS")
     assert session_from("127.0.0.3").get(s.v2(""), auth=ALICE).status_code == 200
+
+
+# -- connections per address ------------------------------------------------------------------
+
+
+def refused(server: Server, source: str = "127.0.0.1") -> dict[str, Any] | None:
+    """Open one more connection and send a request: the OCI error body if the server refused
+    it (checking the raw answer and that the connection is closed), None if it was served."""
+    with socket.create_connection(
+        ("127.0.0.1", server.port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: registry\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        if not lines[0].startswith("HTTP/1.1 429"):
+            assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+            return None
+        assert lines[0] == "HTTP/1.1 429 Too Many Requests"
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Connection"] == "close"
+        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        while len(body) < int(headers["Content-Length"]):
+            body += sock.recv(65536)
+        assert sock.recv(65536) == b""  # closed by the server
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "TOOMANYREQUESTS"
+        assert "connectionsperaddress" in error["message"]
+        return error
+
+
+def served(conn: Connection) -> bool:
+    return conn.get("/v2/")[0] == 200
+
+
+def test_connections_per_address_across_workers(start_server: ServerFactory) -> None:
+    s = start_server(workers=2, http=limits(connections=3))
+    held = spread_over_workers(s, 2)
+    held.append(Connection(s))
+    assert all(served(c) for c in held)
+    error = refused(s)
+    assert error is not None and error["detail"] == {"limit": 3}
+    assert refused(s, "127.0.0.2") is None  # another address
+    held.pop(0).close()
+    deadline = time.monotonic() + 5
+    while refused(s) is not None:  # the close reaches the server
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for conn in held:
+        conn.close()
+
+
+def test_trusted_proxies_are_exempt_from_the_connection_limit(
+    start_server: ServerFactory,
+) -> None:
+    s = start_server(http={**limits(connections=2), "trustedproxies": ["127.0.0.2"]})
+    proxy = [Connection(s, "127.0.0.2") for _ in range(4)]
+    assert all(served(c) for c in proxy)
+    direct = [Connection(s, "127.0.0.3") for _ in range(2)]
+    assert all(served(c) for c in direct)
+    assert refused(s, "127.0.0.3") is not None
+    for conn in proxy + direct:
+        conn.close()
+
+
+def test_a_restarted_worker_forgets_the_connections_it_held(
+    start_server: ServerFactory,
+) -> None:
+    s = start_server(workers=2, http=limits(connections=2))
+    for _ in range(50):
+        pair = [Connection(s), Connection(s)]
+        pids = {worker_of(s, c.sock) for c in pair}
+        if len(pids) == 1:
+            break
+        for conn in pair:
+            conn.close()
+        time.sleep(0.05)
+    assert len(pids) == 1, "never got two connections on one worker"
+    assert all(served(c) for c in pair) and refused(s) is not None
+    (victim,) = pids
+    os.kill(victim, signal.SIGKILL)  # its connections die with it
+    for conn in pair:
+        conn.close()
+    deadline = time.monotonic() + 15
+    while victim in _workers(s) or len(_workers(s)) < 2:
+        assert time.monotonic() < deadline, s.log()
+        time.sleep(0.1)
+    while True:  # the replacement listens once it has zeroed its column
+        fresh: list[Connection] = []
+        try:
+            fresh = [Connection(s), Connection(s)]
+            if all(served(c) for c in fresh):
+                break
+        except (ConnectionError, http.client.HTTPException):
+            pass
+        for conn in fresh:
+            conn.close()
+        assert time.monotonic() < deadline, "the dead worker's connections are still counted"
+        time.sleep(0.1)
+    assert refused(s) is not None
+    for conn in fresh:
+        conn.close()

@@ -1,4 +1,5 @@
-"""Client addresses behind trusted proxies, and the login throttle and its shared table."""
+"""Client addresses behind trusted proxies, the login throttle and its shared table, and the
+table of connections per address."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from dockyard.auth.throttle import (
 )
 from dockyard.clientaddress import TrustedProxies, canonical, limit_key, parse_address
 from dockyard.config import LoginThrottleConfig, RedisConfig
+from dockyard.connections import REFUSED, ConnectionLimiter, ConnectionTable
 from dockyard.errors import RegistryError
 
 RULES = LoginThrottleConfig(attempts=3, addressattempts=5, window=10, lockout=2, maxlockout=5)
@@ -283,6 +285,48 @@ def test_unreachable_redis_falls_back_to_the_table(caplog: pytest.LogCaptureFixt
     run(go())
     warnings = [r.getMessage() for r in caplog.records if "redis is unavailable" in r.getMessage()]
     assert len(warnings) == 1  # once, then left alone for a while
+
+
+# -- connections per address ----------------------------------------------------------------------
+
+
+def test_connections_are_counted_per_address_across_workers() -> None:
+    table = ConnectionTable(workers=3, slots=64)
+    a = [table.acquire("192.0.2.1", worker, 3) for worker in (0, 1, 2)]
+    assert REFUSED not in a and None not in a
+    assert table.acquire("192.0.2.1", 0, 3) == REFUSED
+    assert table.acquire("192.0.2.2", 0, 3) not in (REFUSED, None)
+    assert table.count("192.0.2.1") == 3
+    table.release(a[1], 1)  # type: ignore[arg-type]
+    assert table.count("192.0.2.1") == 2
+    assert table.acquire("192.0.2.1", 2, 3) not in (REFUSED, None)
+    # a worker started again forgets what its predecessor counted
+    table.reset_worker(2)
+    assert table.count("192.0.2.1") == 1
+
+
+def test_connection_table_full_bucket_lets_in_uncounted() -> None:
+    table = ConnectionTable(workers=1, slots=ConnectionTable.WAYS)
+    for i in range(ConnectionTable.WAYS):
+        assert table.acquire(f"192.0.2.{i}", 0, 1) not in (REFUSED, None)
+    assert table.acquire("198.51.100.1", 0, 1) is None
+    slot = table.acquire("192.0.2.0", 0, 2)
+    assert slot not in (REFUSED, None)
+    table.release(slot, 0)  # type: ignore[arg-type]
+    table.release(slot, 0)  # type: ignore[arg-type]  # the row is free again
+    assert table.acquire("198.51.100.1", 0, 1) not in (REFUSED, None)
+
+
+def test_limiter_exempts_trusted_proxies_and_counts_ipv6_by_64() -> None:
+    table = ConnectionTable(workers=1, slots=64)
+    limiter = ConnectionLimiter(table, 0, 1, TrustedProxies(["10.0.0.1"]))
+    assert all(limiter.admit("10.0.0.1") for _ in range(5))
+    assert limiter.admit("") is not None  # unix socket
+    first = limiter.admit("2001:db8:1:2::1")
+    assert first is not None
+    assert limiter.admit("2001:db8:1:2::2") is None
+    limiter.release(first)
+    assert limiter.admit("2001:db8:1:2::2") is not None
 
 
 def test_the_parent_makes_the_tables_without_loading_the_http_stack() -> None:
