@@ -112,6 +112,9 @@ class Connection:
         response = self.http.getresponse()
         return response.status, response.read()
 
+    def served(self) -> bool:
+        return self.get("/v2/")[0] == 200
+
     def close(self) -> None:
         self.http.close()
 
@@ -327,15 +330,11 @@ def refused(server: Server, source: str = "127.0.0.1") -> dict[str, Any] | None:
         return error
 
 
-def served(conn: Connection) -> bool:
-    return conn.get("/v2/")[0] == 200
-
-
 def test_connections_per_address_across_workers(start_server: ServerFactory) -> None:
     s = start_server(workers=2, http=limits(connections=3))
     held = spread_over_workers(s, 2)
     held.append(Connection(s))
-    assert all(served(c) for c in held)
+    assert all(c.served() for c in held)
     error = refused(s)
     assert error is not None and error["detail"] == {"limit": 3}
     assert refused(s, "127.0.0.2") is None  # another address
@@ -353,9 +352,9 @@ def test_trusted_proxies_are_exempt_from_the_connection_limit(
 ) -> None:
     s = start_server(http={**limits(connections=2), "trustedproxies": ["127.0.0.2"]})
     proxy = [Connection(s, "127.0.0.2") for _ in range(4)]
-    assert all(served(c) for c in proxy)
+    assert all(c.served() for c in proxy)
     direct = [Connection(s, "127.0.0.3") for _ in range(2)]
-    assert all(served(c) for c in direct)
+    assert all(c.served() for c in direct)
     assert refused(s, "127.0.0.3") is not None
     for conn in proxy + direct:
         conn.close()
@@ -374,7 +373,7 @@ def test_a_restarted_worker_forgets_the_connections_it_held(
             conn.close()
         time.sleep(0.05)
     assert len(pids) == 1, "never got two connections on one worker"
-    assert all(served(c) for c in pair) and refused(s) is not None
+    assert all(c.served() for c in pair) and refused(s) is not None
     (victim,) = pids
     os.kill(victim, signal.SIGKILL)  # its connections die with it
     for conn in pair:
@@ -387,7 +386,7 @@ def test_a_restarted_worker_forgets_the_connections_it_held(
         fresh: list[Connection] = []
         try:
             fresh = [Connection(s), Connection(s)]
-            if all(served(c) for c in fresh):
+            if all(c.served() for c in fresh):
                 break
         except (ConnectionError, http.client.HTTPException):
             pass
