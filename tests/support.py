@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 import yaml
+from requests.adapters import HTTPAdapter
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -239,3 +240,21 @@ def assert_error(r: requests.Response, status: int, code: str) -> dict[str, Any]
     assert body["errors"][0]["code"] == code, body
     assert body["errors"][0]["message"]
     return body["errors"][0]
+
+
+class _FromAddress(HTTPAdapter):
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def session_from(source: str) -> requests.Session:
+    """A session whose connections come from ``source``, another loopback address such as
+    127.0.0.2 (all of 127.0.0.0/8 is local on Linux): a client at another address."""
+    session = requests.Session()
+    session.mount("http://", _FromAddress(source))
+    return session

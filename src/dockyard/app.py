@@ -9,22 +9,27 @@ from dockyard.api.base import (
     CONFIG_KEY,
     REGISTRY_KEY,
     add_common_headers,
+    client_address_middleware,
     error_middleware,
     read_only_middleware,
     version_check,
 )
 from dockyard.auth.setup import build_auth
+from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
 from dockyard.lifecycle import InFlight
 from dockyard.registry.cache import build_cache
 from dockyard.registry.repository import Registry
 from dockyard.registry.upload_locks import build_upload_locks
+from dockyard.shared import Shared
 from dockyard.storage import build_driver
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
 
-def build_app(config: Config, secret: str) -> web.Application:
+def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.Application:
+    """``shared``: what the workers of this instance share (see dockyard.shared); without it,
+    this process keeps its own."""
     driver = build_driver(config)
     cache = build_cache(config, driver)
     registry = Registry(
@@ -37,8 +42,9 @@ def build_app(config: Config, secret: str) -> web.Application:
         max_upload_sessions=config.http.limits.uploadsperrepository,
     )
     inflight = InFlight()
-    auth = build_auth(config)
-    middlewares = [inflight.middleware, error_middleware]
+    auth = build_auth(config, shared.login_failures if shared is not None else None)
+    trusted = TrustedProxies(config.http.trustedproxies)
+    middlewares = [client_address_middleware(trusted), inflight.middleware, error_middleware]
     if auth is not None:
         middlewares.append(auth.middleware)
     if config.storage.maintenance.readonly.enabled:
@@ -63,6 +69,8 @@ def build_app(config: Config, secret: str) -> web.Application:
     app.on_response_prepare.append(inflight.on_prepare)
 
     async def close_driver(_: web.Application) -> None:
+        if auth is not None and auth.throttle is not None:
+            await auth.throttle.close()
         await cache.close()
         await registry.upload_locks.close()
         await driver.close()

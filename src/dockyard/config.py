@@ -158,6 +158,13 @@ class LoginThrottleConfig(Section):
     lockout: Duration = 30.0
     maxlockout: Duration = 900.0
 
+    @field_validator("window", "lockout", "maxlockout")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
+
 
 class LimitsConfig(Section):
     """Dockyard's addition (registry:2 ignores it): what one client may hold of the server."""
@@ -203,6 +210,14 @@ class HTTPConfig(Section):
         # registry:2 takes a list per header; accept a single string too.
         if isinstance(v, Mapping):
             return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @field_validator("trustedproxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        # REGISTRY_HTTP_TRUSTEDPROXIES=10.0.0.1,10.0.1.0/24 reads as one string
+        if isinstance(v, str):
+            return [entry.strip() for entry in v.split(",") if entry.strip()]
         return v
 
     @field_validator("trustedproxies")

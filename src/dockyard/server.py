@@ -23,6 +23,7 @@ from dockyard.auth.setup import prepare as prepare_auth
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
 from dockyard.maintenance import wanted as maintenance_wanted
+from dockyard.shared import Shared
 
 log = logging.getLogger("dockyard.server")
 
@@ -166,18 +167,27 @@ class Supervisor:
         return 1 if self.quick_deaths >= self.MAX_QUICK_DEATHS else 0
 
 
-def _worker(config: Config, secret: str, sock: socket.socket, with_maintenance: bool) -> None:
-    from dockyard.worker import run_worker  # after the fork: the parent never loads aiohttp
+def _worker_role(
+    config: Config, secret: str, sock: socket.socket, shared: Shared, index: int
+) -> Role:
+    """Worker number ``index``; the first also runs the maintenance schedules."""
+    with_maintenance = index == 0 and maintenance_wanted(config)
 
-    run_worker(config, secret, sock, with_maintenance=with_maintenance)
+    def run() -> None:
+        from dockyard.worker import run_worker  # after the fork: the parent never loads aiohttp
+
+        run_worker(config, secret, sock, shared, index, with_maintenance=with_maintenance)
+
+    return Role("worker", run)
 
 
 def serve(config: Config, workers: int) -> int:
     """Validate what can only be checked at start-up, bind, then serve. Returns an exit code.
 
-    The parent process binds, supervises and nothing else, so it stays small; the workers load
-    the HTTP stack after the fork. The first worker also runs the maintenance schedules (upload
-    purging, scheduled garbage collection), so they need no process of their own."""
+    The parent process binds, makes the tables the workers share (login failures, connections
+    per address) and supervises, nothing else, so it stays small; the workers load the HTTP
+    stack after the fork. The first worker also runs the maintenance schedules (upload purging,
+    scheduled garbage collection), so they need no process of their own."""
     check_storage(config)
     prepare_auth(config)
     tls = config.http.tls
@@ -202,9 +212,9 @@ def serve(config: Config, workers: int) -> int:
             obtain_certificate(manager, challenge_sock, https_port)
     sock = bind(config.http)
     secret = resolve_secret(config)
-    with_maintenance = maintenance_wanted(config)
-    roles = [Role("worker", lambda: _worker(config, secret, sock, with_maintenance))]
-    roles += [Role("worker", lambda: _worker(config, secret, sock, False))] * (workers - 1)
+    # Made before the fork, so every worker counts in the same memory.
+    shared = Shared.create(config, workers)
+    roles = [_worker_role(config, secret, sock, shared, index) for index in range(workers)]
     if manager is not None and challenge_sock is not None:
         from dockyard.worker import run_certificate_manager
 

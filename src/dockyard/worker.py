@@ -18,10 +18,14 @@ from aiohttp import web
 
 from dockyard import maintenance
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
+from dockyard.api.admission import AdmissionSite
 from dockyard.api.base import REGISTRY_KEY
 from dockyard.app import INFLIGHT_KEY, build_app
+from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
+from dockyard.connections import ConnectionLimiter
 from dockyard.errors import ConfigError
+from dockyard.shared import Shared
 from dockyard.tls import server_context, watch_certificate
 
 if TYPE_CHECKING:
@@ -55,10 +59,40 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+def _site(
+    config: Config,
+    runner: web.AppRunner,
+    sock: socket.socket,
+    ssl_context: Any,
+    shared: Shared,
+    worker: int,
+) -> web.BaseSite:
+    """The listening site; with a limit on connections per address, one that admits each
+    connection first (counted in this worker's column of the shared table)."""
+    table = shared.connections
+    if table is None or sock.family == socket.AF_UNIX:
+        return web.SockSite(runner, sock, ssl_context=ssl_context)
+    # Whatever a previous process in this worker's place counted died with it.
+    table.reset_worker(worker)
+    limiter = ConnectionLimiter(
+        table,
+        worker,
+        config.http.limits.connectionsperaddress,
+        TrustedProxies(config.http.trustedproxies),
+    )
+    return AdmissionSite(runner, sock, limiter, ssl_context=ssl_context)
+
+
 async def _serve(
-    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+    config: Config,
+    secret: str,
+    sock: socket.socket,
+    shared: Shared,
+    worker: int,
+    *,
+    with_maintenance: bool = False,
 ) -> None:
-    app = build_app(config, secret)
+    app = build_app(config, secret, shared)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
     runner = web.AppRunner(
         app,
@@ -72,7 +106,7 @@ async def _serve(
         config.http.tls, certificate=letsencrypt.cachefile if letsencrypt.enabled else None
     )
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ssl_context)
+    site = _site(config, runner, sock, ssl_context, shared, worker)
     await site.start()
     background = []
     if ssl_context is not None and letsencrypt.enabled:
@@ -130,10 +164,18 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
 def run_worker(
-    config: Config, secret: str, sock: socket.socket, *, with_maintenance: bool = False
+    config: Config,
+    secret: str,
+    sock: socket.socket,
+    shared: Shared,
+    worker: int = 0,
+    *,
+    with_maintenance: bool = False,
 ) -> None:
+    """Serve as worker number ``worker`` (a restarted worker keeps the number of the one it
+    replaces) with the tables every worker shares."""
     release_freed_memory_promptly()
-    _run(lambda: _serve(config, secret, sock, with_maintenance=with_maintenance))
+    _run(lambda: _serve(config, secret, sock, shared, worker, with_maintenance=with_maintenance))
 
 
 async def _answer_challenges(

@@ -31,10 +31,8 @@ from dockyard.auth.access import (
     parse_scopes,
 )
 from dockyard.auth.htpasswd import Htpasswd, hash_password, parse
-from dockyard.auth.login import BadCredentials, Login
-from dockyard.auth.throttle import FailureThrottle
 from dockyard.auth.tokens import TokenInvalid, TokenIssuer, TokenVerifier, libtrust_kid
-from dockyard.errors import ConfigError, RegistryError
+from dockyard.errors import ConfigError
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -153,48 +151,6 @@ def test_file_changes_are_picked_up(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert run(users.verify("alice", "two")) and run(users.verify("bob", "b"))
     path.write_text("alice:$apr1$broken\n")  # a bad edit keeps the previous users
     assert run(users.verify("bob", "b"))
-
-
-# -- throttling and login ------------------------------------------------------------------------
-
-
-def test_throttle_locks_out_and_doubles() -> None:
-    t = FailureThrottle(limit=3, window=60, lockout=0.2, max_lockout=10)
-    for _ in range(2):
-        t.failure("k")
-    assert t.retry_after("k") is None
-    t.failure("k")
-    first = t.retry_after("k")
-    assert first is not None and 0 < first <= 0.2
-    time.sleep(0.25)
-    assert t.retry_after("k") is None
-    for _ in range(3):
-        t.failure("k")
-    second = t.retry_after("k")
-    assert second is not None and second > 0.3  # doubled
-    t.success("k")
-    assert t.retry_after("k") is None
-
-
-def test_login_throttles_per_address_and_user(tmp_path: Path) -> None:
-    path = tmp_path / "h"
-    write_users(path, alice="secret", bob="b")
-    login = Login(Htpasswd(str(path), config_key="k"), FailureThrottle(limit=3, lockout=30))
-
-    async def go() -> None:
-        await login.check("alice", "secret", "1.1.1.1")  # now cached
-        for _ in range(3):
-            with pytest.raises(BadCredentials):
-                await login.check("alice", "guess", "2.2.2.2")
-        with pytest.raises(RegistryError) as err:
-            await login.check("alice", "guess", "3.3.3.3")  # the user is locked out
-        assert err.value.status == 429 and int(err.value.headers["Retry-After"]) > 0
-        with pytest.raises(RegistryError):
-            await login.check("bob", "b", "2.2.2.2")  # so is the address
-        await login.check("bob", "b", "4.4.4.4")
-        await login.check("alice", "secret", "5.5.5.5")  # known-good credentials still pass
-
-    run(go())
 
 
 # -- scopes and policy ------------------------------------------------------------------------

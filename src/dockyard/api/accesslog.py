@@ -11,6 +11,7 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from dockyard.api.base import client_address
 from dockyard.auth.access import IDENTITY
 from dockyard.logs import ACCESS_LOGGER
 
@@ -37,7 +38,8 @@ class AccessLogger(AbstractAccessLogger):
             "bytes_out": response.body_length,
             # what was actually received: chunked bodies have no Content-Length
             "bytes_in": getattr(request.content, "total_bytes", request.content_length or 0),
-            "remote": request.headers.get("X-Forwarded-For", request.remote or ""),
+            # never X-Forwarded-For as sent: only a trusted proxy's word is taken
+            "remote": client_address(request),
             "user_agent": request.headers.get("User-Agent", ""),
         }
         identity = request.get(IDENTITY)

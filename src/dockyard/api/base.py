@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dockyard.auth.access import Need, need_of, requires
+from dockyard.clientaddress import TrustedProxies, canonical
 from dockyard.config import Config
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
@@ -25,6 +26,8 @@ REGISTRY_KEY = web.AppKey("registry", Registry)
 CONFIG_KEY = web.AppKey("config", Config)
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+#: where client_address_middleware leaves the caller's address on the request
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
 JSON = "application/json; charset=utf-8"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -166,6 +169,25 @@ def url_for(request: web.Request, path: str) -> str:
 
 
 # -- middleware and signals -----------------------------------------------------------------------
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The caller's address, for limits and logs (see dockyard.clientaddress). Before the
+    middleware below has run (a request too malformed to reach it), the TCP peer."""
+    return request.get(CLIENT_ADDRESS) or canonical(request.remote or "")
+
+
+def client_address_middleware(trusted: TrustedProxies) -> web.Middleware:
+    """Decides the caller's address once per request: the peer, or what ``trusted`` proxies
+    forwarded."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        forwarded = request.headers.getall("X-Forwarded-For", []) if trusted else []
+        request[CLIENT_ADDRESS] = trusted.client(request.remote or "", forwarded)
+        return await handler(request)
+
+    return middleware
 
 
 @web.middleware

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import json_response
+from dockyard.api.base import client_address, json_response
 from dockyard.auth.access import parse_scopes
 from dockyard.auth.login import BadCredentials
-from dockyard.auth.middleware import TOKEN_PATH, client_address, parse_basic, unauthorized
+from dockyard.auth.middleware import TOKEN_PATH, parse_basic, unauthorized
 from dockyard.auth.tokenserver import InvalidGrant, TokenServer
 from dockyard.errors import ErrorCode, RegistryError
 

@@ -7,9 +7,9 @@ import logging
 
 from aiohttp import web
 
-from dockyard.api.base import url_for
+from dockyard.api.base import client_address, url_for
 from dockyard.auth.access import Identity, Need, Policy, TokenGrants, scope_for
-from dockyard.auth.middleware import TOKEN_PATH, client_address, unauthorized
+from dockyard.auth.middleware import TOKEN_PATH, unauthorized
 from dockyard.auth.tokens import TokenInvalid, TokenVerifier
 
 log = logging.getLogger("dockyard.auth")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from dockyard.auth.htpasswd import Htpasswd
-from dockyard.auth.throttle import FailureThrottle
+from dockyard.auth.throttle import LoginThrottle
 from dockyard.errors import ErrorCode, RegistryError
 
 
@@ -14,21 +14,21 @@ class BadCredentials(Exception):
 
 
 class Login:
-    def __init__(self, users: Htpasswd, throttle: FailureThrottle) -> None:
+    def __init__(self, users: Htpasswd, throttle: LoginThrottle) -> None:
         self.users = users
         self.throttle = throttle
 
     async def check(self, user: str, password: str, address: str) -> None:
-        """Return if the credentials are right; raise BadCredentials, or 429 while the address
-        or the user is locked out after repeated failures. Credentials verified recently pass
-        without bcrypt and are never throttled, so a brute force against a user does not lock
-        out that user's working clients."""
+        """Return if the credentials are right; raise BadCredentials, or 429 while this user
+        from this address, or this address for any user, is locked out after repeated failures
+        (see auth.throttle). The lock-out is checked before bcrypt runs. Credentials verified
+        recently pass without bcrypt and are never throttled, so a brute force against a user
+        does not lock out that user's working clients."""
         if self.users.cached(user, password):
             return
-        keys = (f"addr:{address}", f"user:{user}")
-        waits = [w for w in (self.throttle.retry_after(k) for k in keys) if w is not None]
-        if waits:
-            seconds = math.ceil(max(waits))
+        wait = await self.throttle.retry_after(user, address)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
             raise RegistryError(
                 ErrorCode.TOOMANYREQUESTS,
                 "too many failed logins; try again later",
@@ -36,8 +36,7 @@ class Login:
                 headers={"Retry-After": str(seconds)},
             )
         if await self.users.verify(user, password):
-            self.throttle.success(keys[1])
+            await self.throttle.succeeded(user, address)
             return
-        for key in keys:
-            self.throttle.failure(key)
+        await self.throttle.failed(user, address)
         raise BadCredentials(user)

@@ -4,7 +4,8 @@ do what the handler needs.
 - no or bad credentials: 401 UNAUTHORIZED with a ``WWW-Authenticate`` challenge (Basic with the
   realm, or Bearer with realm, service and the scope the request needs);
 - right credentials, missing right: 403 DENIED (a 401 would make clients retry in a loop);
-- too many failures from an address or against a user: 429 TOOMANYREQUESTS with Retry-After.
+- too many failures for this user from this address, or from this address for any user: 429
+  TOOMANYREQUESTS with Retry-After (see auth.throttle).
 
 Every ``/v2`` route requires at least an authenticated caller, including ``/v2/`` itself (so a
 browser asks for a password) and unknown ``/v2`` paths; handlers declare more with
@@ -15,13 +16,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import logging
 from typing import Protocol
 
 from aiohttp import web
 
-from dockyard.api.base import Handler
+from dockyard.api.base import Handler, client_address
 from dockyard.auth.access import (
     EVERYONE,
     IDENTITY,
@@ -37,20 +37,6 @@ from dockyard.errors import ErrorCode, RegistryError
 log = logging.getLogger("dockyard.auth")
 
 TOKEN_PATH = "/auth/token"
-
-
-def client_address(request: web.BaseRequest) -> str:
-    """The caller's address. Behind a reverse proxy on loopback (the classic nginx set-up) the
-    last ``X-Forwarded-For`` entry, which that proxy appended, is the real client."""
-    peer = request.remote or ""
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded:
-        try:
-            if ipaddress.ip_address(peer).is_loopback:
-                return forwarded.split(",")[-1].strip() or peer
-        except ValueError:
-            pass
-    return peer
 
 
 def parse_basic(header: str) -> tuple[str, str] | None:

@@ -17,6 +17,7 @@ from dockyard.errors import ConfigError
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from dockyard.auth.throttle import FailureTable, LoginThrottle
     from dockyard.auth.tokenserver import TokenServer
 
 DEFAULT_ISSUER = "dockyard"
@@ -26,6 +27,8 @@ DEFAULT_SERVICE = "dockyard"
 @dataclass
 class Auth:
     middleware: web.Middleware
+    #: None when nothing logs in with a password here (tokens from another token server)
+    throttle: LoginThrottle | None = None
     token_server: TokenServer | None = None
 
 
@@ -96,18 +99,28 @@ def prepare(config: Config) -> None:
         _token_keys(config)
 
 
-def build_auth(config: Config) -> Auth | None:
+def build_throttle(config: Config, table: FailureTable | None) -> LoginThrottle:
+    """The login throttle: in Redis when ``redis.addr`` is set (shared by every instance),
+    else in ``table``, shared by this instance's workers (a table of its own without one)."""
+    from dockyard.auth.throttle import FailureTable, LoginThrottle, redis_failures
+
+    rules = config.http.limits.login
+    redis = redis_failures(config.redis, rules) if config.redis.addr else None
+    return LoginThrottle(rules, table if table is not None else FailureTable(), redis)
+
+
+def build_auth(config: Config, failures: FailureTable | None = None) -> Auth | None:
+    """The auth middleware; ``failures``: the login failure table the workers share."""
     from dockyard.auth.login import Login
     from dockyard.auth.middleware import BasicAuthenticator, auth_middleware
-    from dockyard.auth.throttle import FailureThrottle
 
     auth = config.auth
     prefix = config.http.prefix
-    throttle = FailureThrottle()
     if auth.htpasswd is not None:
+        throttle = build_throttle(config, failures)
         users = _users(auth.htpasswd.path, auth.htpasswd.cachettl, "auth.htpasswd.path")
         authenticator = BasicAuthenticator(auth.htpasswd.realm, Login(users, throttle))
-        return Auth(auth_middleware(authenticator, prefix))
+        return Auth(auth_middleware(authenticator, prefix), throttle)
     token = auth.token
     if token is None:
         return None
@@ -119,7 +132,9 @@ def build_auth(config: Config) -> Auth | None:
     service = token.service or DEFAULT_SERVICE
     server = None
     policy = None
+    throttle = None
     if token.server is not None:
+        throttle = build_throttle(config, failures)
         issuer = TokenIssuer(
             key,
             issuer=token.issuer or DEFAULT_ISSUER,
@@ -130,4 +145,4 @@ def build_auth(config: Config) -> Auth | None:
         policy = policy_of(token.server)
         server = TokenServer(issuer, Login(users, throttle), policy, token.server.refreshexpiration)
     authenticator = BearerAuthenticator(verifier, token.realm, service, policy)
-    return Auth(auth_middleware(authenticator, prefix), server)
+    return Auth(auth_middleware(authenticator, prefix), throttle, server)
