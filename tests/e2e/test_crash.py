@@ -154,11 +154,17 @@ def kill9(server: Any) -> None:
 
 
 def upload_files(root: Path, repo: str) -> dict[str, Path]:
-    """Upload id -> its data file, for the repository's uploads in progress."""
+    """Upload id -> the chunk being written into it now (a temporary file beside the chunk's
+    final name), for the repository's uploads with a request in flight."""
     base = root / V2 / "repositories" / repo / "_uploads"
     if not base.is_dir():
         return {}
-    return {d.name: d / "data" for d in base.iterdir() if (d / "data").is_file()}
+    found = {}
+    for upload in base.iterdir():
+        writing = [p for p in (upload / "chunks").glob("*.tmp-*") if p.is_file()]
+        if writing:
+            found[upload.name] = writing[0]
+    return found
 
 
 def wait_for_bytes(files: Callable[[], list[Path]], minimum: int, uploads: list[Upload]) -> None:
@@ -397,8 +403,12 @@ def test_chunked_upload_resumes_after_kill9_mid_chunk(start_server: ServerFactor
     )
     upload.start()
     try:
-        data = upload_files(server.root, repo)[upload_id]
-        wait_for_bytes(lambda: [data], first + 16 * MiB, [upload])
+        # The chunk in flight holds what this PATCH sent so far (the first one is claimed).
+        wait_for_bytes(
+            lambda: [p for i, p in upload_files(server.root, repo).items() if i == upload_id],
+            16 * MiB,
+            [upload],
+        )
         kill9(server)
     finally:
         stop.set()
