@@ -8,12 +8,15 @@ would answer with 500). Examples are derandomised so CI sees the same ones every
 from __future__ import annotations
 
 import json
+import string
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dockyard.api.blobs import parse_range
+from dockyard.api.uploads import parse_content_range
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci import mediatypes as mt
 from dockyard.oci.digest import Digest
@@ -25,6 +28,7 @@ from dockyard.oci.manifest import (
     referenced_digests,
     sniff_media_type,
 )
+from dockyard.oci.names import MAX_NAME_LENGTH, validate_name, validate_tag
 
 FUZZ = settings(
     max_examples=100,
@@ -198,3 +202,156 @@ def test_duplicate_keys_and_oversized_body() -> None:
     with pytest.raises(RegistryError) as err:
         parse_manifest(b" " * (MAX_MANIFEST_BYTES + 1), mt.OCI_MANIFEST)
     assert err.value.status == 413
+
+
+# -- digests, names, tags ---------------------------------------------------------------------
+
+digest_like = st.one_of(
+    st.text(max_size=140),
+    st.builds(
+        lambda alg, enc: f"{alg}:{enc}",
+        st.sampled_from(["sha256", "sha512", "SHA256", "md5", "sha256+b64", ""]),
+        st.text(alphabet="0123456789abcdefABCDEF=_-+.", max_size=140),
+    ),
+)
+
+
+@FUZZ
+@given(digest_like)
+def test_digest_parse(text: str) -> None:
+    try:
+        digest = Digest.parse(text)
+    except RegistryError as exc:
+        assert exc.code is ErrorCode.DIGEST_INVALID and exc.status == 400
+    else:
+        assert str(digest) == text
+
+
+name_like = st.one_of(
+    st.text(max_size=300),
+    st.lists(
+        st.text(alphabet=string.ascii_lowercase + string.digits + "._-%/\\", max_size=20),
+        min_size=1,
+        max_size=8,
+    ).map("/".join),
+)
+
+
+@FUZZ
+@given(name_like)
+def test_validate_name(text: str) -> None:
+    try:
+        validate_name(text)
+    except RegistryError as exc:
+        assert exc.code is ErrorCode.NAME_INVALID and exc.status == 400
+    else:
+        assert len(text) <= MAX_NAME_LENGTH
+        assert text.isascii() and "%" not in text and "\\" not in text
+        assert all(part and part[0].isalnum() for part in text.split("/"))
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_validate_tag(text: str) -> None:
+    try:
+        validate_tag(text)
+    except RegistryError as exc:
+        assert exc.code is ErrorCode.TAG_INVALID and exc.status == 400
+    else:
+        assert text.isascii() and 1 <= len(text) <= 128 and ":" not in text
+
+
+# -- Range (blob GET) and Content-Range (PATCH) ------------------------------------------------
+
+#: What str.isdigit() or \d accept but int() or RFC 9110's DIGIT do not (Arabic-Indic 0-2, ²³).
+ASCII_AND_OTHER_DIGITS = "0123456789\u0660\u0661\u0662\u00b2\u00b3"
+numbers = st.one_of(
+    st.just(""),
+    st.integers(min_value=0, max_value=2**70).map(str),
+    st.integers(min_value=5000, max_value=20_000).map(lambda n: "1" * n),  # past int()'s limit
+    st.text(alphabet=ASCII_AND_OTHER_DIGITS, max_size=8),
+)
+range_like = st.one_of(
+    st.text(max_size=60),
+    st.builds(
+        lambda unit, a, sep, b: f"{unit}{a}{sep}{b}",
+        st.sampled_from(["bytes=", "Bytes=", "bytes =", "items=", "", "bytes= "]),
+        numbers,
+        st.sampled_from(["-", "--", ",", "-0,0-", " - "]),
+        numbers,
+    ),
+)
+
+
+@FUZZ
+@given(st.none() | range_like, st.integers(min_value=0, max_value=10**6))
+def test_parse_range(header: str | None, size: int) -> None:
+    try:
+        parsed = parse_range(header, size)
+    except RegistryError as exc:
+        assert exc.code is ErrorCode.RANGE_INVALID and exc.status == 416
+        assert exc.headers == {"Content-Range": f"bytes */{size}"}
+    else:
+        if parsed is not None:
+            offset, length = parsed
+            assert 0 <= offset < size and length >= 1 and offset + length <= size
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("bytes=" + "1" * 5000 + "-", None),  # int() of it raised ValueError: a 500
+        ("bytes=0-" + "9" * 5000, (0, 10)),
+        ("bytes=-" + "9" * 5000, (0, 10)),
+        ("bytes=" + "0" * 5000 + "2-3", (2, 2)),
+        ("Bytes=2-3", (2, 2)),  # the unit is case-insensitive
+        ("bytes=\u0662-\u0663", None),  # Arabic-Indic digits are not DIGIT (RFC 9110)
+    ],
+)
+def test_parse_range_numbers(header: str, expected: tuple[int, int] | None) -> None:
+    if expected is None:
+        with pytest.raises(RegistryError) as err:
+            parse_range(header, 10)
+        assert err.value.status == 416
+    else:
+        assert parse_range(header, 10) == expected
+
+
+short_numbers = st.one_of(
+    st.just(""),
+    st.integers(min_value=0, max_value=2**70).map(str),
+    st.text(alphabet=ASCII_AND_OTHER_DIGITS, max_size=8),
+)
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.none(),
+        st.text(max_size=60),
+        st.builds(
+            lambda unit, a, b: f"{unit}{a}-{b}",
+            st.sampled_from(["", "bytes=", "bytes ", "bytes  ", "items="]),
+            short_numbers,
+            short_numbers,
+        ),
+    )
+)
+def test_parse_content_range(header: str | None) -> None:
+    # Numbers of more than 4300 digits are the xfail below: api/uploads.py is changed by
+    # another engineer, so that fix is theirs.
+    try:
+        parse_content_range(header, "id")
+    except RegistryError as exc:
+        assert exc.code is ErrorCode.BLOB_UPLOAD_INVALID and exc.status == 416
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="api/uploads.py: int() of a >4300-digit Content-Range raises ValueError (a 500); "
+    "to be fixed by the owner of api/uploads.py",
+)
+def test_parse_content_range_with_huge_numbers() -> None:
+    with pytest.raises(RegistryError):
+        parse_content_range("0-" + "9" * 5000, "id")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -63,14 +64,17 @@ def require_delete(request: web.Request) -> None:
         )
 
 
+_QUERY_INTEGER = re.compile(r"[0-9]{1,18}")  # ASCII digits (str.isdigit takes '²'), int64
+
+
 def int_query(request: web.Request, key: str) -> int | None:
     text = request.query.get(key)
     if text is None or text == "":
         return None
-    if not text.isdigit():
+    if not _QUERY_INTEGER.fullmatch(text):
         raise RegistryError(
             ErrorCode.PAGINATION_NUMBER_INVALID,
-            f"{key} must be a non-negative integer",
+            f"{key} must be a non-negative integer below 10^18",
             {key: text},
         )
     return int(text)
