@@ -355,3 +355,65 @@ def test_parse_content_range(header: str | None) -> None:
 def test_parse_content_range_with_huge_numbers() -> None:
     with pytest.raises(RegistryError):
         parse_content_range("0-" + "9" * 5000, "id")
+
+
+# -- hosts in Location -------------------------------------------------------------------------
+
+
+def is_valid_host(host: str) -> bool:
+    # Imported here so that on code without it, each host test fails on its own.
+    from dockyard.api.base import is_valid_host
+
+    return is_valid_host(host)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "registry.example.com",
+        "registry.example.com:5000",
+        "localhost",
+        "127.0.0.1:5000",
+        "[::1]:5000",
+        "[2001:db8::1]",
+        "my_registry:5000",
+        "example.com.",
+    ],
+)
+def test_valid_hosts(host: str) -> None:
+    assert is_valid_host(host)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",
+        "a b",
+        "a b:5000",
+        "evil.com/path",
+        "evil.com?x",
+        "evil.com#x",
+        "user@evil.com",
+        "a\tb",
+        "[::1",
+        "[nope]:1",
+        "[::1]x",
+        "host:port",
+        "host:",
+        "host:123456",
+        "-leading.example",
+        "a..b",
+        "ü.example",
+        "x" * 300,
+    ],
+)
+def test_invalid_hosts(host: str) -> None:
+    assert not is_valid_host(host)
+
+
+@FUZZ
+@given(st.text(max_size=80))
+def test_a_valid_host_is_only_host_and_port(host: str) -> None:
+    if is_valid_host(host):
+        assert host.isascii() and host.isprintable()
+        assert not any(c in host for c in " /?#@\\\"'<>")

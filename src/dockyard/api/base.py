@@ -3,6 +3,7 @@ becomes an OCI JSON body), common headers, URL building behind proxies, and requ
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -109,16 +110,47 @@ def base_url(request: web.Request) -> str:
         return http.host
     headers = request.headers
     forwarded = _parse_forwarded(headers.get("Forwarded", ""))
-    scheme = (
-        _first(headers.get("X-Forwarded-Proto"))
-        or forwarded.get("proto")
-        or ("https" if request.secure else "http")
-    )
+    scheme = (_first(headers.get("X-Forwarded-Proto")) or forwarded.get("proto") or "").lower()
+    if scheme not in ("http", "https"):
+        scheme = "https" if request.secure else "http"
     host = _first(headers.get("X-Forwarded-Host")) or forwarded.get("host") or request.host
+    if not is_valid_host(host):
+        # Whatever a client sent is not echoed into Location (a response splitting or phishing
+        # aid); a relative Location is valid HTTP, and every client resolves it against the
+        # URL it just used.
+        return ""
     port = _first(headers.get("X-Forwarded-Port"))
-    if port and port.isdigit() and not _has_port(host):
+    if _PORT.fullmatch(port) and not _has_port(host):
         host = f"{host}:{port}"
     return f"{scheme}://{host}"
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def is_valid_host(host: str) -> bool:
+    """``host[:port]`` as RFC 3986 has it, strictly: DNS-style names (with ``_``, as compose
+    service names have), IPv4, or a bracketed IPv6 literal; a port of 1 to 5 digits."""
+    if not host or len(host) > 260:  # a 253-character name, a final '.', ':' and 5 digits
+        return False
+    name, port = host, ""
+    if host.startswith("["):
+        literal, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        port = port[1:] if port else ""
+        return not port or bool(_PORT.fullmatch(port))
+    if ":" in host:
+        name, _, port = host.partition(":")
+        if not _PORT.fullmatch(port):
+            return False
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return all(_HOST_NAME.fullmatch(label) for label in labels)
 
 
 def _first(value: str | None) -> str:
