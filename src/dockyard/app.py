@@ -9,6 +9,7 @@ from dockyard.api.base import (
     CONFIG_KEY,
     REGISTRY_KEY,
     add_common_headers,
+    encoded_separator_middleware,
     error_middleware,
     read_only_middleware,
     version_check,
@@ -35,7 +36,11 @@ def build_app(config: Config, secret: str) -> web.Application:
     )
     inflight = InFlight()
     auth = build_auth(config)
-    middlewares = [inflight.middleware, error_middleware]
+    middlewares = [
+        inflight.middleware,
+        error_middleware,
+        encoded_separator_middleware(config.http.prefix),
+    ]
     if auth is not None:
         middlewares.append(auth.middleware)
     if config.storage.maintenance.readonly.enabled:

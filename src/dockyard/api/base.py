@@ -218,6 +218,28 @@ def _from_http_exception(exc: web.HTTPException) -> RegistryError:
     return RegistryError(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
 
 
+_ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
+
+
+def encoded_separator_middleware(prefix: str) -> web.Middleware:
+    """``%2F`` (or ``%5C``) in a ``/v2`` path is refused with NAME_INVALID: aiohttp's router
+    decodes it, so ``/v2/a%2Fb/...`` would name the repository ``a/b``, a name the path never
+    spelled. Refused before authentication, so no token scope is ever checked against one."""
+    v2 = prefix + "/v2/"
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.raw_path.partition("?")[0]
+        if path.startswith(v2) and _ENCODED_SEPARATOR.search(path):
+            raise RegistryError(
+                ErrorCode.NAME_INVALID,
+                "an encoded '/' or '\\' (%2F, %5C) in the path is not a separator",
+            )
+        return await handler(request)
+
+    return middleware
+
+
 @web.middleware
 async def read_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """``storage.maintenance.readonly``: pulls work; pushes and deletes get 405, as registry:2
