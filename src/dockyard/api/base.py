@@ -26,7 +26,15 @@ REGISTRY_KEY = web.AppKey("registry", Registry)
 CONFIG_KEY = web.AppKey("config", Config)
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+#: On every response instead of aiohttp's ``Python/3.x aiohttp/3.y``: versions help only those
+#: looking for a known hole.
+SERVER_HEADER = ("Server", "Dockyard")
 JSON = "application/json; charset=utf-8"
+
+#: Set (by api.protocol) on a request whose client holds its body back until invited
+#: (``Expect: 100-continue``); CONTINUE_SENT once the invitation went out (see send_continue).
+EXPECTS_CONTINUE = "dockyard.expects_continue"
+CONTINUE_SENT = "dockyard.continue_sent"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,8 +89,19 @@ def int_query(request: web.Request, key: str) -> int | None:
     return int(text)
 
 
+async def send_continue(request: web.Request) -> None:
+    """Invite the body a client holds back with ``Expect: 100-continue``. Called when a handler
+    starts reading the body, so only after authentication and the handler's own checks: aiohttp
+    would invite it on arrival, and an anonymous client would send gigabytes to hear 401."""
+    if request.get(EXPECTS_CONTINUE) and not request.get(CONTINUE_SENT):
+        request[CONTINUE_SENT] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started (as aiohttp does)
+
+
 async def body_stream(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives (chunked or not), never buffered whole."""
+    await send_continue(request)
     async for chunk in request.content.iter_any():
         yield chunk
 
@@ -254,12 +273,20 @@ async def read_only_middleware(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
+def set_common_headers(response: web.StreamResponse, extra: dict[str, list[str]]) -> None:
+    """The API version, the neutral Server header, and ``http.headers``."""
+    response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+    response.headers[SERVER_HEADER[0]] = SERVER_HEADER[1]
+    for name, values in extra.items():
+        if name.lower() == SERVER_HEADER[0].lower():  # http.headers may name the server
+            response.headers.popall(name, None)
+        for value in values:
+            response.headers.add(name, value)
+
+
 def add_common_headers(extra: dict[str, list[str]]) -> Callable[..., Awaitable[None]]:
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
-        for name, values in extra.items():
-            for value in values:
-                response.headers.add(name, value)
+        set_common_headers(response, extra)
 
     return on_prepare
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import repository_of, require_delete, url_for
+from dockyard.api.base import body_stream, repository_of, require_delete, url_for
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest, is_digest
@@ -58,7 +58,7 @@ async def _read_manifest_body(request: web.Request) -> bytes:
     if declared is not None and declared > MAX_MANIFEST_BYTES:
         raise _too_large(declared)
     body = bytearray()
-    async for chunk in request.content.iter_any():
+    async for chunk in body_stream(request):
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
             raise _too_large(len(body))
