@@ -17,7 +17,7 @@ from aiohttp import web
 
 from dockyard import maintenance
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
-from dockyard.api.base import REGISTRY_KEY
+from dockyard.api.base import REGISTRY_KEY, UNREAD_BODY_DRAIN_SECONDS
 from dockyard.api.protocol import RegistryRunner
 from dockyard.app import INFLIGHT_KEY, build_app
 from dockyard.config import Config
@@ -70,6 +70,9 @@ async def _serve(
         # aiohttp's 8 KiB refused the large bearer tokens external token servers issue.
         max_line_size=max_header_bytes,
         max_field_size=max_header_bytes,
+        # After answering without reading a body, aiohttp reads and discards it for this long
+        # (10 s by default) before closing; errors drain less still (api.base._answer_error).
+        lingering_time=UNREAD_BODY_DRAIN_SECONDS,
     )
     letsencrypt = config.http.tls.letsencrypt
     ssl_context = server_context(

@@ -3,6 +3,7 @@ becomes an OCI JSON body), common headers, URL building behind proxies, and requ
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -35,6 +36,13 @@ JSON = "application/json; charset=utf-8"
 #: (``Expect: 100-continue``); CONTINUE_SENT once the invitation went out (see send_continue).
 EXPECTS_CONTINUE = "dockyard.expects_continue"
 CONTINUE_SENT = "dockyard.continue_sent"
+
+#: An error answered before the request body was read (a 401 before an upload, a 413 part-way
+#: through a manifest) closes the connection; before closing, at most this much of the unread
+#: body is read and discarded, for at most this long, so that the client is reading the answer
+#: rather than a connection reset. aiohttp alone would go on reading for 10 s.
+UNREAD_BODY_DRAIN_BYTES = 256 * 1024
+UNREAD_BODY_DRAIN_SECONDS = 1.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -204,25 +212,64 @@ def url_for(request: web.Request, path: str) -> str:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
     except RegistryError as exc:
-        return error_response(exc)
+        return await _answer_error(request, exc)
     except web.HTTPException as exc:
-        return error_response(_from_http_exception(exc))
+        return await _answer_error(request, _from_http_exception(exc))
     except HttpProcessingError as exc:
         # A body that broke off midway (client went away, bad chunked encoding).
         log.info("request body failed: %s %s: %s", request.method, request.path, exc.message)
-        return error_response(
-            RegistryError(ErrorCode.BLOB_UPLOAD_INVALID, f"request body failed: {exc.message}")
+        return await _answer_error(
+            request,
+            RegistryError(ErrorCode.BLOB_UPLOAD_INVALID, f"request body failed: {exc.message}"),
         )
     except ConnectionResetError:
         raise
     except StorageError:
         log.exception("storage failure on %s %s", request.method, request.path)
-        return error_response(RegistryError(ErrorCode.UNKNOWN, "storage failure"))
+        return await _answer_error(request, RegistryError(ErrorCode.UNKNOWN, "storage failure"))
     except Exception:
         log.exception("unexpected failure on %s %s", request.method, request.path)
-        return error_response(RegistryError(ErrorCode.UNKNOWN))
+        return await _answer_error(request, RegistryError(ErrorCode.UNKNOWN))
+    if request.can_read_body:
+        # Answered without taking the body (an upload start that ignores one): the connection
+        # cannot carry another request until the rest arrives, which it need not. aiohttp reads
+        # and discards it for at most UNREAD_BODY_DRAIN_SECONDS (its lingering time, set in
+        # worker.py), then closes.
+        response.force_close()
+    return response
+
+
+async def _answer_error(request: web.Request, error: RegistryError) -> web.StreamResponse:
+    response = error_response(error)
+    if not request.can_read_body:
+        return response
+    # The body was not read, or not all of it (401 before an upload, 413 inside a manifest):
+    # answer, drain a little, and close, rather than read the rest of what may be gigabytes.
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+        if not request.get(EXPECTS_CONTINUE) or request.get(CONTINUE_SENT):
+            await _drain(request)  # otherwise the client waits for us: nothing is coming
+    except ConnectionError:
+        pass
+    request.protocol.force_close()  # now, not after aiohttp's 10 s of lingering
+    return response
+
+
+async def _drain(request: web.Request) -> None:
+    budget = UNREAD_BODY_DRAIN_BYTES
+    try:
+        async with asyncio.timeout(UNREAD_BODY_DRAIN_SECONDS):
+            while budget > 0:
+                chunk = await request.content.readany()
+                if not chunk:
+                    return
+                budget -= len(chunk)
+    except (TimeoutError, HttpProcessingError, web.RequestPayloadError):
+        pass
 
 
 def _from_http_exception(exc: web.HTTPException) -> RegistryError:
