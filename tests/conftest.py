@@ -92,7 +92,7 @@ _counter = itertools.count()
 def repo(request: pytest.FixtureRequest) -> str:
     """A repository name unique to the test (so tests can share one server)."""
     base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower()).strip("-")
-    base = "-".join(p for p in base.split("-") if p)[:60]
+    base = "-".join(p for p in base.split("-") if p)[:60].rstrip("-")
     return f"t{next(_counter)}/{base}"
 
 

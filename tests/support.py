@@ -258,3 +258,85 @@ def session_from(source: str) -> requests.Session:
     session = requests.Session()
     session.mount("http://", _FromAddress(source))
     return session
+
+
+# -- raw HTTP: what requests and http.client would normalise, refuse, or hide (1xx) -----------
+
+
+@dataclass
+class RawResponse:
+    status_line: bytes
+    status: int
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+    interim: list[int]  # 1xx statuses that came first (100 Continue)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class RawConnection:
+    """One TCP connection to a server, bytes in and responses out, nothing normalised."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed; received so far: {self.buffer[:300]!r}")
+        self.buffer += chunk
+
+    def response(self, head: bool = False) -> RawResponse:
+        """The next final response (``head``: to a HEAD request, so without a body)."""
+        interim: list[int] = []
+        while True:
+            while b"\r\n\r\n" not in self.buffer:
+                self._fill()
+            block, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            status_line, *lines = block.split(b"\r\n")
+            status = int(status_line.split(b" ", 2)[1])
+            headers = {}
+            for line in lines:
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if 100 <= status < 200:
+                interim.append(status)
+                continue
+            assert "chunked" not in headers.get("transfer-encoding", ""), headers
+            length = 0 if head or status in (204, 304) else int(headers.get("content-length", 0))
+            while len(self.buffer) < length:
+                self._fill()
+            body, self.buffer = self.buffer[:length], self.buffer[length:]
+            return RawResponse(status_line, status, headers, body, interim)
+
+    def closed_within(self, seconds: float) -> bool:
+        """True once the server closes the connection (anything it still sends is dropped),
+        False if it is still open after ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                return True
+        return False
+
+
+def raw_request(port: int, data: bytes, head: bool = False, timeout: float = 10.0) -> RawResponse:
+    with RawConnection(port, timeout) as conn:
+        conn.send(data)
+        return conn.response(head=head)

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from dockyard.api.base import SERVER_HEADER
 from dockyard.config import LetsEncryptConfig
 
 log = logging.getLogger("dockyard.acme")
@@ -317,6 +318,10 @@ class CertificateManager:
             host = request.url.host or self.config.hosts[0]
             raise web.HTTPMovedPermanently(f"https://{host}{port}{request.path_qs}")
 
+        async def neutral_server_header(_: web.Request, response: web.StreamResponse) -> None:
+            response.headers[SERVER_HEADER[0]] = SERVER_HEADER[1]
+
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", answer)
+        app.on_response_prepare.append(neutral_server_header)
         return app

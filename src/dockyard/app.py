@@ -10,6 +10,7 @@ from dockyard.api.base import (
     REGISTRY_KEY,
     add_common_headers,
     client_address_middleware,
+    encoded_separator_middleware,
     error_middleware,
     read_only_middleware,
     version_check,
@@ -44,7 +45,12 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     inflight = InFlight()
     auth = build_auth(config, shared.login_failures if shared is not None else None)
     trusted = TrustedProxies(config.http.trustedproxies)
-    middlewares = [client_address_middleware(trusted), inflight.middleware, error_middleware]
+    middlewares = [
+        client_address_middleware(trusted),
+        inflight.middleware,
+        error_middleware,
+        encoded_separator_middleware(config.http.prefix),
+    ]
     if auth is not None:
         middlewares.append(auth.middleware)
     if config.storage.maintenance.readonly.enabled:

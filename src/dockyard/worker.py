@@ -19,7 +19,8 @@ from aiohttp import web
 from dockyard import maintenance
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
 from dockyard.api.admission import AdmissionSite
-from dockyard.api.base import REGISTRY_KEY
+from dockyard.api.base import REGISTRY_KEY, UNREAD_BODY_DRAIN_SECONDS
+from dockyard.api.protocol import RegistryRunner
 from dockyard.app import INFLIGHT_KEY, build_app
 from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
@@ -94,12 +95,19 @@ async def _serve(
 ) -> None:
     app = build_app(config, secret, shared)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
-    runner = web.AppRunner(
+    max_header_bytes = config.http.limits.maxheaderbytes
+    runner = RegistryRunner(
         app,
         handle_signals=False,
         access_log_class=AccessLogger,
         access_log=logging.getLogger(ACCESS_LOGGER),
         shutdown_timeout=drain,
+        # aiohttp's 8 KiB refused the large bearer tokens external token servers issue.
+        max_line_size=max_header_bytes,
+        max_field_size=max_header_bytes,
+        # After answering without reading a body, aiohttp reads and discards it for this long
+        # (10 s by default) before closing; errors drain less still (api.base._answer_error).
+        lingering_time=UNREAD_BODY_DRAIN_SECONDS,
     )
     letsencrypt = config.http.tls.letsencrypt
     ssl_context = server_context(
@@ -182,7 +190,9 @@ async def _answer_challenges(
     manager: CertificateManager, sock: socket.socket, https_port: int, work: Awaitable[None]
 ) -> None:
     """Serve HTTP-01 challenges (and redirect to HTTPS) on ``sock`` while ``work`` runs."""
-    runner = web.AppRunner(manager.challenge_app(https_port), handle_signals=False, access_log=None)
+    runner = RegistryRunner(
+        manager.challenge_app(https_port), handle_signals=False, access_log=None
+    )
     await runner.setup()
     # A duplicate: stopping the site closes its socket, and the original is served again later.
     await web.SockSite(runner, sock.dup()).start()

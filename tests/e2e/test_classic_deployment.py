@@ -460,6 +460,23 @@ def test_podman_and_skopeo_verify_the_certificate(
     dep.assert_clean_logs()
 
 
+# -- large headers: bearer tokens from external token servers ------------------------------------
+
+
+def test_large_headers_pass_through_nginx(classic: Callable[..., Deployment]) -> None:
+    """The shipped site's header buffers pass what Dockyard accepts (a JWT listing many
+    repositories easily exceeds nginx's default 8k), and nginx names no version."""
+    dep = classic(workers=1)
+    http = dep.session()
+    big = "x" * (900 * 1024)
+    r = http.get(dep.v2(""), headers={"X-Large-Token": big}, timeout=30)
+    assert r.status_code == 200, r.text[:300] + dep.context()
+    assert r.headers["Server"] == "nginx", r.headers
+    r = http.get(dep.v2(""), headers={"X-Large-Token": big + "x" * (200 * 1024)}, timeout=30)
+    assert r.status_code == 400  # more than 1 MiB: nginx refuses it before Dockyard sees it
+    dep.assert_clean_logs()
+
+
 # -- 4. a 2 GiB blob through nginx ---------------------------------------------------------------
 
 

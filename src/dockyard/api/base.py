@@ -4,8 +4,10 @@ becomes an OCI JSON body), common headers, URL building behind proxies, and requ
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,7 +30,22 @@ CONFIG_KEY = web.AppKey("config", Config)
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 #: where client_address_middleware leaves the caller's address on the request
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
+#: On every response instead of aiohttp's ``Python/3.x aiohttp/3.y``: versions help only those
+#: looking for a known hole.
+SERVER_HEADER = ("Server", "Dockyard")
 JSON = "application/json; charset=utf-8"
+
+#: Set (by api.protocol) on a request whose client holds its body back until invited
+#: (``Expect: 100-continue``); CONTINUE_SENT once the invitation went out (see send_continue).
+EXPECTS_CONTINUE = "dockyard.expects_continue"
+CONTINUE_SENT = "dockyard.continue_sent"
+
+#: An error answered before the request body was read (a 401 before an upload, a 413 part-way
+#: through a manifest) closes the connection; before closing, at most this much of the unread
+#: body is read and discarded, for at most this long, so that the client is reading the answer
+#: rather than a connection reset. aiohttp alone would go on reading for 10 s.
+UNREAD_BODY_DRAIN_BYTES = 256 * 1024
+UNREAD_BODY_DRAIN_SECONDS = 1.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,17 +84,30 @@ def require_delete(request: web.Request) -> None:
         )
 
 
+_QUERY_INTEGER = re.compile(r"[0-9]{1,18}")  # ASCII digits (str.isdigit takes '²'), int64
+
+
 def int_query(request: web.Request, key: str) -> int | None:
     text = request.query.get(key)
     if text is None or text == "":
         return None
-    if not text.isdigit():
+    if not _QUERY_INTEGER.fullmatch(text):
         raise RegistryError(
             ErrorCode.PAGINATION_NUMBER_INVALID,
-            f"{key} must be a non-negative integer",
+            f"{key} must be a non-negative integer below 10^18",
             {key: text},
         )
     return int(text)
+
+
+async def send_continue(request: web.Request) -> None:
+    """Invite the body a client holds back with ``Expect: 100-continue``. Called when a handler
+    starts reading the body, so only after authentication and the handler's own checks: aiohttp
+    would invite it on arrival, and an anonymous client would send gigabytes to hear 401."""
+    if request.get(EXPECTS_CONTINUE) and not request.get(CONTINUE_SENT):
+        request[CONTINUE_SENT] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started (as aiohttp does)
 
 
 async def body_stream(request: web.Request) -> AsyncIterator[bytes]:
@@ -88,6 +118,7 @@ async def body_stream(request: web.Request) -> AsyncIterator[bytes]:
     while a slow link that keeps moving finishes, however long it takes. (The timeout is per
     read; reads return everything that arrived, a few hundred KiB at speed, so it costs
     microseconds per megabyte.)"""
+    await send_continue(request)
     content = request.content
     idle = request.app[CONFIG_KEY].http.limits.bodyidletimeout
     while True:
@@ -130,16 +161,47 @@ def base_url(request: web.Request) -> str:
         return http.host
     headers = request.headers
     forwarded = _parse_forwarded(headers.get("Forwarded", ""))
-    scheme = (
-        _first(headers.get("X-Forwarded-Proto"))
-        or forwarded.get("proto")
-        or ("https" if request.secure else "http")
-    )
+    scheme = (_first(headers.get("X-Forwarded-Proto")) or forwarded.get("proto") or "").lower()
+    if scheme not in ("http", "https"):
+        scheme = "https" if request.secure else "http"
     host = _first(headers.get("X-Forwarded-Host")) or forwarded.get("host") or request.host
+    if not is_valid_host(host):
+        # Whatever a client sent is not echoed into Location (a response splitting or phishing
+        # aid); a relative Location is valid HTTP, and every client resolves it against the
+        # URL it just used.
+        return ""
     port = _first(headers.get("X-Forwarded-Port"))
-    if port and port.isdigit() and not _has_port(host):
+    if _PORT.fullmatch(port) and not _has_port(host):
         host = f"{host}:{port}"
     return f"{scheme}://{host}"
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def is_valid_host(host: str) -> bool:
+    """``host[:port]`` as RFC 3986 has it, strictly: DNS-style names (with ``_``, as compose
+    service names have), IPv4, or a bracketed IPv6 literal; a port of 1 to 5 digits."""
+    if not host or len(host) > 260:  # a 253-character name, a final '.', ':' and 5 digits
+        return False
+    name, port = host, ""
+    if host.startswith("["):
+        literal, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        port = port[1:] if port else ""
+        return not port or bool(_PORT.fullmatch(port))
+    if ":" in host:
+        name, _, port = host.partition(":")
+        if not _PORT.fullmatch(port):
+            return False
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return all(_HOST_NAME.fullmatch(label) for label in labels)
 
 
 def _first(value: str | None) -> str:
@@ -193,25 +255,64 @@ def client_address_middleware(trusted: TrustedProxies) -> web.Middleware:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
     except RegistryError as exc:
-        return error_response(exc)
+        return await _answer_error(request, exc)
     except web.HTTPException as exc:
-        return error_response(_from_http_exception(exc))
+        return await _answer_error(request, _from_http_exception(exc))
     except HttpProcessingError as exc:
         # A body that broke off midway (client went away, bad chunked encoding).
         log.info("request body failed: %s %s: %s", request.method, request.path, exc.message)
-        return error_response(
-            RegistryError(ErrorCode.BLOB_UPLOAD_INVALID, f"request body failed: {exc.message}")
+        return await _answer_error(
+            request,
+            RegistryError(ErrorCode.BLOB_UPLOAD_INVALID, f"request body failed: {exc.message}"),
         )
     except ConnectionResetError:
         raise
     except StorageError:
         log.exception("storage failure on %s %s", request.method, request.path)
-        return error_response(RegistryError(ErrorCode.UNKNOWN, "storage failure"))
+        return await _answer_error(request, RegistryError(ErrorCode.UNKNOWN, "storage failure"))
     except Exception:
         log.exception("unexpected failure on %s %s", request.method, request.path)
-        return error_response(RegistryError(ErrorCode.UNKNOWN))
+        return await _answer_error(request, RegistryError(ErrorCode.UNKNOWN))
+    if request.can_read_body:
+        # Answered without taking the body (an upload start that ignores one): the connection
+        # cannot carry another request until the rest arrives, which it need not. aiohttp reads
+        # and discards it for at most UNREAD_BODY_DRAIN_SECONDS (its lingering time, set in
+        # worker.py), then closes.
+        response.force_close()
+    return response
+
+
+async def _answer_error(request: web.Request, error: RegistryError) -> web.StreamResponse:
+    response = error_response(error)
+    if not request.can_read_body:
+        return response
+    # The body was not read, or not all of it (401 before an upload, 413 inside a manifest):
+    # answer, drain a little, and close, rather than read the rest of what may be gigabytes.
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+        if not request.get(EXPECTS_CONTINUE) or request.get(CONTINUE_SENT):
+            await _drain(request)  # otherwise the client waits for us: nothing is coming
+    except ConnectionError:
+        pass
+    request.protocol.force_close()  # now, not after aiohttp's 10 s of lingering
+    return response
+
+
+async def _drain(request: web.Request) -> None:
+    budget = UNREAD_BODY_DRAIN_BYTES
+    try:
+        async with asyncio.timeout(UNREAD_BODY_DRAIN_SECONDS):
+            while budget > 0:
+                chunk = await request.content.readany()
+                if not chunk:
+                    return
+                budget -= len(chunk)
+    except (TimeoutError, HttpProcessingError, web.RequestPayloadError):
+        pass
 
 
 def _from_http_exception(exc: web.HTTPException) -> RegistryError:
@@ -224,6 +325,28 @@ def _from_http_exception(exc: web.HTTPException) -> RegistryError:
     if exc.status == 413:
         return RegistryError(ErrorCode.SIZE_INVALID, "request body too large", status=413)
     return RegistryError(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
+
+
+_ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
+
+
+def encoded_separator_middleware(prefix: str) -> web.Middleware:
+    """``%2F`` (or ``%5C``) in a ``/v2`` path is refused with NAME_INVALID: aiohttp's router
+    decodes it, so ``/v2/a%2Fb/...`` would name the repository ``a/b``, a name the path never
+    spelled. Refused before authentication, so no token scope is ever checked against one."""
+    v2 = prefix + "/v2/"
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.raw_path.partition("?")[0]
+        if path.startswith(v2) and _ENCODED_SEPARATOR.search(path):
+            raise RegistryError(
+                ErrorCode.NAME_INVALID,
+                "an encoded '/' or '\\' (%2F, %5C) in the path is not a separator",
+            )
+        return await handler(request)
+
+    return middleware
 
 
 @web.middleware
@@ -240,12 +363,20 @@ async def read_only_middleware(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
+def set_common_headers(response: web.StreamResponse, extra: dict[str, list[str]]) -> None:
+    """The API version, the neutral Server header, and ``http.headers``."""
+    response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+    response.headers[SERVER_HEADER[0]] = SERVER_HEADER[1]
+    for name, values in extra.items():
+        if name.lower() == SERVER_HEADER[0].lower():  # http.headers may name the server
+            response.headers.popall(name, None)
+        for value in values:
+            response.headers.add(name, value)
+
+
 def add_common_headers(extra: dict[str, list[str]]) -> Callable[..., Awaitable[None]]:
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
-        for name, values in extra.items():
-            for value in values:
-                response.headers.add(name, value)
+        set_common_headers(response, extra)
 
     return on_prepare
 

@@ -17,7 +17,16 @@ from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry.blobs import BlobInfo, blob_unknown
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits: \d also matches other scripts' digits.
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.IGNORECASE)
+#: Beyond any blob: a position written with more digits than this is treated as this.
+_FAR = 10**18
+
+
+def _position(digits: str) -> int:
+    # int() refuses more than 4300 digits (ValueError); a header may carry 1 MiB of them.
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _FAR
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -34,12 +43,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise _unsatisfiable(size, f"malformed range {header!r}")
     first, last = match.group(1), match.group(2)
     if first == "":  # suffix: the last N bytes
-        length = min(int(last), size)
+        length = min(_position(last), size)
         if length == 0:
             raise _unsatisfiable(size, "empty suffix range")
         return size - length, length
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first)
+    end = _position(last) if last else size - 1
     if start >= size or end < start:
         raise _unsatisfiable(size, f"range {header!r} is outside a blob of {size} bytes")
     end = min(end, size - 1)

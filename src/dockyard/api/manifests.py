@@ -14,9 +14,20 @@ from dockyard.registry.repository import Repository
 
 
 async def _resolve(repo: Repository, reference: str) -> Digest:
-    if is_digest(reference):
-        return Digest.parse(reference)
-    return await repo.tags.resolve(validate_tag(reference))
+    """GET and HEAD: a reference that is neither a valid tag nor a digest this registry can
+    hold names no manifest, so 404 MANIFEST_UNKNOWN (the OCI conformance suite asks for it, e.g.
+    for ``.INVALID_MANIFEST_NAME``); a PUT to one is still refused as TAG_INVALID."""
+    try:
+        parsed = Digest.parse(reference) if is_digest(reference) else validate_tag(reference)
+    except RegistryError:
+        raise RegistryError(
+            ErrorCode.MANIFEST_UNKNOWN,
+            "no manifest can have this reference: it is neither a tag nor a digest",
+            {"reference": reference},
+        ) from None
+    if isinstance(parsed, Digest):
+        return parsed
+    return await repo.tags.resolve(parsed)
 
 
 def _not_modified(request: web.Request, digest: Digest) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import client_address, json_response
+from dockyard.api.base import client_address, json_response, send_continue
 from dockyard.auth.access import parse_scopes
 from dockyard.auth.login import BadCredentials
 from dockyard.auth.middleware import TOKEN_PATH, parse_basic, unauthorized
@@ -64,6 +64,7 @@ async def get_token(request: web.Request) -> web.Response:
 
 async def post_token(request: web.Request) -> web.Response:
     server = _server(request)
+    await send_continue(request)
     form = await request.post()
     _check_service(server, str(form.get("service") or ""))
     grant_type = form.get("grant_type")

@@ -22,7 +22,8 @@ from dockyard.oci.names import validate_name
 from dockyard.registry.repository import Repository
 from dockyard.registry.uploads import ContentRange, UploadSession
 
-_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?(\d+)-(\d+)$")
+#: ASCII digits only, at most 18 of them: a byte offset, never a number int() chokes on
+_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?([0-9]{1,18})-([0-9]{1,18})$")
 
 
 def upload_headers(

@@ -168,6 +168,8 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
             raise TokenInvalid(f"malformed token: {exc}") from None
+        except RecursionError:  # deeply nested JSON: PyJWT < 2.14 lets it escape (CVE-2026-102265)
+            raise TokenInvalid("malformed token: JSON nested too deeply") from None
         if header.get("alg") not in ALGORITHMS:
             raise TokenInvalid(f"algorithm {header.get('alg')!r} is not accepted")
         key = self._key_for(header)
@@ -183,6 +185,8 @@ class TokenVerifier:
             )
         except jwt.InvalidTokenError as exc:
             raise TokenInvalid(str(exc)) from None
+        except RecursionError:
+            raise TokenInvalid("malformed token: JSON nested too deeply") from None
         except (TypeError, ValueError) as exc:  # e.g. an ES256 header naming an RSA key
             raise TokenInvalid(f"token does not fit its key: {exc}") from None
         return VerifiedToken(

@@ -102,6 +102,8 @@ class TokenServer:
             )
         except jwt.InvalidTokenError as exc:
             raise InvalidGrant(str(exc)) from None
+        except RecursionError:  # deeply nested JSON: PyJWT < 2.14 lets it escape (CVE-2026-102265)
+            raise InvalidGrant("JSON nested too deeply") from None
         user = claims["sub"]
         current = self.users.fingerprint(user)
         if current is None or claims.get("pwd") != current:
