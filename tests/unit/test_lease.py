@@ -59,7 +59,8 @@ def test_lease_carries_its_purpose_and_its_holder_stops_when_it_could_not_renew(
             lease.check()
         await lease.renew()  # nobody took it: renewing makes it the holder's again
         lease.check()
-        assert (await read_lease(driver, "gc")).purpose == "immediate"  # type: ignore[union-attr]
+        renewed = await read_lease(driver, "gc")
+        assert renewed is not None and renewed.purpose == "immediate"
         await lease.release()
         assert await read_lease(driver, "gc") is None
         await driver.close()
