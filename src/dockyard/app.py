@@ -15,6 +15,7 @@ from dockyard.api.base import (
 )
 from dockyard.auth.setup import build_auth
 from dockyard.config import Config
+from dockyard.heartbeat import Heartbeat
 from dockyard.lifecycle import InFlight
 from dockyard.registry.cache import build_cache
 from dockyard.registry.repository import Registry
@@ -34,12 +35,15 @@ def build_app(config: Config, secret: str) -> web.Application:
         cache=cache,
     )
     inflight = InFlight()
+    heartbeat = Heartbeat.for_config(config, driver, cache.kind)
     auth = build_auth(config)
     middlewares = [inflight.middleware, error_middleware]
     if auth is not None:
         middlewares.append(auth.middleware)
     if config.storage.maintenance.readonly.enabled:
         middlewares.append(read_only_middleware)
+    else:
+        middlewares.append(heartbeat.write_gate)
     app = web.Application(middlewares=middlewares)
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
@@ -59,9 +63,14 @@ def build_app(config: Config, secret: str) -> web.Application:
     app.on_response_prepare.append(add_common_headers(config.http.headers))
     app.on_response_prepare.append(inflight.on_prepare)
 
+    async def record_presence(_: web.Application) -> None:
+        await heartbeat.start()  # before the worker listens (registry.presence)
+
     async def close_driver(_: web.Application) -> None:
+        await heartbeat.stop()  # the last request has finished: the record can go
         await cache.close()
         await driver.close()
 
+    app.on_startup.append(record_presence)
     app.on_cleanup.append(close_driver)
     return app

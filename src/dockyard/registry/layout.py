@@ -13,7 +13,8 @@
         _uploads/<id>/data                              upload in progress
         _uploads/<id>/startedat                         RFC 3339 start time
     /dockyard/                                          Dockyard's own: health probes, leases
-                                                        (one GC at a time), quarantined blobs
+                                                        (one GC at a time), quarantined blobs,
+      instances/<id>                                    a running server's presence record
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
 not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it.
@@ -108,6 +109,14 @@ def cache_epoch() -> str:
 
 def lease(name: str) -> str:
     return f"{DOCKYARD}/leases/{name}"
+
+
+def instances_dir() -> str:
+    return f"{DOCKYARD}/instances"
+
+
+def instance(instance_id: str) -> str:
+    return f"{DOCKYARD}/instances/{instance_id}"
 
 
 def quarantine(digest: Digest, stamp: str) -> str:
