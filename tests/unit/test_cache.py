@@ -179,3 +179,28 @@ def test_a_reader_racing_a_deletion_cannot_cache_it_again(tmp_path: Path, redis_
         assert await cache.linked_size("app", third) == len(b"untouched")
 
     asyncio.run(go())
+
+
+def test_an_immediate_collection_forgets_what_it_deletes(tmp_path: Path, redis_db: str) -> None:
+    """Cached a moment ago, so neither the entry nor the blob's stamp is old: an immediate
+    collection still takes the blob, and Redis no longer answers for it."""
+    registry = cached_registry(tmp_path, redis_db, ttl=3600)
+
+    async def go() -> None:
+        blobs = registry.repository("app").blobs
+        d = await upload(registry, "app", b"unreferenced, cached")
+        await blobs.stat(d)
+        assert await registry.blobs.cache.linked_size("app", d) is not None
+        report = await GarbageCollector(
+            registry.driver,
+            grace=0,
+            touch_interval=3600,
+            cache=registry.blobs.cache,
+            immediate=True,
+        ).run()
+        assert report.blobs_removed == 1
+        assert await registry.blobs.cache.linked_size("app", d) is None
+        with pytest.raises(RegistryError):
+            await blobs.stat(d)
+
+    asyncio.run(go())
