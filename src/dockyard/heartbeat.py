@@ -62,6 +62,7 @@ class Heartbeat:
         #: the holder of the immediate collection that holds writes back, if one does
         self._held_by: str | None = None
         self._redis_failed = False
+        self._last_began = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -83,7 +84,7 @@ class Heartbeat:
         """Refresh the presence; on a writable server, then look for the marker. StorageError
         if storage could not be written or read (writes stay allowed only until the last
         successful refresh's permission runs out)."""
-        began = time.monotonic()
+        began = self._last_began = time.monotonic()
         await self.records.write(self.presence)
         await self._mirror_in_redis()
         if not self.presence.writable:
@@ -115,9 +116,13 @@ class Heartbeat:
         else:
             self._redis_failed = False
 
-    async def _beat_forever(self) -> None:
-        failing = False
+    async def _beat_forever(self, failing: bool) -> None:
         while True:
+            # A writable server refusing writes looks again soon, to resume as soon as it can.
+            soon = self.presence.writable and (failing or not self.accepting_writes())
+            period = min(self.interval, RETRY_INTERVAL) if soon else self.interval
+            # At a fixed rate: a slow refresh must not eat into the next one's permission.
+            await asyncio.sleep(max(0.0, self._last_began + period - time.monotonic()))
             try:
                 await self.beat()
                 if failing:
@@ -135,16 +140,14 @@ class Heartbeat:
             except Exception:  # a bug must not stop the refreshes for good
                 log.exception("recording this server's presence failed")
                 failing = True
-            wait = self.interval
-            if failing or (self.presence.writable and not self.accepting_writes()):
-                wait = min(self.interval, RETRY_INTERVAL)
-            await asyncio.sleep(wait)
 
     async def start(self) -> None:
         """Record the presence (and do the handshake) before serving, then keep it fresh."""
+        failing = False
         try:
             await asyncio.wait_for(self.beat(), FIRST_BEAT_TIMEOUT)
         except (StorageError, OSError, TimeoutError) as exc:
+            failing = True
             log.warning(
                 "cannot record this server's presence in storage; %s: %s",
                 "pushes and deletes are refused until it can"
@@ -152,7 +155,7 @@ class Heartbeat:
                 else "retrying",
                 exc,
             )
-        self._task = asyncio.create_task(self._beat_forever())
+        self._task = asyncio.create_task(self._beat_forever(failing))
 
     async def stop(self) -> None:
         """Stop refreshing and withdraw the record (after the last request has finished)."""

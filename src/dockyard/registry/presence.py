@@ -72,9 +72,8 @@ class Presence:
     id: str
     mode: Mode
     host: str
+    #: the worker's process id (with several workers, each has its own record)
     pid: int
-    #: the ``dockyard serve`` process the worker belongs to (its parent, or itself)
-    parent: int
     addr: str
     started: float
     interval: float
@@ -96,7 +95,6 @@ class Presence:
             mode="read-only" if raw["mode"] == "read-only" else "writable",
             host=str(raw["host"]),
             pid=int(raw["pid"]),
-            parent=int(raw.get("parent", raw["pid"])),
             addr=str(raw.get("addr", "")),
             started=float(raw["started"]),
             interval=float(raw["interval"]),
@@ -107,7 +105,7 @@ class Presence:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
         return (
             f"{self.mode} server on {self.host} (http.addr {self.addr or '?'}, "
-            f"pid {self.pid}, serve process {self.parent}, started {started})"
+            f"pid {self.pid}, started {started})"
         )
 
 
@@ -121,7 +119,6 @@ def new_presence(mode: Mode, addr: str, interval: float, cache: str) -> Presence
         mode=mode,
         host=host,
         pid=pid,
-        parent=os.getppid(),
         addr=addr,
         started=time.time(),
         interval=interval,
