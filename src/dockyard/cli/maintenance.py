@@ -1,5 +1,6 @@
 """``dockyard gc``, ``du``, ``fsck`` and ``purge-uploads``: maintenance that runs against the
-store directly, while the registry keeps serving."""
+store directly, while the registry keeps serving (``gc --grace 0`` with its writable servers
+read-only or stopped)."""
 
 from __future__ import annotations
 
