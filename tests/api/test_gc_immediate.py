@@ -201,7 +201,8 @@ def test_refused_while_a_writable_server_runs(start_server: ServerFactory, tmp_p
     assert "storage.maintenance.readonly.enabled: true" in message
     assert "REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED=true" in message
     assert blob_file(root, garbage).exists()
-    s.push_blob("app", b"pushes go on")  # the refused collection's marker is gone
+    assert not (root / "dockyard/leases/gc").exists()
+    s.push_blob("app", b"pushes go on")  # refused before its marker held them back
     # A dry run says what would go, and that it would be refused.
     dry = dockyard("gc", str(s.config_path), "--grace", "0", "--dry-run")
     assert dry.returncode == 0, dry.stderr

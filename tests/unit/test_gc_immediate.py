@@ -59,7 +59,9 @@ def test_everything_unreferenced_goes_at_once(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.rglob("*") if ".gc-" in p.name]  # nothing set aside
 
 
-def test_refused_before_deleting_anything_while_a_writable_server_runs(tmp_path: Path) -> None:
+def test_refused_before_deleting_anything_while_a_writable_server_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reg = registry(tmp_path)
     records = PresenceRecords(reg.driver)
 
@@ -67,10 +69,21 @@ def test_refused_before_deleting_anything_while_a_writable_server_runs(tmp_path:
         garbage = await upload(reg, "app", b"garbage")
         server = new_presence("writable", ":5000", 15.0, "none")
         await records.write(server)
-        with pytest.raises(ImmediateCollectionRefused):
-            await collector(reg, immediate=True, presences=records).run()
+        lease = tmp_path / layout.lease("gc").lstrip("/")
+        lease_written = []
+        real_write_new = reg.driver.write_new
+
+        async def watch(path: str, data: bytes) -> bool:
+            lease_written.append(path)
+            return await real_write_new(path, data)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(reg.driver, "write_new", watch)
+            with pytest.raises(ImmediateCollectionRefused):
+                await collector(reg, immediate=True, presences=records).run()
         assert await reg.blobs.exists(garbage)
-        assert not (tmp_path / layout.lease("gc").lstrip("/")).exists()  # marker removed
+        # Refused before the marker was written: the running server's writes were never held.
+        assert lease_written == [] and not lease.exists()
         # A dry run reports what would go, and that the real thing would be refused.
         dry = await collector(reg, immediate=True, dry_run=True).run()
         assert dry.blobs_removed == 1 and await reg.blobs.exists(garbage)

@@ -140,6 +140,11 @@ class GarbageCollector:
             # The server refreshes a stamp only once per touch interval: content used within
             # the grace period may carry a stamp up to that much older.
             self.cutoff = started - self.grace - self.touch_interval
+        if self.immediate and not self.dry_run:
+            # Refuse before writing the marker when a writable server is plainly running: the
+            # marker would hold back its writes for a moment. (Ages by this machine's clock;
+            # the check that counts comes after the marker, in storage time.)
+            check_immediate(await self.presences.sightings(time.time()), self.store.cache.kind)
         # A dry run deletes nothing: it must not hold writable servers back.
         purpose = IMMEDIATE if self.immediate and not self.dry_run else ""
         async with Lease(self.driver, GC_LEASE, purpose=purpose) as lease:
