@@ -101,3 +101,29 @@ def test_refused_before_deleting_anything_while_a_writable_server_runs(
         await reg.driver.close()
 
     asyncio.run(go())
+
+
+def test_a_server_starting_between_the_first_look_and_the_marker_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = registry(tmp_path)
+    records = PresenceRecords(reg.driver)
+    starting = new_presence("writable", ":5000", 15.0, "none")
+    real_write_new = reg.driver.write_new
+
+    async def server_registers_first(path: str, data: bytes) -> bool:
+        if path == layout.lease("gc"):
+            await records.write(starting)  # its presence lands just before the marker
+        return await real_write_new(path, data)
+
+    async def go() -> None:
+        garbage = await upload(reg, "app", b"garbage")
+        monkeypatch.setattr(reg.driver, "write_new", server_registers_first)
+        with pytest.raises(ImmediateCollectionRefused) as refused:
+            await collector(reg, immediate=True, presences=records).run()
+        assert [s.presence.id for s in refused.value.sightings] == [starting.id]
+        assert await reg.blobs.exists(garbage)
+        assert not (tmp_path / layout.lease("gc").lstrip("/")).exists()
+        await reg.driver.close()
+
+    asyncio.run(go())
