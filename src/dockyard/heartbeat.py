@@ -83,12 +83,15 @@ class Heartbeat:
     async def beat(self) -> None:
         """Refresh the presence; on a writable server, then look for the marker. StorageError
         if storage could not be written or read (writes stay allowed only until the last
-        successful refresh's permission runs out)."""
+        successful refresh's permission runs out). The Redis copy comes last: it is not part of
+        the handshake."""
         began = self._last_began = time.monotonic()
         await self.records.write(self.presence)
+        if self.presence.writable:
+            await self._look_for_marker(began)
         await self._mirror_in_redis()
-        if not self.presence.writable:
-            return
+
+    async def _look_for_marker(self, began: float) -> None:
         marker = await immediate_collection(self.records.driver)
         if marker is not None:
             self._writes_until = -math.inf
