@@ -18,6 +18,7 @@ from dockyard.api.base import (
 from dockyard.auth.setup import build_auth
 from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
+from dockyard.heartbeat import Heartbeat
 from dockyard.lifecycle import InFlight
 from dockyard.registry.cache import build_cache
 from dockyard.registry.repository import Registry
@@ -43,6 +44,7 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
         max_upload_sessions=config.http.limits.uploadsperrepository,
     )
     inflight = InFlight()
+    heartbeat = Heartbeat.for_config(config, driver, cache.kind)
     auth = build_auth(config, shared.login_failures if shared is not None else None)
     trusted = TrustedProxies(config.http.trustedproxies)
     middlewares = [
@@ -55,6 +57,8 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
         middlewares.append(auth.middleware)
     if config.storage.maintenance.readonly.enabled:
         middlewares.append(read_only_middleware)
+    else:
+        middlewares.append(heartbeat.write_gate)
     app = web.Application(middlewares=middlewares)
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
@@ -74,12 +78,17 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     app.on_response_prepare.append(add_common_headers(config.http.headers))
     app.on_response_prepare.append(inflight.on_prepare)
 
+    async def record_presence(_: web.Application) -> None:
+        await heartbeat.start()  # before the worker listens (registry.presence)
+
     async def close_driver(_: web.Application) -> None:
+        await heartbeat.stop()  # the last request has finished: the record can go
         if auth is not None and auth.throttle is not None:
             await auth.throttle.close()
         await cache.close()
         await registry.upload_locks.close()
         await driver.close()
 
+    app.on_startup.append(record_presence)
     app.on_cleanup.append(close_driver)
     return app

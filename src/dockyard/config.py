@@ -341,10 +341,27 @@ class GCConfig(Section):
         return min(3600.0, self.grace / 4)
 
 
+class PresenceConfig(Section):
+    """Dockyard's addition (registry:2 ignores it): every server process records in storage
+    that it is running (``/dockyard/instances/``) and refreshes the record this often. An
+    immediate garbage collection (``dockyard gc --grace 0``) reads the records; one not refreshed
+    for four intervals counts as a stopped server (registry.presence)."""
+
+    interval: Duration = 15.0
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
+
+
 class MaintenanceConfig(Section):
     uploadpurging: UploadPurgingConfig = Field(default_factory=UploadPurgingConfig)
     readonly: ReadOnlyConfig = Field(default_factory=ReadOnlyConfig)
     gc: GCConfig = Field(default_factory=GCConfig)
+    presence: PresenceConfig = Field(default_factory=PresenceConfig)
 
 
 #: storage drivers registry:2 knows; the ones Dockyard implements are in SUPPORTED_DRIVERS

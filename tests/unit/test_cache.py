@@ -148,3 +148,59 @@ def test_flushed_or_unreachable_redis_degrades_to_storage(tmp_path: Path, redis_
         assert await dead.repository("app").blobs.is_linked(d2)
 
     asyncio.run(without_redis())
+
+
+def test_a_reader_racing_a_deletion_cannot_cache_it_again(tmp_path: Path, redis_db: str) -> None:
+    """A reader that confirmed the link and the blob in storage just before they were deleted
+    writes its entry just after the deletion forgot them: the tombstone the deletion left keeps
+    the entry out (an immediate collection looks at no stamps, so nothing else would)."""
+    registry = cached_registry(tmp_path, redis_db, ttl=3600)
+
+    async def go() -> None:
+        blobs = registry.repository("app").blobs
+        cache = registry.blobs.cache
+        d = await upload(registry, "app", b"confirmed, then deleted")
+        size = (await blobs.stat(d)).size  # the reader's storage check...
+        await cache.forget_blob(d)  # ...the collector forgets and deletes...
+        await registry.driver.delete(layout.blob_data(d))
+        await cache.remember("app", d, size)  # ...and the reader writes its entry late
+        assert await cache.linked_size("app", d) is None
+        with pytest.raises(RegistryError):
+            await blobs.stat(d)
+        # The same for a link removed while its blob stays (an unlink).
+        other = await upload(registry, "app", b"unlinked")
+        size = (await blobs.stat(other)).size
+        await blobs.unlink(other)
+        await cache.remember("app", other, size)
+        assert await cache.linked_size("app", other) is None
+        # Other blobs are cached as before.
+        third = await upload(registry, "app", b"untouched")
+        await blobs.stat(third)
+        assert await cache.linked_size("app", third) == len(b"untouched")
+
+    asyncio.run(go())
+
+
+def test_an_immediate_collection_forgets_what_it_deletes(tmp_path: Path, redis_db: str) -> None:
+    """Cached a moment ago, so neither the entry nor the blob's stamp is old: an immediate
+    collection still takes the blob, and Redis no longer answers for it."""
+    registry = cached_registry(tmp_path, redis_db, ttl=3600)
+
+    async def go() -> None:
+        blobs = registry.repository("app").blobs
+        d = await upload(registry, "app", b"unreferenced, cached")
+        await blobs.stat(d)
+        assert await registry.blobs.cache.linked_size("app", d) is not None
+        report = await GarbageCollector(
+            registry.driver,
+            grace=0,
+            touch_interval=3600,
+            cache=registry.blobs.cache,
+            immediate=True,
+        ).run()
+        assert report.blobs_removed == 1
+        assert await registry.blobs.cache.linked_size("app", d) is None
+        with pytest.raises(RegistryError):
+            await blobs.stat(d)
+
+    asyncio.run(go())

@@ -117,6 +117,7 @@ def test_default_config() -> None:
     assert config.storage.filesystem and config.storage.filesystem.rootdirectory == "./data"
     assert config.http.addr == ":5000"
     assert config.storage.delete.enabled
+    assert config.storage.maintenance.presence.interval == 15.0
 
 
 @pytest.mark.parametrize(
@@ -222,6 +223,11 @@ def test_default_config() -> None:
             "http: {tls: {letsencrypt: {cachefile: /c}}}\n",
             "http.tls.letsencrypt.hosts",
             "required",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}, maintenance: {presence: {interval: 0s}}}\n",
+            "storage.maintenance.presence.interval",
+            "positive",
         ),
         ("- a\n- b\n", None, "mapping"),
         ("version: [\n", None, "YAML"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dockyard.registry import layout
-from dockyard.registry.lease import Lease, LeaseBusy
+from dockyard.registry.lease import Lease, LeaseBusy, read_lease
 from dockyard.storage.filesystem import FilesystemDriver
 
 
@@ -34,6 +34,35 @@ def test_lease_is_exclusive_renewed_and_lost_when_taken(tmp_path: Path) -> None:
                 lease.check()
         # Leaving does not remove a lease this holder no longer owns.
         assert json.loads(path.read_text())["holder"] == "other:1"
+        await driver.close()
+
+    asyncio.run(go())
+
+
+def test_lease_carries_its_purpose_and_its_holder_stops_when_it_could_not_renew(
+    tmp_path: Path,
+) -> None:
+    driver = FilesystemDriver(str(tmp_path), max_threads=4)
+
+    async def go() -> None:
+        assert await read_lease(driver, "gc") is None
+        lease = Lease(driver, "gc", ttl=0.3, purpose="immediate")
+        await lease.acquire()  # held without the background renewal
+        state = await read_lease(driver, "gc")
+        assert state is not None
+        assert (state.holder, state.purpose) == (lease.holder, "immediate")
+        assert abs(state.taken - time.time()) < 5
+        lease.check()
+        await asyncio.sleep(0.35)
+        # Past the expiry it wrote, others may take it over: the holder must stop by itself.
+        with pytest.raises(LeaseBusy):
+            lease.check()
+        await lease.renew()  # nobody took it: renewing makes it the holder's again
+        lease.check()
+        renewed = await read_lease(driver, "gc")
+        assert renewed is not None and renewed.purpose == "immediate"
+        await lease.release()
+        assert await read_lease(driver, "gc") is None
         await driver.close()
 
     asyncio.run(go())

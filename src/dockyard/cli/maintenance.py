@@ -1,5 +1,6 @@
 """``dockyard gc``, ``du``, ``fsck`` and ``purge-uploads``: maintenance that runs against the
-store directly, while the registry keeps serving."""
+store directly, while the registry keeps serving (``gc --grace 0`` with its writable servers
+read-only or stopped)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import click
 from dockyard.cli import load, main
 from dockyard.config import Config, parse_duration
 from dockyard.registry.blobs import BlobStore
-from dockyard.registry.cache import build_cache
+from dockyard.registry.cache import build_cache, redis_from_config
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
+from dockyard.registry.presence import ImmediateCollectionRefused, PresenceRecords
 from dockyard.registry.purge import purge_uploads
 from dockyard.registry.usage import measure
 from dockyard.storage import build_driver
+from dockyard.storage.driver import StorageError
 
 T = TypeVar("T")
 
@@ -97,37 +100,70 @@ config_argument = click.argument("config_path", required=False, metavar="[CONFIG
     metavar="DURATION",
     help="Keep unreferenced content used within this long (default: "
     "storage.maintenance.gc.grace, 24h), plus the server's touch interval (a quarter of the "
-    "configured grace, at most 1h).",
+    "configured grace, at most 1h). 0 (or 0s, 0h...) collects immediately: everything no "
+    "manifest references goes now, but only while no writable server uses the storage "
+    "(read-only ones may keep serving); otherwise it is refused (exit status 4) and "
+    "nothing is deleted.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 def gc(
     config_path: str | None, dry_run: bool, delete_untagged: bool, grace: str | None, quiet: bool
 ) -> None:
     """Collect garbage: remove blobs no manifest references (like registry:2's
-    garbage-collect), safely while the registry serves."""
+    garbage-collect), safely while the registry serves.
+
+    \b
+    With --grace 0 the collection is immediate, for when content must disappear now (a
+    leaked secret): stop the writable servers or restart them with
+    storage.maintenance.readonly.enabled: true
+    (REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED=true), run it, then restart them
+    writable. It checks that no writable server is running (each server records its
+    presence in storage) and forgets what it deletes in the Redis cache. A versioned S3
+    bucket keeps old versions of deleted objects: expire noncurrent versions too
+    (docs/gc.md).
+
+    Exit status: 3 when another collection is running, 4 when an immediate collection is
+    refused."""
     config = load(config_path)
     grace_seconds = _duration(grace)
     if grace_seconds is None:
         grace_seconds = config.storage.maintenance.gc.grace
+    immediate = grace_seconds == 0
 
     async def work(store: BlobStore) -> Any:
-        with _progress("gc") as progress:
-            collector = GarbageCollector(
-                store.driver,
-                grace=grace_seconds,
-                touch_interval=config.storage.maintenance.gc.touch_interval,
-                delete_untagged=delete_untagged,
-                dry_run=dry_run,
-                progress=progress,
-                cache=store.cache,
-            )
-            return await collector.run()
+        # Servers record their presence in Redis too when it is configured.
+        redis = redis_from_config(config) if immediate and config.redis.addr else None
+        try:
+            with _progress("gc") as progress:
+                collector = GarbageCollector(
+                    store.driver,
+                    grace=grace_seconds,
+                    touch_interval=config.storage.maintenance.gc.touch_interval,
+                    delete_untagged=delete_untagged,
+                    dry_run=dry_run,
+                    progress=progress,
+                    cache=store.cache,
+                    immediate=immediate,
+                    presences=PresenceRecords(store.driver, redis),
+                )
+                return await collector.run()
+        finally:
+            if redis is not None:
+                await redis.aclose()
 
     try:
         report = _run(config, work)
     except LeaseBusy as exc:
         click.echo(f"dockyard: another garbage collection is running: {exc}", err=True)
         sys.exit(3)
+    except ImmediateCollectionRefused as exc:
+        click.echo(f"dockyard: refused, nothing was deleted: {exc}", err=True)
+        sys.exit(4)
+    except StorageError as exc:
+        click.echo(f"dockyard: garbage collection failed: {exc}", err=True)
+        sys.exit(1)
+    for warning in report.warnings:
+        click.echo(f"dockyard: {warning}", err=True)
     if not quiet:
         prefix = "would remove" if dry_run else "removed"
         for item in report.removed:

@@ -13,9 +13,13 @@ that storage no longer has:
    a garbage-collection candidate (see ``registry.gc``), so while its entry lives the blob is
    there — unless Dockyard itself deletes it, and then:
 3. *Every deletion forgets first.* Unlinking a blob from a repository and every removal by the
-   garbage collector delete the entry before they touch storage. A reader racing the collector
-   refills the entry only after a successful ``keep``, which the collector sees on its second
-   look and answers by putting the blob back.
+   garbage collector delete the entry before they touch storage, and leave a tombstone that
+   keeps it from being written again for ``FORGOTTEN_TTL``. A reader racing the deletion — it
+   confirmed the link and the blob in storage just before they went, and writes its entry just
+   after — finds the tombstone and writes nothing (the check and the write are one Redis
+   script). An online collection would also see that reader's ``keep`` on its second look and
+   put the blob back; an immediate one (``gc --grace 0``) looks at no times, so the tombstone
+   is what keeps a deleted blob from being announced again.
 4. *Keys carry the store's epoch,* a random id kept in storage (``/dockyard/cache-epoch``).
    Storage that was wiped or replaced has a new epoch, so entries a Redis kept from an earlier
    store are never read.
@@ -44,9 +48,26 @@ log = logging.getLogger("dockyard.cache")
 EPOCH_CHECK_INTERVAL = 60.0
 #: seconds Redis is left alone after it failed
 RETRY_AFTER_FAILURE = 5.0
+#: seconds after a deletion during which no entry is written for what was deleted (rule 3):
+#: far longer than a reader takes from confirming a blob in storage to writing its entry
+FORGOTTEN_TTL = 300.0
+
+#: KEYS: blob entry, link entry, blob tombstone, link tombstone; ARGV: size, ttl in ms
+_REMEMBER_UNLESS_FORGOTTEN = """
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return 1
+"""
 
 
 class BlobDescriptorCache(Protocol):
+    #: "redis" for a cache shared through Redis, "none" for NoCache (recorded in a server's
+    #: presence: an immediate collection must forget what the servers could have cached)
+    kind: str
+
     async def linked_size(self, name: str, digest: Digest) -> int | None:
         """The size of a blob ``name`` may serve, if known; None means "ask storage"."""
         ...
@@ -68,6 +89,8 @@ class NoCache:
     """Every answer from storage. (A per-process cache could not see deletions made by other
     workers, so registry:2's ``inmemory`` setting also means this.)"""
 
+    kind = "none"
+
     async def linked_size(self, name: str, digest: Digest) -> int | None:
         return None
 
@@ -85,8 +108,11 @@ class NoCache:
 
 
 class RedisCache:
+    kind = "redis"
+
     def __init__(self, client: Any, driver: StorageDriver, ttl: float) -> None:
         self.client = client
+        self._remember = client.register_script(_REMEMBER_UNLESS_FORGOTTEN)
         self.driver = driver
         # Milliseconds: an entry must never outlive the touch interval, however short.
         self.ttl_ms = max(1, int(ttl * 1000))
@@ -135,19 +161,29 @@ class RedisCache:
             return
         try:
             prefix = await self._prefix()
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(f"{prefix}:blob:{digest}", str(size), px=self.ttl_ms)
-                pipe.set(f"{prefix}:link:{name}:{digest}", "1", px=self.ttl_ms)
-                await pipe.execute()
+            blob, link = f"blob:{digest}", f"link:{name}:{digest}"
+            await self._remember(
+                keys=[
+                    f"{prefix}:{blob}",
+                    f"{prefix}:{link}",
+                    f"{prefix}:forgotten:{blob}",
+                    f"{prefix}:forgotten:{link}",
+                ],
+                args=[str(size), self.ttl_ms],
+            )
         except Exception as exc:
             self._failed(exc)
 
     async def _delete(self, suffix: str) -> None:
-        """Forget an entry or fail: the deletion that called this must not go ahead while
-        another instance could still read the entry. (Tried even during a pause.)"""
+        """Forget an entry, leaving its tombstone (rule 3), or fail: the deletion that called
+        this must not go ahead while another instance could still read the entry. (Tried even
+        during a pause.)"""
         try:
             prefix = await self._prefix()
-            await self.client.delete(f"{prefix}:{suffix}")
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(f"{prefix}:forgotten:{suffix}", "1", px=int(FORGOTTEN_TTL * 1000))
+                pipe.delete(f"{prefix}:{suffix}")
+                await pipe.execute()
         except Exception as exc:
             self._failed(exc)
             raise StorageError(
@@ -182,8 +218,15 @@ def build_cache(config: Config, driver: StorageDriver) -> BlobDescriptorCache:
     """Redis when ``storage.cache.blobdescriptor: redis``; otherwise none (see NoCache)."""
     if config.storage.cache.blobdescriptor != "redis":
         return NoCache()
+    return RedisCache(
+        redis_from_config(config), driver, ttl=config.storage.maintenance.gc.touch_interval
+    )
+
+
+def redis_from_config(config: Config) -> Any:
+    """A client for the configured ``redis`` section (``redis.addr`` must be set)."""
     r = config.redis
-    client = redis_client(
+    return redis_client(
         r.addr,
         r.password,
         r.username,
@@ -193,7 +236,6 @@ def build_cache(config: Config, driver: StorageDriver) -> BlobDescriptorCache:
         max_connections=r.pool.maxactive,
         ssl=r.tls.enabled,
     )
-    return RedisCache(client, driver, ttl=config.storage.maintenance.gc.touch_interval)
 
 
 def redis_client(addr: str, password: str, username: str, db: int, **options: Any) -> Any:

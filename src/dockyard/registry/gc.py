@@ -29,11 +29,21 @@ Why a push racing with the collection is never broken — the argument, in three
 Uploads in progress live under ``_uploads`` and are never touched here (upload purging removes
 abandoned ones by age). Only one collection runs at a time across all instances sharing the
 storage (a lease in ``/dockyard/leases/gc``).
+
+*Immediate* collection (``immediate=True``, ``dockyard gc --grace 0``) removes everything no
+manifest references at once: no time protects anything (not even a stamp a read-only server
+makes while the collection runs: a read is not a reference), and a candidate is deleted without
+being moved aside first. The three rules above are then replaced by one precondition: no server
+accepts writes. The collection takes its lease with the purpose ``immediate`` (the marker
+writable servers look for) and then refuses, before it deletes anything, if a writable server
+is alive (registry.presence has the handshake). Whatever it removes is forgotten in the shared
+cache first, as always.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,6 +57,13 @@ from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore
 from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.registry.lease import Lease
+from dockyard.registry.presence import (
+    GC_LEASE,
+    IMMEDIATE,
+    ImmediateCollectionRefused,
+    PresenceRecords,
+    check_immediate,
+)
 from dockyard.storage.driver import PathNotFound, StorageDriver
 
 log = logging.getLogger("dockyard.gc")
@@ -57,6 +74,7 @@ Progress = Callable[[str, int], None]
 @dataclass
 class GCReport:
     dry_run: bool
+    immediate: bool = False
     repositories: int = 0
     manifests_kept: int = 0
     blobs_marked: int = 0
@@ -66,12 +84,18 @@ class GCReport:
     manifests_removed: int = 0
     links_removed: int = 0
     removed: list[str] = field(default_factory=list)
+    #: records of servers that died without withdrawing them, removed (immediate mode)
+    stale_presences: int = 0
+    #: what the operator should know (a dry run of an immediate collection that would be
+    #: refused says so here)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
+        mode = "immediate collection (no grace period): " if self.immediate else ""
         return (
-            f"{self.repositories} repositories, {self.manifests_kept} manifests kept, "
+            f"{mode}{self.repositories} repositories, {self.manifests_kept} manifests kept, "
             f"{self.blobs_marked} blobs in use; {verb} {self.blobs_removed} blobs "
             f"({self.bytes_removed} bytes), {self.manifests_removed} untagged manifests, "
             f"{self.links_removed} dangling layer links; kept {self.blobs_recent} unreferenced "
@@ -90,8 +114,12 @@ class GarbageCollector:
         dry_run: bool = False,
         progress: Progress | None = None,
         cache: BlobDescriptorCache | None = None,
+        immediate: bool = False,
+        presences: PresenceRecords | None = None,
     ) -> None:
         self.driver = driver
+        self.immediate = immediate
+        self.presences = presences or PresenceRecords(driver)
         self.store = BlobStore(driver, cache=cache)
         self.grace = grace
         self.touch_interval = touch_interval
@@ -104,13 +132,25 @@ class GarbageCollector:
         self.cutoff = 0.0
 
     async def run(self) -> GCReport:
-        report = GCReport(dry_run=self.dry_run)
+        report = GCReport(dry_run=self.dry_run, immediate=self.immediate)
         started = time.time()
-        # The server refreshes a stamp only once per touch interval: content used within the
-        # grace period may carry a stamp up to that much older.
-        self.cutoff = started - self.grace - self.touch_interval
-        async with Lease(self.driver, "gc") as lease:
+        if self.immediate:
+            self.cutoff = math.inf  # nothing is kept for being recent
+        else:
+            # The server refreshes a stamp only once per touch interval: content used within
+            # the grace period may carry a stamp up to that much older.
+            self.cutoff = started - self.grace - self.touch_interval
+        if self.immediate and not self.dry_run:
+            # Refuse before writing the marker when a writable server is plainly running: the
+            # marker would hold back its writes for a moment. (Ages by this machine's clock;
+            # the check that counts comes after the marker, in storage time.)
+            check_immediate(await self.presences.sightings(time.time()), self.store.cache.kind)
+        # A dry run deletes nothing: it must not hold writable servers back.
+        purpose = IMMEDIATE if self.immediate and not self.dry_run else ""
+        async with Lease(self.driver, GC_LEASE, purpose=purpose) as lease:
             self.lease = lease
+            if self.immediate:
+                await self._check_servers(lease, report)
             names = await inventory.repository_names(self.driver)
             report.repositories = len(names)
             marked: set[Digest] = set()
@@ -136,6 +176,25 @@ class GarbageCollector:
             },
         )
         return report
+
+    async def _check_servers(self, lease: Lease, report: GCReport) -> None:
+        """The collector's half of the handshake (registry.presence): the marker (this lease)
+        is written; now no writable server may be alive. A dry run only reports it."""
+        now = (await self.driver.stat(lease.path)).modified  # storage time, as the records'
+        sightings = await self.presences.sightings(now)
+        try:
+            check_immediate(sightings, self.store.cache.kind)
+        except ImmediateCollectionRefused as exc:
+            if not self.dry_run:
+                raise
+            report.warnings.append(f"run without --dry-run, this would be refused: {exc}")
+        if self.dry_run:
+            return
+        for sighting in sightings:
+            if not sighting.alive:
+                await self.presences.remove_stale(sighting)
+                report.stale_presences += 1
+                log.info("removed the record of a server gone: %s", sighting.describe())
 
     # -- mark ---------------------------------------------------------------------------
 
@@ -206,6 +265,12 @@ class GarbageCollector:
         if self.lease is not None:
             self.lease.check()  # never delete after losing the lease to another collector
         await forget()
+        if self.immediate:  # nobody writes: nothing can be stamped back into use
+            try:
+                await self.driver.delete(path)
+            except PathNotFound:
+                return False
+            return True
         aside = f"{path}.gc-{self.run_id}"
         try:
             await self.driver.move(path, aside)
@@ -216,11 +281,10 @@ class GarbageCollector:
         except PathNotFound:
             return False
         if recent:
-            try:
-                await self.driver.stat(path)
-                await self.driver.delete(aside)  # written again meanwhile: the new one stays
-            except PathNotFound:
-                await self.driver.move(aside, path)
+            # Put it back, unless a fresh copy was written meanwhile: then that one stays (the
+            # same bytes; stored content is never replaced).
+            if not await self.driver.move_new(aside, path):
+                await self.driver.delete(aside)
             return False
         await self.driver.delete(aside)
         return True

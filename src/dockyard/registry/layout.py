@@ -15,7 +15,8 @@
         _uploads/<id>/parts/<offset>                    Dockyard: which chunk holds the bytes
                                                         from <offset> (or the commit's seal)
     /dockyard/                                          Dockyard's own: health probes, leases
-                                                        (one GC at a time), quarantined blobs
+                                                        (one GC at a time), quarantined blobs,
+      instances/<id>                                    a running server's presence record
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
 not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it. An
@@ -120,6 +121,14 @@ def cache_epoch() -> str:
 
 def lease(name: str) -> str:
     return f"{DOCKYARD}/leases/{name}"
+
+
+def instances_dir() -> str:
+    return f"{DOCKYARD}/instances"
+
+
+def instance(instance_id: str) -> str:
+    return f"{DOCKYARD}/instances/{instance_id}"
 
 
 def quarantine(digest: Digest, stamp: str) -> str:
