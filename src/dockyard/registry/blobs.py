@@ -140,8 +140,13 @@ class BlobStore:
 
     async def put(self, digest: Digest, data: bytes) -> None:
         """Store bytes whose digest the caller has computed, unless the blob exists (stored
-        content is never replaced); the file appears whole or not at all."""
-        await self.driver.write_new(layout.blob_data(digest), data)
+        content is never replaced: it is only marked in use, as a fresh write would be; see
+        :func:`keep`); the file appears whole or not at all."""
+        if not await self.driver.write_new(layout.blob_data(digest), data):
+            try:
+                await self.keep(digest)
+            except RegistryError:  # taken by a collection since: store it again
+                await self.driver.write_new(layout.blob_data(digest), data)
 
     async def publish(self, source: str, digest: Digest) -> bool:
         """Give the verified file ``source`` the blob's name unless the blob exists: True if
