@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from dockyard.api.base import SERVER_HEADER
 from dockyard.config import LetsEncryptConfig
+from dockyard.http.responses import SERVER_HEADER
 
 log = logging.getLogger("dockyard.acme")
 

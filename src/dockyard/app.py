@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads
-from dockyard.api.base import (
-    CONFIG_KEY,
-    REGISTRY_KEY,
-    add_common_headers,
-    client_address_middleware,
+from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads, version
+from dockyard.api.base import REGISTRY_KEY
+from dockyard.api.middleware import (
     encoded_separator_middleware,
     error_middleware,
     read_only_middleware,
-    version_check,
 )
 from dockyard.auth.setup import build_auth
 from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
 from dockyard.heartbeat import Heartbeat
+from dockyard.http.request import CONFIG_KEY, client_address_middleware
+from dockyard.http.responses import add_common_headers
 from dockyard.lifecycle import InFlight
 from dockyard.registry.cache import build_cache
 from dockyard.registry.repository import Registry
@@ -65,10 +63,8 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     app[health.HEALTH_KEY] = health.HealthCheck(registry)
     app[CONFIG_KEY] = config
     prefix = config.http.prefix
-    app.router.add_get(prefix + "/v2/", version_check)
-    app.router.add_get(prefix + "/v2", version_check)
     # Order matters only where patterns could overlap; the most specific come first.
-    for module in (catalog, tags, manifests, referrers, uploads, blobs, health):
+    for module in (version, catalog, tags, manifests, referrers, uploads, blobs, health):
         app.add_routes(module.routes(prefix))
     if auth is not None and auth.token_server is not None:
         from dockyard.api import token  # loads the JWT stack only when it is used

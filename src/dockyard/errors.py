@@ -1,8 +1,10 @@
 """Registry error codes, registered once.
 
-Every failure a client can see is a :class:`RegistryError` carrying one of these codes; the HTTP
-layer turns it into the OCI error body ``{"errors": [{"code", "message", "detail"}]}`` in exactly
-one place (``api.base.error_middleware``). Nothing else builds error bodies by hand.
+Every failure a client can see is a :class:`RegistryError` carrying one of these codes. The
+model, the auth middleware and the handlers raise it; ``api.middleware.error_middleware`` answers
+it, and the OCI error body ``{"errors": [{"code", "message", "detail"}]}`` is rendered in exactly
+one place, ``dockyard.http.responses`` (also for the answers written below the application, in
+``api.protocol`` and ``api.admission``). Nothing else builds error bodies by hand.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from typing import Any
 
 from aiohttp import web
 
-from dockyard.api.base import Handler
 from dockyard.auth.access import Need, need_of
 from dockyard.config import Config
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.responses import Handler
 from dockyard.registry.cache import redis_from_config
 from dockyard.registry.presence import (
     VALID_INTERVALS,

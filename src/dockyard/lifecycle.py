@@ -13,7 +13,7 @@ import contextlib
 
 from aiohttp import web
 
-from dockyard.api.base import Handler
+from dockyard.http.responses import Handler
 
 
 class InFlight:

@@ -19,7 +19,8 @@ from aiohttp import web
 from dockyard import maintenance
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
 from dockyard.api.admission import AdmissionSite
-from dockyard.api.base import REGISTRY_KEY, UNREAD_BODY_DRAIN_SECONDS
+from dockyard.api.base import REGISTRY_KEY
+from dockyard.api.middleware import UNREAD_BODY_DRAIN_SECONDS
 from dockyard.api.protocol import RegistryRunner
 from dockyard.app import INFLIGHT_KEY, build_app
 from dockyard.clientaddress import TrustedProxies
@@ -106,7 +107,7 @@ async def _serve(
         max_line_size=max_header_bytes,
         max_field_size=max_header_bytes,
         # After answering without reading a body, aiohttp reads and discards it for this long
-        # (10 s by default) before closing; errors drain less still (api.base._answer_error).
+        # (10 s by default) before closing; errors drain less still (api.middleware._answer_error).
         lingering_time=UNREAD_BODY_DRAIN_SECONDS,
     )
     letsencrypt = config.http.tls.letsencrypt

@@ -354,7 +354,7 @@ def test_parse_content_range_with_huge_numbers() -> None:
 
 def is_valid_host(host: str) -> bool:
     # Imported here so that on code without it, each host test fails on its own.
-    from dockyard.api.base import is_valid_host
+    from dockyard.http.request import is_valid_host
 
     return is_valid_host(host)
 

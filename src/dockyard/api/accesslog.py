@@ -11,8 +11,8 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from dockyard.api.base import client_address
 from dockyard.auth.access import IDENTITY
+from dockyard.http.request import client_address
 from dockyard.logs import ACCESS_LOGGER
 
 __all__ = ["ACCESS_LOGGER", "AccessLogger"]

@@ -5,14 +5,13 @@ The hook is the protocol factory the listening socket is served with (``Admissio
 each connection gets an ``Admission`` protocol, which asks the limiter (dockyard.connections)
 and then either hands the connection to aiohttp's own request handler, forwarding every
 protocol callback, or writes a fixed 429 itself. The answer is raw bytes because no request
-exists yet to answer through the error middleware; its body is still RegistryError's JSON.
-With TLS the connection is admitted once its handshake is done.
+exists yet to answer through the error middleware; its body is still the one every error gets
+(dockyard.http.responses). With TLS the connection is admitted once its handshake is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from typing import Any
@@ -21,9 +20,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from dockyard.api.base import API_VERSION_HEADER
 from dockyard.connections import Admitted, ConnectionLimiter
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.responses import API_VERSION_HEADER, error_body
 
 log = logging.getLogger("dockyard.server")
 
@@ -39,7 +38,7 @@ def refusal(limit: int) -> bytes:
         f"too many connections from your address (http.limits.connectionsperaddress: {limit})",
         {"limit": limit},
     )
-    body = json.dumps(error.to_json(), separators=(",", ":")).encode()
+    body = error_body(error)
     head = (
         "HTTP/1.1 429 Too Many Requests\r\n"
         "Content-Type: application/json\r\n"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import CONFIG_KEY, int_query, json_response, registry_of
+from dockyard.api.base import int_query, registry_of
 from dockyard.api.tags import next_link
 from dockyard.auth.access import Need, requires
 from dockyard.auth.middleware import identity_of
+from dockyard.http.request import CONFIG_KEY
+from dockyard.http.responses import json_response
 
 
 @requires(Need.CATALOG)

@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from dockyard.api.base import json_response
+from dockyard.http.responses import json_response
 from dockyard.registry.repository import Registry
 from dockyard.storage.driver import StorageError
 

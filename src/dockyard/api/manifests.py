@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import body_stream, repository_of, require_delete, url_for
+from dockyard.api.base import body_stream, repository_of, require_delete
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.request import url_for
 from dockyard.oci.digest import Digest, is_digest
 from dockyard.oci.manifest import MAX_MANIFEST_BYTES
 from dockyard.oci.names import validate_tag

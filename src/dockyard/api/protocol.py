@@ -35,13 +35,10 @@ from aiohttp.web_protocol import ERROR as UNPARSABLE_REQUEST
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from dockyard.api.base import (
-    CONFIG_KEY,
-    EXPECTS_CONTINUE,
-    error_response,
-    set_common_headers,
-)
+from dockyard.api.base import EXPECTS_CONTINUE
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.request import CONFIG_KEY
+from dockyard.http.responses import error_response, set_common_headers
 
 log = logging.getLogger("dockyard.api")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import digest_param, json_response, repository_of
+from dockyard.api.base import digest_param, repository_of
 from dockyard.auth.access import Need, requires
+from dockyard.http.responses import json_response
 from dockyard.oci import mediatypes as mt
 
 

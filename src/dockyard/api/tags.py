@@ -6,9 +6,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from dockyard.api.base import int_query, json_response, repository_of
+from dockyard.api.base import int_query, repository_of
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.responses import json_response
 from dockyard.registry.repository import paginate
 
 

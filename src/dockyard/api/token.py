@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import client_address, json_response, send_continue
+from dockyard.api.base import send_continue
 from dockyard.auth.access import parse_scopes
 from dockyard.auth.login import BadCredentials
 from dockyard.auth.middleware import TOKEN_PATH, parse_basic, unauthorized
 from dockyard.auth.tokenserver import InvalidGrant, TokenServer
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.request import client_address
+from dockyard.http.responses import json_response
 
 TOKEN_SERVER_KEY = web.AppKey("token_server", TokenServer)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}

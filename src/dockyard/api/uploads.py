@@ -13,10 +13,11 @@ import re
 
 from aiohttp import web
 
-from dockyard.api.base import body_stream, content_length, repository_of, url_for
+from dockyard.api.base import body_stream, content_length, repository_of
 from dockyard.auth.access import Need, requires
 from dockyard.auth.middleware import identity_of
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.request import url_for
 from dockyard.oci.digest import CANONICAL_ALGORITHM, Digest
 from dockyard.oci.names import validate_name
 from dockyard.registry.repository import Repository

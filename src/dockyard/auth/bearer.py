@@ -7,10 +7,10 @@ import logging
 
 from aiohttp import web
 
-from dockyard.api.base import client_address, url_for
 from dockyard.auth.access import Identity, Need, Policy, TokenGrants, scope_for
 from dockyard.auth.middleware import TOKEN_PATH, unauthorized
 from dockyard.auth.tokens import TokenInvalid, TokenVerifier
+from dockyard.http.request import client_address, url_for
 
 log = logging.getLogger("dockyard.auth")
 

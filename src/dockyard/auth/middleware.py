@@ -21,7 +21,6 @@ from typing import Protocol
 
 from aiohttp import web
 
-from dockyard.api.base import Handler, client_address
 from dockyard.auth.access import (
     EVERYONE,
     IDENTITY,
@@ -33,6 +32,8 @@ from dockyard.auth.access import (
 )
 from dockyard.auth.login import BadCredentials, Login
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.http.request import client_address
+from dockyard.http.responses import Handler
 
 log = logging.getLogger("dockyard.auth")
 
