@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dockyard.oci.digest import new_hasher
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore
 from dockyard.registry.cache import BlobDescriptorCache
+from dockyard.registry.progress import NoProgress, Progress
 from dockyard.storage.driver import PathNotFound, StorageDriver
 
-Progress = Callable[[str, int], None]
+#: the phases a check reports progress in (registry.progress)
+VERIFY_BLOBS = "verify blobs"
+CHECK_REPOSITORIES = "check repositories"
 
 
 @dataclass
@@ -47,10 +49,13 @@ async def check(
     cache: BlobDescriptorCache | None = None,
 ) -> FsckReport:
     report = FsckReport()
-    progress = progress or (lambda phase, n: None)
+    progress = progress or NoProgress()
     store = BlobStore(driver, cache=cache)
     corrupt = set()
-    async for blob in inventory.blobs(driver):
+    digests = await inventory.blob_digests(driver)
+    progress.total(VERIFY_BLOBS, len(digests))
+    async for blob in inventory.blobs(driver, digests):
+        progress.advance(VERIFY_BLOBS)
         path = layout.blob_data(blob.digest)
         try:
             actual = await _hash(driver, path, blob.digest.algorithm)
@@ -58,7 +63,6 @@ async def check(
             continue  # removed meanwhile (garbage collection)
         report.blobs_checked += 1
         report.bytes_checked += blob.size
-        progress("blobs", 1)
         if actual == blob.digest.hex:
             continue
         corrupt.add(blob.digest)
@@ -70,7 +74,9 @@ async def check(
             await store.cache.forget_blob(blob.digest)
             await driver.move(path, target)
             report.quarantined.append(f"{blob.digest} -> {target}")
-    for name in await inventory.repository_names(driver):
+    names = await inventory.repository_names(driver)
+    progress.total(CHECK_REPOSITORIES, len(names))
+    for name in names:
         repo = await inventory.read_repository(driver, name)
         for digest in sorted(repo.layers, key=str):
             if digest in corrupt or not await store.exists(digest):
@@ -81,5 +87,5 @@ async def check(
         for tag, digest in sorted(repo.tags.items()):
             if digest not in repo.revisions:
                 report.problems.append(f"{name}:{tag} points to {digest}, not in the repository")
-        progress("repositories", 1)
+        progress.advance(CHECK_REPOSITORIES)
     return report

@@ -64,11 +64,15 @@ from dockyard.registry.presence import (
     PresenceRecords,
     check_immediate,
 )
+from dockyard.registry.progress import NoProgress, Progress
 from dockyard.storage.driver import PathNotFound, StorageDriver
 
 log = logging.getLogger("dockyard.gc")
 
-Progress = Callable[[str, int], None]
+#: the phases a collection reports progress in (registry.progress)
+MARK = "mark repositories"
+SWEEP_BLOBS = "sweep blobs"
+SWEEP_LINKS = "sweep layer links"
 
 
 @dataclass
@@ -126,7 +130,7 @@ class GarbageCollector:
         self.swept: set[Digest] = set()
         self.delete_untagged = delete_untagged
         self.dry_run = dry_run
-        self.progress = progress or (lambda phase, n: None)
+        self.progress = progress or NoProgress()
         self.run_id = uuid.uuid4().hex[:12]
         self.lease: Lease | None = None
         self.cutoff = 0.0
@@ -153,16 +157,19 @@ class GarbageCollector:
                 await self._check_servers(lease, report)
             names = await inventory.repository_names(self.driver)
             report.repositories = len(names)
+            self.progress.total(MARK, len(names))
             marked: set[Digest] = set()
             for name in names:
                 await self._mark_repository(name, marked, report)
-                self.progress("mark", 1)
+                self.progress.advance(MARK)
             await lease.renew()
             report.blobs_marked = len(marked)
             await self._sweep_blobs(marked, report)
             await lease.renew()
+            self.progress.total(SWEEP_LINKS, len(names))
             for name in names:
                 await self._sweep_links(name, report)
+                self.progress.advance(SWEEP_LINKS)
         report.seconds = time.time() - started
         log.info(
             "garbage collection finished",
@@ -290,8 +297,10 @@ class GarbageCollector:
         return True
 
     async def _sweep_blobs(self, marked: set[Digest], report: GCReport) -> None:
-        async for blob in inventory.blobs(self.driver):
-            self.progress("sweep", 1)
+        digests = await inventory.blob_digests(self.driver)
+        self.progress.total(SWEEP_BLOBS, len(digests))
+        async for blob in inventory.blobs(self.driver, digests):
+            self.progress.advance(SWEEP_BLOBS)
             if blob.digest in marked:
                 continue
             if blob.modified >= self.cutoff:

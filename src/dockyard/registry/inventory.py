@@ -3,7 +3,7 @@ every blob. Shared by garbage collection, ``du``, ``fsck`` and upload purging; i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from dockyard.oci.digest import SUPPORTED_ALGORITHMS, Digest
@@ -77,22 +77,32 @@ async def read_repository(driver: StorageDriver, name: str) -> RepositoryInvento
     return inventory
 
 
-async def blobs(driver: StorageDriver) -> AsyncIterator[StoredBlob]:
-    """Every blob with data in ``blobs/``."""
+async def blob_digests(driver: StorageDriver) -> list[Digest]:
+    """Every digest with a directory in ``blobs/``, from listings alone: cheap enough to count
+    what a walk over the blobs will visit before it starts."""
+    out = []
     for algorithm in await _list(driver, layout.BLOBS):
         length = SUPPORTED_ALGORITHMS.get(algorithm)
         if length is None:
             continue
         for prefix in await _list(driver, f"{layout.BLOBS}/{algorithm}"):
             for hexpart in await _list(driver, f"{layout.BLOBS}/{algorithm}/{prefix}"):
-                if len(hexpart) != length or not hexpart.startswith(prefix):
-                    continue
-                digest = Digest(algorithm, hexpart)
-                try:
-                    info = await driver.stat(layout.blob_data(digest))
-                except PathNotFound:
-                    continue
-                yield StoredBlob(digest, info.size, info.modified)
+                if len(hexpart) == length and hexpart.startswith(prefix):
+                    out.append(Digest(algorithm, hexpart))
+    return out
+
+
+async def blobs(
+    driver: StorageDriver, digests: Iterable[Digest] | None = None
+) -> AsyncIterator[StoredBlob]:
+    """Every blob with data in ``blobs/`` (of ``digests``, when the caller listed them already
+    with :func:`blob_digests`)."""
+    for digest in digests if digests is not None else await blob_digests(driver):
+        try:
+            info = await driver.stat(layout.blob_data(digest))
+        except PathNotFound:
+            continue
+        yield StoredBlob(digest, info.size, info.modified)
 
 
 async def uploads(driver: StorageDriver, name: str) -> list[str]:
