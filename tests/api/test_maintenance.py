@@ -70,6 +70,14 @@ def test_gc_removes_only_what_nothing_references(start_server: ServerFactory) ->
     dry = gc(s, "--dry-run")
     assert f"would remove blob {unique_gone}" in dry
     assert tree(s.root / V2) == before  # a dry run changes nothing in the store
+    # the same summary for scripts; progress bars only ever go to a terminal
+    dry_json = dockyard("gc", str(s.config_path), "--grace", ONLINE_GRACE, "--dry-run", "--json")
+    assert dry_json.returncode == 0 and dry_json.stderr == "", dry_json.stderr
+    summary = json.loads(dry_json.stdout)
+    assert summary["dry_run"] is True and summary["repositories"] == 2
+    assert f"blob {unique_gone} ({gone['layers'][1]['size']} bytes)" in summary["removed"]
+    assert summary["blobs_removed"] == dry.count("would remove blob ")
+    assert tree(s.root / V2) == before
 
     out = gc(s)
     assert f"removed blob {unique_gone}" in out and f"removed blob {gone_config}" in out
@@ -205,6 +213,12 @@ def test_du(start_server: ServerFactory) -> None:
     assert usage["store"]["unreferenced_bytes"] == 0
     table = dockyard("du", str(s.config_path)).stdout
     assert "REPOSITORY" in table and "\na " in table and "store:" in table
+    # piped: plain aligned columns, nothing drawn
+    assert "\x1b" not in table
+    header, *rows = table.split("\n\nstore:")[0].splitlines()
+    assert header.split() == ["REPOSITORY", "MANIFESTS", "TAGS", "UNIQUE", "SHARED", "TOTAL"]
+    assert [row.split()[0] for row in rows] == [r["name"] for r in usage["repositories"]]
+    assert {len(row) for row in rows} == {len(header)}  # sizes right-aligned under the header
 
 
 @pytest.mark.filesystem
@@ -218,6 +232,11 @@ def test_fsck_finds_and_quarantines_corruption(start_server: ServerFactory) -> N
     result = dockyard("fsck", str(s.config_path))
     assert result.returncode == 1
     assert f"blob {victim}: content hashes to" in result.stdout
+    result = dockyard("fsck", str(s.config_path), "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["clean"] is False and report["quarantined"] == []
+    assert [p for p in report["problems"] if p.startswith(f"blob {victim}: content hashes to")]
     result = dockyard("fsck", str(s.config_path), "--repair")
     assert f"quarantined: {victim}" in result.stdout
     quarantined = list((s.root / "dockyard/quarantine/sha256").iterdir())
@@ -255,6 +274,9 @@ def test_purge_uploads_command_honours_age(start_server: ServerFactory) -> None:
     assert "0 abandoned uploads" in result.stdout
     result = dockyard("purge-uploads", str(s.config_path), "--age", "0s", "--dry-run")
     assert "would remove p/_uploads/" in result.stdout
+    result = dockyard("purge-uploads", str(s.config_path), "--age", "0s", "--dry-run", "--json")
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is True and report["removed"][0].startswith("p/_uploads/")
     assert requests.get(loc).status_code == 204
     dockyard("purge-uploads", str(s.config_path), "--age", "0s")
     assert requests.get(loc).status_code == 404

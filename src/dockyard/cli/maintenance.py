@@ -5,15 +5,15 @@ read-only or stopped)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import click
 
 from dockyard.cli import load, main
+from dockyard.cli.output import Column, echo_json, echo_table, format_size, progress_bars
 from dockyard.config import Config, parse_duration
 from dockyard.registry.blobs import BlobStore
 from dockyard.registry.cache import build_cache, redis_from_config
@@ -53,36 +53,10 @@ def _run(config: Config, work: Callable[[BlobStore], Coroutine[Any, Any, T]]) ->
     return asyncio.run(main())
 
 
-@contextmanager
-def _progress(label: str) -> Iterator[Callable[[str, int], None]]:
-    """A spinner-like progress line on a terminal; silent otherwise."""
-    if not sys.stderr.isatty():
-        yield lambda phase, n: None
-        return
-    counts: dict[str, int] = {}
-
-    def advance(phase: str, n: int) -> None:
-        counts[phase] = counts.get(phase, 0) + n
-        shown = ", ".join(f"{k} {v}" for k, v in counts.items())
-        click.echo(f"\r{label}: {shown}", nl=False, err=True)
-
-    try:
-        yield advance
-    finally:
-        if counts:
-            click.echo("", err=True)
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 config_argument = click.argument("config_path", required=False, metavar="[CONFIG]")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts)."
+)
 
 
 @main.command()
@@ -106,8 +80,14 @@ config_argument = click.argument("config_path", required=False, metavar="[CONFIG
     "nothing is deleted.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+@json_option
 def gc(
-    config_path: str | None, dry_run: bool, delete_untagged: bool, grace: str | None, quiet: bool
+    config_path: str | None,
+    dry_run: bool,
+    delete_untagged: bool,
+    grace: str | None,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Collect garbage: remove blobs no manifest references (like registry:2's
     garbage-collect), safely while the registry serves.
@@ -134,7 +114,7 @@ def gc(
         # Servers record their presence in Redis too when it is configured.
         redis = redis_from_config(config) if immediate and config.redis.addr else None
         try:
-            with _progress("gc") as progress:
+            with progress_bars("gc") as progress:
                 collector = GarbageCollector(
                     store.driver,
                     grace=grace_seconds,
@@ -164,6 +144,12 @@ def gc(
         sys.exit(1)
     for warning in report.warnings:
         click.echo(f"dockyard: {warning}", err=True)
+    if as_json:
+        summary = asdict(report)
+        if quiet:
+            del summary["removed"]
+        echo_json(summary)
+        return
     if not quiet:
         prefix = "would remove" if dry_run else "removed"
         for item in report.removed:
@@ -173,28 +159,37 @@ def gc(
 
 @main.command()
 @config_argument
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def du(config_path: str | None, as_json: bool) -> None:
     """Space used per repository (unique to it, shared with others) and by the whole store."""
     usage = _run(load(config_path), lambda store: measure(store.driver))
     if as_json:
-        click.echo(json.dumps(usage.to_json(), indent=2))
+        echo_json(usage.to_json())
         return
-    width = max([len("REPOSITORY"), *(len(r.name) for r in usage.repositories)])
+    columns = [
+        Column("REPOSITORY"),
+        Column("MANIFESTS", numeric=True),
+        Column("TAGS", numeric=True),
+        Column("UNIQUE", numeric=True),
+        Column("SHARED", numeric=True),
+        Column("TOTAL", numeric=True),
+    ]
+    rows = [
+        [
+            r.name,
+            str(r.manifests),
+            str(r.tags),
+            format_size(r.unique_bytes),
+            format_size(r.shared_bytes),
+            format_size(r.total_bytes),
+        ]
+        for r in usage.repositories
+    ]
+    echo_table(columns, rows)
     click.echo(
-        f"{'REPOSITORY':<{width}}  {'MANIFESTS':>9}  {'TAGS':>5}  {'UNIQUE':>10}  "
-        f"{'SHARED':>10}  {'TOTAL':>10}"
-    )
-    for r in usage.repositories:
-        click.echo(
-            f"{r.name:<{width}}  {r.manifests:>9}  {r.tags:>5}  "
-            f"{_size(r.unique_bytes):>10}  {_size(r.shared_bytes):>10}  "
-            f"{_size(r.total_bytes):>10}"
-        )
-    click.echo(
-        f"\nstore: {usage.blobs} blobs, {_size(usage.total_bytes)} "
-        f"({_size(usage.referenced_bytes)} referenced, "
-        f"{_size(usage.unreferenced_bytes)} in {usage.unreferenced_blobs} unreferenced "
+        f"\nstore: {usage.blobs} blobs, {format_size(usage.total_bytes)} "
+        f"({format_size(usage.referenced_bytes)} referenced, "
+        f"{format_size(usage.unreferenced_bytes)} in {usage.unreferenced_blobs} unreferenced "
         "blobs that gc would reclaim)"
     )
 
@@ -204,21 +199,25 @@ def du(config_path: str | None, as_json: bool) -> None:
 @click.option(
     "--repair", is_flag=True, help="Move corrupt blobs to /dockyard/quarantine (never deleted)."
 )
-def fsck(config_path: str | None, repair: bool) -> None:
+@json_option
+def fsck(config_path: str | None, repair: bool, as_json: bool) -> None:
     """Check that every blob matches its digest and every link and tag points to content."""
     from dockyard.registry.fsck import check
 
     async def work(store: BlobStore) -> Any:
-        with _progress("fsck") as progress:
+        with progress_bars("fsck") as progress:
             return await check(store.driver, repair=repair, progress=progress, cache=store.cache)
 
     report = _run(load(config_path), work)
+    if as_json:
+        echo_json({**asdict(report), "clean": report.clean})
+        sys.exit(0 if report.clean else 1)
     for problem in report.problems:
         click.echo(f"problem: {problem}")
     for item in report.quarantined:
         click.echo(f"quarantined: {item}")
     click.echo(
-        f"checked {report.blobs_checked} blobs ({_size(report.bytes_checked)}): "
+        f"checked {report.blobs_checked} blobs ({format_size(report.bytes_checked)}): "
         f"{'clean' if report.clean else f'{len(report.problems)} problems'}"
     )
     sys.exit(0 if report.clean else 1)
@@ -233,13 +232,19 @@ def fsck(config_path: str | None, repair: bool) -> None:
     "(default: storage.maintenance.uploadpurging.age, 168h).",
 )
 @click.option("--dry-run", is_flag=True, help="Report; change nothing.")
-def purge_uploads_command(config_path: str | None, age: str | None, dry_run: bool) -> None:
+@json_option
+def purge_uploads_command(
+    config_path: str | None, age: str | None, dry_run: bool, as_json: bool
+) -> None:
     """Remove abandoned uploads (what upload purging does on its schedule)."""
     config = load(config_path)
     seconds = _duration(age)
     if seconds is None:
         seconds = config.storage.maintenance.uploadpurging.age
     report = _run(config, lambda store: purge_uploads(store.driver, seconds, dry_run))
+    if as_json:
+        echo_json(asdict(report))
+        return
     for item in report.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {item}")
     click.echo(f"{len(report.removed)} abandoned uploads")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 
 from dockyard.cli import load, main
+from dockyard.cli.output import echo_json, echo_list
 from dockyard.users import UserFileError, list_users, remove_user, set_password
 
 
@@ -95,13 +96,16 @@ def user_remove(name: str, file: str | None, config_path: str | None) -> None:
 
 @user.command("list")
 @_file_options
-def user_list(file: str | None, config_path: str | None) -> None:
-    """List the users."""
+@click.option("--json", "as_json", is_flag=True, help="Print the users as JSON (for scripts).")
+def user_list(file: str | None, config_path: str | None, as_json: bool) -> None:
+    """List the users: a table on a terminal, one name a line when piped."""
     path = _htpasswd_path(file, config_path)
     try:
         names = list_users(path)
     except UserFileError as exc:
         click.echo(f"dockyard: {exc}", err=True)
         sys.exit(1)
-    for name in names:
-        click.echo(name)
+    if as_json:
+        echo_json({"file": path, "users": [{"name": name} for name in names]})
+    else:
+        echo_list("USER", names)
