@@ -37,7 +37,6 @@ from dockyard.errors import ConfigError
 log = logging.getLogger("dockyard.config")
 
 ENV_PREFIX = "REGISTRY_"
-DEFAULT_CONFIG_PATH = "/etc/docker/registry/config.yml"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {
@@ -117,9 +116,6 @@ class LetsEncryptConfig(Section):
     @property
     def enabled(self) -> bool:
         return bool(self.cachefile)
-
-
-TLS_VERSIONS = ("tls1.0", "tls1.1", "tls1.2", "tls1.3")
 
 
 class TLSConfig(Section):

@@ -92,10 +92,6 @@ def hash_password(password: str, rounds: int = 10) -> str:
     return "$2y$" + hashed[4:]
 
 
-def format_file(users: dict[str, str]) -> str:
-    return "".join(f"{user}:{hashed}\n" for user, hashed in users.items())
-
-
 @dataclass(frozen=True)
 class _Stamp:
     mtime_ns: int

@@ -24,7 +24,3 @@ def validate_tag(tag: str) -> str:
     if not _TAG.match(tag):
         raise RegistryError(ErrorCode.TAG_INVALID, "invalid tag", {"tag": tag})
     return tag
-
-
-def is_valid_tag(tag: str) -> bool:
-    return bool(_TAG.match(tag))

@@ -133,11 +133,3 @@ def instance(instance_id: str) -> str:
 
 def quarantine(digest: Digest, stamp: str) -> str:
     return f"{DOCKYARD}/quarantine/{digest.algorithm}/{digest.hex}-{stamp}"
-
-
-def repository_name_of(path: str) -> str:
-    """The repository name of a directory under ``repositories/``."""
-    prefix = REPOSITORIES + "/"
-    if not path.startswith(prefix):
-        raise ValueError(f"{path} is not under {REPOSITORIES}")
-    return path[len(prefix) :]
