@@ -1,4 +1,4 @@
-"""Assemble the aiohttp application: storage driver -> registry model -> HTTP routes."""
+"""Assemble the aiohttp application: storage -> registry model -> HTTP routes."""
 
 from __future__ import annotations
 
@@ -18,11 +18,8 @@ from dockyard.heartbeat import Heartbeat
 from dockyard.http.request import CONFIG_KEY, client_address_middleware
 from dockyard.http.responses import add_common_headers
 from dockyard.lifecycle import InFlight
-from dockyard.registry.cache import build_cache
-from dockyard.registry.repository import Registry
-from dockyard.registry.upload_locks import build_upload_locks
+from dockyard.registry.configured import open_store
 from dockyard.shared import Shared
-from dockyard.storage import build_driver
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
@@ -30,19 +27,9 @@ INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.Application:
     """``shared``: what the workers of this instance share (see dockyard.shared); without it,
     this process keeps its own."""
-    driver = build_driver(config)
-    cache = build_cache(config, driver)
-    registry = Registry(
-        driver,
-        secret=secret,
-        delete_enabled=config.storage.delete.enabled,
-        touch_interval=config.storage.maintenance.gc.touch_interval,
-        cache=cache,
-        upload_locks=build_upload_locks(config, driver),
-        max_upload_sessions=config.http.limits.uploadsperrepository,
-    )
+    registry = open_store(config, secret=secret)
     inflight = InFlight()
-    heartbeat = Heartbeat.for_config(config, driver, cache.kind)
+    heartbeat = Heartbeat.for_config(config, registry.storage, registry.blobs.cache.kind)
     auth = build_auth(config, shared.login_failures if shared is not None else None)
     trusted = TrustedProxies(config.http.trustedproxies)
     middlewares = [
@@ -77,14 +64,12 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     async def record_presence(_: web.Application) -> None:
         await heartbeat.start()  # before the worker listens (registry.presence)
 
-    async def close_driver(_: web.Application) -> None:
+    async def close_registry(_: web.Application) -> None:
         await heartbeat.stop()  # the last request has finished: the record can go
         if auth is not None and auth.throttle is not None:
             await auth.throttle.close()
-        await cache.close()
-        await registry.upload_locks.close()
-        await driver.close()
+        await registry.close()
 
     app.on_startup.append(record_presence)
-    app.on_cleanup.append(close_driver)
+    app.on_cleanup.append(close_registry)
     return app

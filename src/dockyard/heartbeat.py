@@ -39,7 +39,8 @@ from dockyard.registry.presence import (
     immediate_collection,
     new_presence,
 )
-from dockyard.storage.driver import StorageDriver, StorageError
+from dockyard.storage.driver import StorageError
+from dockyard.storage.store import Store
 
 log = logging.getLogger("dockyard.server")
 
@@ -66,7 +67,7 @@ class Heartbeat:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_config(cls, config: Config, driver: StorageDriver, cache_kind: str) -> Heartbeat:
+    def for_config(cls, config: Config, storage: Store, cache_kind: str) -> Heartbeat:
         maintenance = config.storage.maintenance
         presence = new_presence(
             "read-only" if maintenance.readonly.enabled else "writable",
@@ -75,7 +76,7 @@ class Heartbeat:
             cache_kind,
         )
         redis = redis_from_config(config) if config.redis.addr else None
-        return cls(PresenceRecords(driver, redis), presence)
+        return cls(PresenceRecords(storage, redis), presence)
 
     def accepting_writes(self) -> bool:
         return self.presence.writable and time.monotonic() < self._writes_until
@@ -92,7 +93,7 @@ class Heartbeat:
         await self._mirror_in_redis()
 
     async def _look_for_marker(self, began: float) -> None:
-        marker = await immediate_collection(self.records.driver)
+        marker = await immediate_collection(self.records.storage)
         if marker is not None:
             self._writes_until = -math.inf
             if self._held_by != marker.holder:

@@ -11,10 +11,10 @@ import random
 from collections.abc import Awaitable, Callable
 
 from dockyard.config import Config
-from dockyard.registry.blobs import BlobStore
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.purge import purge_uploads
+from dockyard.registry.repository import Registry
 from dockyard.storage.driver import StorageError
 
 log = logging.getLogger("dockyard.maintenance")
@@ -41,9 +41,9 @@ async def _every(
         await asyncio.sleep(interval)
 
 
-async def run(config: Config, store: BlobStore) -> None:
-    """Run the configured schedules until cancelled."""
-    driver = store.driver
+async def run(config: Config, registry: Registry) -> None:
+    """Run the configured schedules on ``registry`` (the server's) until cancelled."""
+    storage = registry.storage
     m = config.storage.maintenance
     jobs = []
     if m.uploadpurging.enabled:
@@ -53,7 +53,7 @@ async def run(config: Config, store: BlobStore) -> None:
                 purging.interval,
                 random.uniform(0, min(60.0, purging.interval)),
                 "upload purging",
-                lambda: purge_uploads(driver, purging.age, purging.dryrun),
+                lambda: purge_uploads(storage, purging.age, purging.dryrun),
             )
         )
     if m.gc.enabled:
@@ -61,12 +61,12 @@ async def run(config: Config, store: BlobStore) -> None:
 
         async def collect() -> None:
             report = await GarbageCollector(
-                driver,
+                storage,
                 grace=gc.grace,
                 touch_interval=gc.touch_interval,
                 delete_untagged=gc.deleteuntagged,
                 dry_run=gc.dryrun,
-                cache=store.cache,
+                cache=registry.blobs.cache,
             ).run()
             log.info("scheduled garbage collection: %s", report.summary())
 

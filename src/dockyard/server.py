@@ -23,7 +23,9 @@ from dockyard.auth.setup import prepare as prepare_auth
 from dockyard.config import Config, HTTPConfig
 from dockyard.errors import ConfigError
 from dockyard.maintenance import wanted as maintenance_wanted
+from dockyard.registry.configured import checked_store
 from dockyard.shared import Shared
+from dockyard.storage import build_driver
 
 log = logging.getLogger("dockyard.server")
 
@@ -78,6 +80,10 @@ def bind(http: HTTPConfig, key: str = "http.addr") -> socket.socket:
 
 
 def check_storage(config: Config) -> None:
+    """ConfigError if the driver lacks what the registry needs (workers would fail in
+    ``open_store``) or the filesystem root cannot be written."""
+    # Builds the driver only to look at it: nothing is connected or started before first use.
+    checked_store(build_driver(config))
     fs = config.storage.filesystem
     if fs is None:
         return

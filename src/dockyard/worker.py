@@ -85,7 +85,7 @@ def _site(
     return AdmissionSite(runner, sock, limiter, ssl_context=ssl_context)
 
 
-async def _serve(
+async def serve_worker(
     config: Config,
     secret: str,
     sock: socket.socket,
@@ -93,7 +93,11 @@ async def _serve(
     worker: int,
     *,
     with_maintenance: bool = False,
+    until: Awaitable[None] | None = None,
 ) -> None:
+    """Serve on ``sock`` until SIGTERM/SIGINT (or until ``until`` completes: a server run in a
+    thread of another program, such as the test harness, has no signals of its own), then
+    finish in-flight requests and return."""
     app = build_app(config, secret, shared)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
     max_header_bytes = config.http.limits.maxheaderbytes
@@ -123,14 +127,14 @@ async def _serve(
             asyncio.create_task(watch_certificate(ssl_context, letsencrypt.cachefile))
         )
     if with_maintenance:
-        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY].blobs)))
+        background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY])))
     log.info(
         "serving",
         extra={
             "fields": {"addr": config.http.addr, "pid": os.getpid(), "tls": ssl_context is not None}
         },
     )
-    await _until_signalled()
+    await (until if until is not None else _until_signalled())
     await _cancel(*background)
     inflight = app[INFLIGHT_KEY]
     log.info(
@@ -184,7 +188,11 @@ def run_worker(
     """Serve as worker number ``worker`` (a restarted worker keeps the number of the one it
     replaces) with the tables every worker shares."""
     release_freed_memory_promptly()
-    _run(lambda: _serve(config, secret, sock, shared, worker, with_maintenance=with_maintenance))
+    _run(
+        lambda: serve_worker(
+            config, secret, sock, shared, worker, with_maintenance=with_maintenance
+        )
+    )
 
 
 async def _answer_challenges(

@@ -11,7 +11,7 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from dockyard.auth.access import IDENTITY
+from dockyard.auth.middleware import IDENTITY
 from dockyard.http.request import client_address
 from dockyard.logs import ACCESS_LOGGER
 

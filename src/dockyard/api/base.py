@@ -18,8 +18,8 @@ REGISTRY_KEY = web.AppKey("registry", Registry)
 
 #: Set (by api.protocol) on a request whose client holds its body back until invited
 #: (``Expect: 100-continue``); CONTINUE_SENT once the invitation went out (see send_continue).
-EXPECTS_CONTINUE = "dockyard.expects_continue"
-CONTINUE_SENT = "dockyard.continue_sent"
+EXPECTS_CONTINUE = web.RequestKey("expects_continue", bool)
+CONTINUE_SENT = web.RequestKey("continue_sent", bool)
 
 
 def registry_of(request: web.Request) -> Registry:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-from collections.abc import AsyncIterator, Callable
-from typing import IO
 
 from aiohttp import web
 
@@ -15,7 +11,7 @@ from dockyard.api.sendfile import SendfileResponse
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
-from dockyard.registry.blobs import BlobInfo, blob_unknown
+from dockyard.registry.blobs import BlobInfo, LocalRange, StreamedRange
 
 # ASCII digits: \d also matches other scripts' digits.
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.IGNORECASE)
@@ -80,24 +76,12 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
     return any(t.strip().strip('"') in (str(digest), "*") for t in tags.split(",") if t.strip())
 
 
-async def _open(path: str, digest: Digest) -> tuple[IO[bytes], int]:
-    def open_and_size() -> tuple[IO[bytes], int]:
-        f = open(path, "rb")  # noqa: SIM115 - closed by SendfileResponse
-        return f, os.fstat(f.fileno()).st_size
-
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, open_and_size)
-    except FileNotFoundError:
-        # Removed between the stat and the open (garbage collection): it is gone.
-        raise blob_unknown(digest) from None
-
-
 @requires(Need.PULL)
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repository_of(request)
     digest = digest_param(request)
     info: BlobInfo = await repo.blobs.stat(digest)
-    url = await repo.blobs.store.redirect_url(digest, request.method)
+    url = await repo.blobs.redirect_url(digest, request.method)
     if url is not None:
         # Object storage serves the bytes itself, as registry:2 does (storage.redirect).
         return web.Response(
@@ -110,42 +94,32 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         return web.Response(status=200, headers=headers)
 
-    path = repo.blobs.store.local_path(digest)
-    if path is None:
-        return await _stream(request, repo.blobs.store.reader, digest, info.size, headers)
-    fileobj, size = await _open(path, digest)
-    try:
-        byte_range = parse_range(request.headers.get("Range"), size)
-    except RegistryError:
-        fileobj.close()
-        raise
-    headers["Content-Length"] = str(size)
-    if byte_range is None:
-        return SendfileResponse(fileobj, 0, size, headers=headers)
-    offset, length = byte_range
-    headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{size}"
+    status, offset, length = 200, 0, info.size
+    byte_range = parse_range(request.headers.get("Range"), info.size)
+    if byte_range is not None:
+        status, (offset, length) = 206, byte_range
+        headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{info.size}"
     headers["Content-Length"] = str(length)
-    return SendfileResponse(fileobj, offset, length, status=206, headers=headers)
-
-
-BlobReader = Callable[[Digest, int, int | None], AsyncIterator[bytes]]
+    content = await repo.blobs.open(digest, offset, length)
+    if isinstance(content, LocalRange):  # zero-copy from a local file
+        return SendfileResponse(
+            content.file, content.offset, content.length, status=status, headers=headers
+        )
+    return await _stream(request, content, status, headers)
 
 
 async def _stream(
-    request: web.Request, reader: BlobReader, digest: Digest, size: int, headers: dict[str, str]
+    request: web.Request, content: StreamedRange, status: int, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """Serve through Python from a driver with no local file."""
-    byte_range = parse_range(request.headers.get("Range"), size)
-    status, offset, length = 200, 0, size
-    if byte_range is not None:
-        status, (offset, length) = 206, byte_range
-        headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{size}"
-    headers["Content-Length"] = str(length)
-    response = web.StreamResponse(status=status, headers=headers)
-    await response.prepare(request)
-    async for chunk in reader(digest, offset, length):
-        await response.write(chunk)
-    await response.write_eof()
+    """Serve through Python from storage with no local file."""
+    try:
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        async for chunk in content:
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        await content.close()
     return response
 
 

@@ -29,7 +29,7 @@ class HealthCheck:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.name = f"storagedriver_{registry.driver.name}"
+        self.name = f"storagedriver_{registry.storage.name}"
         self._checked = float("-inf")
         self._failure: str | None = None
 

@@ -43,7 +43,7 @@ from dockyard.http.responses import error_response, set_common_headers
 log = logging.getLogger("dockyard.api")
 
 #: On a request whose request line named no HTTP/1.x version: what it named.
-REFUSED_VERSION = "dockyard.refused_version"
+REFUSED_VERSION = web.RequestKey("refused_version", HttpVersion)
 
 
 def refusal(exc: HttpProcessingError, max_header_bytes: int) -> RegistryError:

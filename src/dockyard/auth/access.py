@@ -15,8 +15,6 @@ from enum import Enum
 from typing import Any, TypeVar
 
 ACTIONS = ("pull", "push", "delete")
-#: where the auth middleware leaves the caller's Identity on the request
-IDENTITY = "dockyard.identity"
 
 F = TypeVar("F", bound=Callable[..., Any])
 _NEED_ATTR = "__dockyard_need__"

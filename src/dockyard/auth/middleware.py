@@ -23,7 +23,6 @@ from aiohttp import web
 
 from dockyard.auth.access import (
     EVERYONE,
-    IDENTITY,
     Grants,
     Identity,
     Need,
@@ -36,6 +35,10 @@ from dockyard.http.request import client_address
 from dockyard.http.responses import Handler
 
 log = logging.getLogger("dockyard.auth")
+
+#: where the middleware leaves the caller's Identity on the request (here, not in auth.access,
+#: so that the supervising parent, which reads access rules, never loads aiohttp)
+IDENTITY = web.RequestKey("identity", Identity)
 
 TOKEN_PATH = "/auth/token"
 

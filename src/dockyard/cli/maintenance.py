@@ -15,14 +15,15 @@ import click
 from dockyard.cli import load, main
 from dockyard.cli.output import Column, echo_json, echo_table, format_size, progress_bars
 from dockyard.config import Config, parse_duration
-from dockyard.registry.blobs import BlobStore
-from dockyard.registry.cache import build_cache, redis_from_config
+from dockyard.errors import ConfigError
+from dockyard.registry.cache import redis_from_config
+from dockyard.registry.configured import open_store
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.presence import ImmediateCollectionRefused, PresenceRecords
 from dockyard.registry.purge import purge_uploads
+from dockyard.registry.repository import Registry
 from dockyard.registry.usage import measure
-from dockyard.storage import build_driver
 from dockyard.storage.driver import StorageError
 
 T = TypeVar("T")
@@ -37,18 +38,20 @@ def _duration(value: str | None) -> float | None:
         raise click.BadParameter(str(exc)) from None
 
 
-def _run(config: Config, work: Callable[[BlobStore], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` on the configured store (with the shared cache, which deletions must
+def _run(config: Config, work: Callable[[Registry], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` on the configured registry (with the shared cache, which deletions must
     update)."""
-    driver = build_driver(config)
-    cache = build_cache(config, driver)
+    try:
+        registry = open_store(config)
+    except ConfigError as exc:
+        click.echo(f"dockyard: {exc}", err=True)
+        sys.exit(2)
 
     async def main() -> T:
         try:
-            return await work(BlobStore(driver, cache=cache))
+            return await work(registry)
         finally:
-            await cache.close()
-            await driver.close()
+            await registry.close()
 
     return asyncio.run(main())
 
@@ -110,21 +113,21 @@ def gc(
         grace_seconds = config.storage.maintenance.gc.grace
     immediate = grace_seconds == 0
 
-    async def work(store: BlobStore) -> Any:
+    async def work(registry: Registry) -> Any:
         # Servers record their presence in Redis too when it is configured.
         redis = redis_from_config(config) if immediate and config.redis.addr else None
         try:
             with progress_bars("gc") as progress:
                 collector = GarbageCollector(
-                    store.driver,
+                    registry.storage,
                     grace=grace_seconds,
                     touch_interval=config.storage.maintenance.gc.touch_interval,
                     delete_untagged=delete_untagged,
                     dry_run=dry_run,
                     progress=progress,
-                    cache=store.cache,
+                    cache=registry.blobs.cache,
                     immediate=immediate,
-                    presences=PresenceRecords(store.driver, redis),
+                    presences=PresenceRecords(registry.storage, redis),
                 )
                 return await collector.run()
         finally:
@@ -162,7 +165,7 @@ def gc(
 @json_option
 def du(config_path: str | None, as_json: bool) -> None:
     """Space used per repository (unique to it, shared with others) and by the whole store."""
-    usage = _run(load(config_path), lambda store: measure(store.driver))
+    usage = _run(load(config_path), lambda registry: measure(registry.storage))
     if as_json:
         echo_json(usage.to_json())
         return
@@ -204,9 +207,11 @@ def fsck(config_path: str | None, repair: bool, as_json: bool) -> None:
     """Check that every blob matches its digest and every link and tag points to content."""
     from dockyard.registry.fsck import check
 
-    async def work(store: BlobStore) -> Any:
+    async def work(registry: Registry) -> Any:
         with progress_bars("fsck") as progress:
-            return await check(store.driver, repair=repair, progress=progress, cache=store.cache)
+            return await check(
+                registry.storage, repair=repair, progress=progress, cache=registry.blobs.cache
+            )
 
     report = _run(load(config_path), work)
     if as_json:
@@ -241,7 +246,7 @@ def purge_uploads_command(
     seconds = _duration(age)
     if seconds is None:
         seconds = config.storage.maintenance.uploadpurging.age
-    report = _run(config, lambda store: purge_uploads(store.driver, seconds, dry_run))
+    report = _run(config, lambda registry: purge_uploads(registry.storage, seconds, dry_run))
     if as_json:
         echo_json(asdict(report))
         return

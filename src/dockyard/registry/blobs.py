@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
 from dockyard.registry.cache import BlobDescriptorCache, NoCache
-from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
+from dockyard.storage.driver import PathNotFound, StorageError
+from dockyard.storage.store import LocalRange, Store, StreamedRange
+
+#: A blob's bytes opened for a response: a local file to send with zero-copy sendfile, or a
+#: stream (see storage.store.Store.open_range).
+BlobContent = LocalRange | StreamedRange
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +35,10 @@ def blob_unknown(digest: Digest) -> RegistryError:
     return RegistryError(ErrorCode.BLOB_UNKNOWN, detail={"digest": str(digest)})
 
 
-async def read_link(driver: StorageDriver, path: str) -> Digest | None:
+async def read_link(storage: Store, path: str) -> Digest | None:
     """The digest a link file holds; None when it is missing or does not hold a digest."""
     try:
-        text = (await driver.read(path)).decode("ascii", "replace").strip()
+        text = (await storage.read(path)).decode("ascii", "replace").strip()
     except PathNotFound:
         return None
     try:
@@ -43,21 +47,21 @@ async def read_link(driver: StorageDriver, path: str) -> Digest | None:
         return None
 
 
-async def write_link(driver: StorageDriver, path: str, digest: Digest) -> None:
-    await driver.write(path, str(digest).encode("ascii"))
+async def write_link(storage: Store, path: str, digest: Digest) -> None:
+    await storage.write(path, str(digest).encode("ascii"))
 
 
-async def keep(driver: StorageDriver, path: str, interval: float) -> float:
+async def keep(storage: Store, path: str, interval: float) -> float:
     """Record that ``path`` is in use: touch it unless it was touched within ``interval``
     seconds; return its modification time. PathNotFound if it is missing.
 
     This is half of what keeps online garbage collection safe (see ``registry.gc``): anything a
     client is told exists has a recent time, and the collector never deletes a file whose time
     is recent, checking again after it has moved the file aside."""
-    info = await driver.stat(path)
+    info = await storage.stat(path)
     now = time.time()
     if now - info.modified >= interval:
-        await stamp(driver, path)
+        await stamp(storage, path)
         return now
     return info.modified
 
@@ -68,21 +72,13 @@ async def keep(driver: StorageDriver, path: str, interval: float) -> float:
 STAMP_CONFIRM_DELAY = 0.25
 
 
-async def stamp(driver: StorageDriver, path: str) -> None:
+async def stamp(storage: Store, path: str) -> None:
     """Touch ``path``; PathNotFound if it is missing, or if it vanished right after the touch
     because a collector that had already moved it aside deleted it."""
-    await driver.touch(path)
-    if not driver.atomic_move:
+    await storage.touch(path)
+    if not storage.atomic_move:
         await asyncio.sleep(STAMP_CONFIRM_DELAY)
-        await driver.stat(path)
-
-
-async def delete_if_present(driver: StorageDriver, path: str) -> bool:
-    try:
-        await driver.delete(path)
-    except PathNotFound:
-        return False
-    return True
+        await storage.stat(path)
 
 
 #: how often (seconds) a blob or link in use has its time refreshed; must stay well below the
@@ -95,17 +91,17 @@ class BlobStore:
 
     def __init__(
         self,
-        driver: StorageDriver,
+        storage: Store,
         touch_interval: float = DEFAULT_TOUCH_INTERVAL,
         cache: BlobDescriptorCache | None = None,
     ) -> None:
-        self.driver = driver
+        self.storage = storage
         self.touch_interval = touch_interval
         self.cache: BlobDescriptorCache = cache or NoCache()
 
     async def stat(self, digest: Digest) -> BlobInfo:
         try:
-            info = await self.driver.stat(layout.blob_data(digest))
+            info = await self.storage.stat(layout.blob_data(digest))
         except PathNotFound:
             raise blob_unknown(digest) from None
         if info.is_dir:
@@ -123,10 +119,10 @@ class BlobStore:
         """Stat the blob and mark it in use (see :func:`keep`); BLOB_UNKNOWN if missing."""
         path = layout.blob_data(digest)
         try:
-            info = await self.driver.stat(path)
+            info = await self.storage.stat(path)
             now = time.time()
             if now - info.modified >= self.touch_interval:
-                await stamp(self.driver, path)
+                await stamp(self.storage, path)
         except PathNotFound:
             raise blob_unknown(digest) from None
         return BlobInfo(digest=digest, size=info.size, modified=info.modified)
@@ -134,7 +130,7 @@ class BlobStore:
     async def read(self, digest: Digest) -> bytes:
         """Whole content of a small blob (a manifest)."""
         try:
-            return await self.driver.read(layout.blob_data(digest))
+            return await self.storage.read(layout.blob_data(digest))
         except PathNotFound:
             raise blob_unknown(digest) from None
 
@@ -142,29 +138,30 @@ class BlobStore:
         """Store bytes whose digest the caller has computed, unless the blob exists (stored
         content is never replaced: it is only marked in use, as a fresh write would be; see
         :func:`keep`); the file appears whole or not at all."""
-        if not await self.driver.write_new(layout.blob_data(digest), data):
+        if not await self.storage.write_new(layout.blob_data(digest), data):
             try:
                 await self.keep(digest)
             except RegistryError:  # taken by a collection since: store it again
-                await self.driver.write_new(layout.blob_data(digest), data)
+                await self.storage.write_new(layout.blob_data(digest), data)
 
     async def publish(self, source: str, digest: Digest) -> bool:
         """Give the verified file ``source`` the blob's name unless the blob exists: True if
         it did; False if the blob was there already (``source`` is left for the caller to
         discard). The blob appears whole or not at all, and is never replaced."""
-        return await self.driver.move_new(source, layout.blob_data(digest))
+        return await self.storage.move_new(source, layout.blob_data(digest))
 
-    def reader(
-        self, digest: Digest, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
-        return self.driver.reader(layout.blob_data(digest), offset, length)
-
-    def local_path(self, digest: Digest) -> str | None:
-        return self.driver.local_path(layout.blob_data(digest))
+    async def open(self, digest: Digest, offset: int, length: int) -> BlobContent:
+        """``length`` bytes of the blob from ``offset``, opened for a response: a local file
+        for zero-copy sendfile where storage has one, else a stream. BLOB_UNKNOWN if the blob
+        is gone (a collection may remove it after it was found)."""
+        try:
+            return await self.storage.open_range(layout.blob_data(digest), offset, length)
+        except PathNotFound:
+            raise blob_unknown(digest) from None
 
     async def redirect_url(self, digest: Digest, method: str) -> str | None:
         """Where a client can fetch the blob directly (object storage), or None."""
-        return await self.driver.redirect_url(layout.blob_data(digest), method)
+        return await self.storage.redirect_url(layout.blob_data(digest), method)
 
 
 class LinkedBlobs:
@@ -173,10 +170,10 @@ class LinkedBlobs:
     def __init__(self, name: str, store: BlobStore) -> None:
         self.name = name
         self.store = store
-        self.driver = store.driver
+        self.storage = store.storage
 
     async def is_linked(self, digest: Digest) -> bool:
-        return await read_link(self.driver, layout.layer_link(self.name, digest)) == digest
+        return await read_link(self.storage, layout.layer_link(self.name, digest)) == digest
 
     async def stat(self, digest: Digest) -> BlobInfo:
         """The blob if this repository may serve it. Manifests are blobs too: registry:2 only
@@ -188,7 +185,7 @@ class LinkedBlobs:
             return BlobInfo(digest=digest, size=size, modified=0.0)
         layer = await self.is_linked(digest)
         if not layer:
-            link = await read_link(self.driver, layout.revision_link(self.name, digest))
+            link = await read_link(self.storage, layout.revision_link(self.name, digest))
             if link != digest:
                 raise blob_unknown(digest)
         try:
@@ -202,12 +199,20 @@ class LinkedBlobs:
             await cache.remember(self.name, digest, info.size)
         return info
 
+    async def open(self, digest: Digest, offset: int, length: int) -> BlobContent:
+        """The blob's bytes for a response (see BlobStore.open); call :meth:`stat` first, which
+        checks this repository may serve it."""
+        return await self.store.open(digest, offset, length)
+
+    async def redirect_url(self, digest: Digest, method: str) -> str | None:
+        return await self.store.redirect_url(digest, method)
+
     async def link(self, digest: Digest) -> None:
-        await write_link(self.driver, layout.layer_link(self.name, digest), digest)
+        await write_link(self.storage, layout.layer_link(self.name, digest), digest)
 
     async def unlink(self, digest: Digest) -> None:
         if not await self.is_linked(digest):
             raise blob_unknown(digest)
         path = layout.layer_link(self.name, digest)
         await self.store.cache.forget_link(self.name, digest)
-        await delete_if_present(self.driver, path.rsplit("/", 1)[0])
+        await self.storage.delete_if_present(path.rsplit("/", 1)[0])

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
-from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
+from dockyard.storage.driver import PathNotFound, StorageError
+from dockyard.storage.store import Store
 
 if TYPE_CHECKING:
     from dockyard.config import Config
@@ -110,10 +111,10 @@ class NoCache:
 class RedisCache:
     kind = "redis"
 
-    def __init__(self, client: Any, driver: StorageDriver, ttl: float) -> None:
+    def __init__(self, client: Any, storage: Store, ttl: float) -> None:
         self.client = client
         self._remember = client.register_script(_REMEMBER_UNLESS_FORGOTTEN)
-        self.driver = driver
+        self.storage = storage
         # Milliseconds: an entry must never outlive the touch interval, however short.
         self.ttl_ms = max(1, int(ttl * 1000))
         self._epoch = ""
@@ -123,7 +124,7 @@ class RedisCache:
     async def _prefix(self) -> str:
         now = time.monotonic()
         if not self._epoch or now - self._epoch_checked > EPOCH_CHECK_INTERVAL:
-            self._epoch = await read_epoch(self.driver)
+            self._epoch = await read_epoch(self.storage)
             self._epoch_checked = now
         return f"dockyard:{self._epoch}"
 
@@ -203,23 +204,23 @@ class RedisCache:
             log.debug("closing the redis client failed", exc_info=True)
 
 
-async def read_epoch(driver: StorageDriver) -> str:
+async def read_epoch(storage: Store) -> str:
     """The store's epoch, created on first use (exactly once, whoever races)."""
     path = layout.cache_epoch()
     for _ in range(3):
         try:
-            return (await driver.read(path)).decode("ascii", "replace").strip()
+            return (await storage.read(path)).decode("ascii", "replace").strip()
         except PathNotFound:
-            await driver.write_new(path, secrets.token_hex(8).encode())
-    return (await driver.read(path)).decode("ascii", "replace").strip()
+            await storage.write_new(path, secrets.token_hex(8).encode())
+    return (await storage.read(path)).decode("ascii", "replace").strip()
 
 
-def build_cache(config: Config, driver: StorageDriver) -> BlobDescriptorCache:
+def build_cache(config: Config, storage: Store) -> BlobDescriptorCache:
     """Redis when ``storage.cache.blobdescriptor: redis``; otherwise none (see NoCache)."""
     if config.storage.cache.blobdescriptor != "redis":
         return NoCache()
     return RedisCache(
-        redis_from_config(config), driver, ttl=config.storage.maintenance.gc.touch_interval
+        redis_from_config(config), storage, ttl=config.storage.maintenance.gc.touch_interval
     )
 
 

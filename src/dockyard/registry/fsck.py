@@ -14,7 +14,8 @@ from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore
 from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.registry.progress import NoProgress, Progress
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.storage.driver import PathNotFound
+from dockyard.storage.store import Store
 
 #: the phases a check reports progress in (registry.progress)
 VERIFY_BLOBS = "verify blobs"
@@ -33,16 +34,16 @@ class FsckReport:
         return not self.problems
 
 
-async def _hash(driver: StorageDriver, path: str, algorithm: str) -> str:
+async def _hash(storage: Store, path: str, algorithm: str) -> str:
     hasher = new_hasher(algorithm)
     loop = asyncio.get_running_loop()
-    async for chunk in driver.reader(path):
+    async for chunk in storage.reader(path):
         await loop.run_in_executor(None, hasher.update, chunk)
     return hasher.hexdigest()
 
 
 async def check(
-    driver: StorageDriver,
+    storage: Store,
     *,
     repair: bool = False,
     progress: Progress | None = None,
@@ -50,15 +51,15 @@ async def check(
 ) -> FsckReport:
     report = FsckReport()
     progress = progress or NoProgress()
-    store = BlobStore(driver, cache=cache)
+    store = BlobStore(storage, cache=cache)
     corrupt = set()
-    digests = await inventory.blob_digests(driver)
+    digests = await inventory.blob_digests(storage)
     progress.total(VERIFY_BLOBS, len(digests))
-    async for blob in inventory.blobs(driver, digests):
+    async for blob in inventory.blobs(storage, digests):
         progress.advance(VERIFY_BLOBS)
         path = layout.blob_data(blob.digest)
         try:
-            actual = await _hash(driver, path, blob.digest.algorithm)
+            actual = await _hash(storage, path, blob.digest.algorithm)
         except PathNotFound:
             continue  # removed meanwhile (garbage collection)
         report.blobs_checked += 1
@@ -72,12 +73,12 @@ async def check(
         if repair:
             target = layout.quarantine(blob.digest, time.strftime("%Y%m%dT%H%M%S"))
             await store.cache.forget_blob(blob.digest)
-            await driver.move(path, target)
+            await storage.move(path, target)
             report.quarantined.append(f"{blob.digest} -> {target}")
-    names = await inventory.repository_names(driver)
+    names = await inventory.repository_names(storage)
     progress.total(CHECK_REPOSITORIES, len(names))
     for name in names:
-        repo = await inventory.read_repository(driver, name)
+        repo = await inventory.read_repository(storage, name)
         for digest in sorted(repo.layers, key=str):
             if digest in corrupt or not await store.exists(digest):
                 report.problems.append(f"{name}: layer link {digest} points to a missing blob")

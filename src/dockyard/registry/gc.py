@@ -65,7 +65,8 @@ from dockyard.registry.presence import (
     check_immediate,
 )
 from dockyard.registry.progress import NoProgress, Progress
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.storage.driver import PathNotFound
+from dockyard.storage.store import Store
 
 log = logging.getLogger("dockyard.gc")
 
@@ -110,7 +111,7 @@ class GCReport:
 class GarbageCollector:
     def __init__(
         self,
-        driver: StorageDriver,
+        storage: Store,
         *,
         grace: float,
         touch_interval: float,
@@ -121,10 +122,10 @@ class GarbageCollector:
         immediate: bool = False,
         presences: PresenceRecords | None = None,
     ) -> None:
-        self.driver = driver
+        self.storage = storage
         self.immediate = immediate
-        self.presences = presences or PresenceRecords(driver)
-        self.store = BlobStore(driver, cache=cache)
+        self.presences = presences or PresenceRecords(storage)
+        self.store = BlobStore(storage, cache=cache)
         self.grace = grace
         self.touch_interval = touch_interval
         self.swept: set[Digest] = set()
@@ -151,11 +152,11 @@ class GarbageCollector:
             check_immediate(await self.presences.sightings(time.time()), self.store.cache.kind)
         # A dry run deletes nothing: it must not hold writable servers back.
         purpose = IMMEDIATE if self.immediate and not self.dry_run else ""
-        async with Lease(self.driver, GC_LEASE, purpose=purpose) as lease:
+        async with Lease(self.storage, GC_LEASE, purpose=purpose) as lease:
             self.lease = lease
             if self.immediate:
                 await self._check_servers(lease, report)
-            names = await inventory.repository_names(self.driver)
+            names = await inventory.repository_names(self.storage)
             report.repositories = len(names)
             self.progress.total(MARK, len(names))
             marked: set[Digest] = set()
@@ -187,7 +188,7 @@ class GarbageCollector:
     async def _check_servers(self, lease: Lease, report: GCReport) -> None:
         """The collector's half of the handshake (registry.presence): the marker (this lease)
         is written; now no writable server may be alive. A dry run only reports it."""
-        now = (await self.driver.stat(lease.path)).modified  # storage time, as the records'
+        now = (await self.storage.stat(lease.path)).modified  # storage time, as the records'
         sightings = await self.presences.sightings(now)
         try:
             check_immediate(sightings, self.store.cache.kind)
@@ -212,7 +213,7 @@ class GarbageCollector:
             return None
 
     async def _mark_repository(self, name: str, marked: set[Digest], report: GCReport) -> None:
-        repo = await inventory.read_repository(self.driver, name)
+        repo = await inventory.read_repository(self.storage, name)
         bodies = {d: await self._read(d) for d in repo.revisions}
         parsed: dict[Digest, Manifest | None] = {
             d: (read_stored(b) if b is not None else None) for d, b in bodies.items()
@@ -230,7 +231,7 @@ class GarbageCollector:
                 report.manifests_removed += 1
                 report.removed.append(f"manifest {name}@{digest}")
                 if not self.dry_run:
-                    await self.driver.remove_empty_dir(path.rsplit("/", 1)[0])
+                    await self.storage.remove_empty_dir(path.rsplit("/", 1)[0])
 
     def _kept(
         self, repo: inventory.RepositoryInventory, parsed: dict[Digest, Manifest | None]
@@ -263,7 +264,7 @@ class GarbageCollector:
         moving it aside (rule 3 in the module docstring); ``forget`` drops it from the shared
         cache first. True if it was (or would be) removed."""
         try:
-            if (await self.driver.stat(path)).modified >= self.cutoff:
+            if (await self.storage.stat(path)).modified >= self.cutoff:
                 return False
         except PathNotFound:
             return False
@@ -274,32 +275,32 @@ class GarbageCollector:
         await forget()
         if self.immediate:  # nobody writes: nothing can be stamped back into use
             try:
-                await self.driver.delete(path)
+                await self.storage.delete(path)
             except PathNotFound:
                 return False
             return True
         aside = f"{path}.gc-{self.run_id}"
         try:
-            await self.driver.move(path, aside)
+            await self.storage.move(path, aside)
         except PathNotFound:
             return False
         try:
-            recent = (await self.driver.stat(aside)).modified >= self.cutoff
+            recent = (await self.storage.stat(aside)).modified >= self.cutoff
         except PathNotFound:
             return False
         if recent:
             # Put it back, unless a fresh copy was written meanwhile: then that one stays (the
             # same bytes; stored content is never replaced).
-            if not await self.driver.move_new(aside, path):
-                await self.driver.delete(aside)
+            if not await self.storage.move_new(aside, path):
+                await self.storage.delete(aside)
             return False
-        await self.driver.delete(aside)
+        await self.storage.delete(aside)
         return True
 
     async def _sweep_blobs(self, marked: set[Digest], report: GCReport) -> None:
-        digests = await inventory.blob_digests(self.driver)
+        digests = await inventory.blob_digests(self.storage)
         self.progress.total(SWEEP_BLOBS, len(digests))
-        async for blob in inventory.blobs(self.driver, digests):
+        async for blob in inventory.blobs(self.storage, digests):
             self.progress.advance(SWEEP_BLOBS)
             if blob.digest in marked:
                 continue
@@ -313,13 +314,13 @@ class GarbageCollector:
                 report.bytes_removed += blob.size
                 report.removed.append(f"blob {blob.digest} ({blob.size} bytes)")
                 if not self.dry_run:
-                    await self.driver.remove_empty_dir(layout.blob_dir(blob.digest))
+                    await self.storage.remove_empty_dir(layout.blob_dir(blob.digest))
             else:
                 report.blobs_recent += 1
 
     async def _sweep_links(self, name: str, report: GCReport) -> None:
         """Layer links whose blob is gone (swept now or before) and that nobody used lately."""
-        repo = await inventory.read_repository(self.driver, name)
+        repo = await inventory.read_repository(self.storage, name)
         for digest in repo.layers:
             # In a dry run the swept blobs are still there: count their links as they would be.
             if digest not in self.swept and await self.store.exists(digest):
@@ -328,7 +329,7 @@ class GarbageCollector:
             if await self._remove(path, partial(self.store.cache.forget_link, name, digest)):
                 report.links_removed += 1
                 if not self.dry_run:
-                    await self.driver.remove_empty_dir(path.rsplit("/", 1)[0])
+                    await self.storage.remove_empty_dir(path.rsplit("/", 1)[0])
 
 
 async def _nothing() -> None:

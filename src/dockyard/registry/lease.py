@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from dockyard.registry import layout
-from dockyard.registry.blobs import delete_if_present
-from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
+from dockyard.storage.driver import PathNotFound, StorageError
+from dockyard.storage.store import Store
 
 
 class LeaseBusy(Exception):
@@ -45,11 +45,11 @@ class LeaseState:
     taken: float = 0.0
 
 
-async def read_lease(driver: StorageDriver, name: str) -> LeaseState | None:
+async def read_lease(storage: Store, name: str) -> LeaseState | None:
     """The lease's current state; None when nobody holds it. An unreadable file counts as an
     expired lease (so it can be taken over)."""
     try:
-        state = json.loads(await driver.read(layout.lease(name)))
+        state = json.loads(await storage.read(layout.lease(name)))
         return LeaseState(
             holder=str(state["holder"]),
             expires=float(state["expires"]),
@@ -63,10 +63,8 @@ async def read_lease(driver: StorageDriver, name: str) -> LeaseState | None:
 
 
 class Lease:
-    def __init__(
-        self, driver: StorageDriver, name: str, ttl: float = 600.0, *, purpose: str = ""
-    ) -> None:
-        self.driver = driver
+    def __init__(self, storage: Store, name: str, ttl: float = 600.0, *, purpose: str = "") -> None:
+        self.storage = storage
         self.name = name
         self.path = layout.lease(name)
         self.ttl = ttl
@@ -85,14 +83,14 @@ class Lease:
         return json.dumps(state).encode()
 
     async def _current(self) -> tuple[str, float] | None:
-        state = await read_lease(self.driver, self.name)
+        state = await read_lease(self.storage, self.name)
         return None if state is None else (state.holder, state.expires)
 
     async def acquire(self) -> None:
         for _ in range(3):
             self.taken = time.time()
             expires = self.taken + self.ttl
-            if await self.driver.write_new(self.path, self._body(expires)):
+            if await self.storage.write_new(self.path, self._body(expires)):
                 self._expires = expires
                 return
             current = await self._current()
@@ -102,7 +100,7 @@ class Lease:
             if expires > time.time():
                 raise LeaseBusy(self.name, holder, expires)
             # Expired: its holder died. Remove it and race for it again.
-            await delete_if_present(self.driver, self.path)
+            await self.storage.delete_if_present(self.path)
         current = await self._current()
         raise LeaseBusy(self.name, *(current or ("another process", time.time())))
 
@@ -111,13 +109,13 @@ class Lease:
         if current is None or current[0] != self.holder:
             raise LeaseBusy(self.name, current[0] if current else "nobody", 0.0)
         expires = time.time() + self.ttl
-        await self.driver.write(self.path, self._body(expires))
+        await self.storage.write(self.path, self._body(expires))
         self._expires = expires
 
     async def release(self) -> None:
         current = await self._current()
         if current is not None and current[0] == self.holder:
-            await delete_if_present(self.driver, self.path)
+            await self.storage.delete_if_present(self.path)
 
     def check(self) -> None:
         """Raise if the background renewal found the lease lost, or if it could not renew it

@@ -14,7 +14,6 @@ from dockyard.registry import layout
 from dockyard.registry.blobs import (
     BlobStore,
     LinkedBlobs,
-    delete_if_present,
     keep,
     read_link,
     write_link,
@@ -79,7 +78,7 @@ class ManifestStore:
         self.name = name
         self.bodies = bodies or ManifestBodies(0)
         self.store = store
-        self.driver = store.driver
+        self.storage = store.storage
         self.blobs = blobs
         self.tags = tags
         self.referrers = referrers
@@ -90,7 +89,7 @@ class ManifestStore:
         (registry.gc), so the data needs no stamp of its own — one storage request, not four."""
         try:
             await keep(
-                self.driver, layout.revision_link(self.name, digest), self.store.touch_interval
+                self.storage, layout.revision_link(self.name, digest), self.store.touch_interval
             )
         except PathNotFound:
             return False
@@ -133,7 +132,7 @@ class ManifestStore:
         # Content, then the revision link, then the referrers entry, then tags: every link
         # written points at something already in place.
         await self.store.put(digest, body)
-        await write_link(self.driver, layout.revision_link(self.name, digest), digest)
+        await write_link(self.storage, layout.revision_link(self.name, digest), digest)
         if manifest.subject is not None:
             await self.referrers.add(manifest.subject.digest, digest)
         for tag in tags:
@@ -169,7 +168,7 @@ class ManifestStore:
     async def delete(self, digest: Digest) -> None:
         """Remove the manifest from the repository, with the tags that point to it and its
         referrers-index entry. The bytes stay in ``blobs/`` until garbage collection."""
-        link = await read_link(self.driver, layout.revision_link(self.name, digest))
+        link = await read_link(self.storage, layout.revision_link(self.name, digest))
         if link != digest:
             raise manifest_unknown(str(digest))
         subject = None
@@ -179,9 +178,9 @@ class ManifestStore:
         except RegistryError:
             pass
         for tag in await self.tags.pointing_to(digest):
-            await delete_if_present(self.driver, layout.tag_dir(self.name, tag))
-        await delete_if_present(
-            self.driver, layout.revision_link(self.name, digest).rsplit("/", 1)[0]
+            await self.storage.delete_if_present(layout.tag_dir(self.name, tag))
+        await self.storage.delete_if_present(
+            layout.revision_link(self.name, digest).rsplit("/", 1)[0]
         )
         if subject is not None:
             await self.referrers.remove(subject.digest, digest)

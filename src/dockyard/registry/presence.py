@@ -47,7 +47,8 @@ from typing import Any, Literal
 from dockyard.registry import layout
 from dockyard.registry.cache import read_epoch
 from dockyard.registry.lease import LeaseState, read_lease
-from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
+from dockyard.storage.driver import PathNotFound, StorageError
+from dockyard.storage.store import Store
 
 #: a record not refreshed for this many of its intervals belongs to a server that is gone
 STALE_INTERVALS = 4
@@ -151,16 +152,16 @@ class Sighting:
 class PresenceRecords:
     """The records in storage, mirrored in Redis when a client is given."""
 
-    def __init__(self, driver: StorageDriver, redis: Any | None = None) -> None:
-        self.driver = driver
+    def __init__(self, storage: Store, redis: Any | None = None) -> None:
+        self.storage = storage
         self.redis = redis
 
     async def _redis_key(self, presence_id: str) -> str:
-        return f"dockyard:{await read_epoch(self.driver)}:instance:{presence_id}"
+        return f"dockyard:{await read_epoch(self.storage)}:instance:{presence_id}"
 
     async def write(self, presence: Presence) -> None:
         """Record (or refresh) ``presence`` in storage; StorageError if that failed."""
-        await self.driver.write(layout.instance(presence.id), presence.to_json())
+        await self.storage.write(layout.instance(presence.id), presence.to_json())
 
     async def write_redis(self, presence: Presence) -> None:
         """Refresh the Redis copy (nothing without a client); raises what the client raises."""
@@ -172,7 +173,7 @@ class PresenceRecords:
     async def withdraw(self, presence: Presence) -> None:
         """Remove the record (a server stopping). Best effort in Redis, where it expires."""
         with contextlib.suppress(PathNotFound):
-            await self.driver.delete(layout.instance(presence.id))
+            await self.storage.delete(layout.instance(presence.id))
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.delete(await self._redis_key(presence.id))
@@ -182,14 +183,14 @@ class PresenceRecords:
         configured Redis cannot be read: servers may be recorded only there."""
         found: dict[str, Sighting] = {}
         try:
-            names = await self.driver.list(layout.instances_dir())
+            names = await self.storage.list(layout.instances_dir())
         except PathNotFound:
             names = []
         for name in names:
             path = layout.instance(name)
             try:
-                info = await self.driver.stat(path)
-                presence = Presence.from_json(await self.driver.read(path))
+                info = await self.storage.stat(path)
+                presence = Presence.from_json(await self.storage.read(path))
             except PathNotFound:
                 continue  # withdrawn meanwhile
             except (ValueError, KeyError, TypeError):
@@ -197,7 +198,7 @@ class PresenceRecords:
             found[presence.id] = Sighting(presence, max(0.0, now - info.modified))
         if self.redis is not None:
             try:
-                prefix = f"dockyard:{await read_epoch(self.driver)}:instance:"
+                prefix = f"dockyard:{await read_epoch(self.storage)}:instance:"
                 keys = [key async for key in self.redis.scan_iter(match=f"{prefix}*")]
                 values = await self.redis.mget(keys) if keys else []
             except Exception as exc:
@@ -218,12 +219,12 @@ class PresenceRecords:
         """Drop the record of a dead server (it is rewritten if that server was only stalled:
         it then finds the marker before it writes anything else)."""
         with contextlib.suppress(PathNotFound):
-            await self.driver.delete(layout.instance(sighting.presence.id))
+            await self.storage.delete(layout.instance(sighting.presence.id))
 
 
-async def immediate_collection(driver: StorageDriver) -> LeaseState | None:
+async def immediate_collection(storage: Store) -> LeaseState | None:
     """The marker of an immediate collection in progress, if there is one."""
-    state = await read_lease(driver, GC_LEASE)
+    state = await read_lease(storage, GC_LEASE)
     if state is None or state.purpose != IMMEDIATE or state.expires <= time.time():
         return None
     return state

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from dockyard.registry import inventory, layout
-from dockyard.registry.blobs import delete_if_present
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.storage.driver import PathNotFound
+from dockyard.storage.store import Store
 
 log = logging.getLogger("dockyard.purge")
 
@@ -37,33 +37,33 @@ def parse_started_at(text: str) -> float | None:
         return None
 
 
-async def _started_at(driver: StorageDriver, name: str, upload_id: str) -> float | None:
+async def _started_at(storage: Store, name: str, upload_id: str) -> float | None:
     try:
         started = parse_started_at(
-            (await driver.read(layout.upload_started_at(name, upload_id))).decode(errors="replace")
+            (await storage.read(layout.upload_started_at(name, upload_id))).decode(errors="replace")
         )
     except PathNotFound:
         started = None
     if started is None:  # no usable start time: judge by the directory's last change
         try:
-            started = (await driver.stat(layout.upload_dir(name, upload_id))).modified
+            started = (await storage.stat(layout.upload_dir(name, upload_id))).modified
         except PathNotFound:
             return None
     return started
 
 
-async def purge_uploads(driver: StorageDriver, age: float, dry_run: bool) -> PurgeReport:
+async def purge_uploads(storage: Store, age: float, dry_run: bool) -> PurgeReport:
     report = PurgeReport(dry_run=dry_run)
     cutoff = time.time() - age
-    for name in await inventory.repository_names(driver):
-        for upload_id in await inventory.uploads(driver, name):
-            started = await _started_at(driver, name, upload_id)
+    for name in await inventory.repository_names(storage):
+        for upload_id in await inventory.uploads(storage, name):
+            started = await _started_at(storage, name, upload_id)
             if started is None or started >= cutoff:
                 continue
             report.removed.append(f"{name}/_uploads/{upload_id}")
             if not dry_run:
-                await delete_if_present(driver, layout.upload_dir(name, upload_id))
-    report.removed += await driver.purge_partial(layout.ROOT, cutoff, dry_run)
+                await storage.delete_if_present(layout.upload_dir(name, upload_id))
+    report.removed += await storage.purge_partial(layout.ROOT, cutoff, dry_run)
     if report.removed:
         log.info(
             "purged abandoned uploads",

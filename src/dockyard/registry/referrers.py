@@ -12,7 +12,7 @@ from dockyard.errors import RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import Descriptor, read_stored, sniff_media_type
 from dockyard.registry import layout
-from dockyard.registry.blobs import BlobStore, delete_if_present, read_link, write_link
+from dockyard.registry.blobs import BlobStore, read_link, write_link
 from dockyard.storage.driver import PathNotFound
 
 
@@ -20,14 +20,14 @@ class ReferrersIndex:
     def __init__(self, name: str, store: BlobStore) -> None:
         self.name = name
         self.store = store
-        self.driver = store.driver
+        self.storage = store.storage
 
     async def add(self, subject: Digest, referrer: Digest) -> None:
-        await write_link(self.driver, layout.referrer_link(self.name, subject, referrer), referrer)
+        await write_link(self.storage, layout.referrer_link(self.name, subject, referrer), referrer)
 
     async def remove(self, subject: Digest, referrer: Digest) -> None:
         path = layout.referrer_link(self.name, subject, referrer)
-        await delete_if_present(self.driver, path.rsplit("/", 1)[0])
+        await self.storage.delete_if_present(path.rsplit("/", 1)[0])
 
     async def list(self, subject: Digest, artifact_type: str | None = None) -> list[Descriptor]:
         """Descriptors of the referrers of ``subject``, sorted by digest, optionally only those
@@ -35,12 +35,12 @@ class ReferrersIndex:
         base = layout.referrers_dir(self.name, subject)
         candidates: list[Digest] = []
         try:
-            algorithms = await self.driver.list(base)
+            algorithms = await self.storage.list(base)
         except PathNotFound:
             return []
         for algorithm in algorithms:
             try:
-                hexes = await self.driver.list(f"{base}/{algorithm}")
+                hexes = await self.storage.list(f"{base}/{algorithm}")
             except PathNotFound:
                 continue
             candidates.extend(Digest(algorithm, h) for h in hexes)
@@ -51,7 +51,7 @@ class ReferrersIndex:
         return sorted(out, key=lambda d: str(d.digest))
 
     async def _describe(self, subject: Digest, digest: Digest) -> Descriptor | None:
-        if await read_link(self.driver, layout.revision_link(self.name, digest)) != digest:
+        if await read_link(self.storage, layout.revision_link(self.name, digest)) != digest:
             return None
         try:
             body = await self.store.read(digest)

@@ -16,7 +16,8 @@ from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
 from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks
 from dockyard.registry.uploads import HasherCache, Uploads, UploadTokens
-from dockyard.storage.driver import PathNotFound, StorageDriver, StorageError
+from dockyard.storage.driver import PathNotFound, StorageError
+from dockyard.storage.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +28,10 @@ class Page:
     more: bool
 
 
-async def repository_dirs(driver: StorageDriver, markers: tuple[str, ...]) -> list[str]:
+async def repository_dirs(storage: Store, markers: tuple[str, ...]) -> list[str]:
     """Sorted names of the directories under ``repositories/`` holding any of ``markers``
     (``_manifests``, ``_layers``, ``_uploads``), found in one walk of the tree."""
-    entries = await driver.walk(layout.REPOSITORIES, lambda name: not name.startswith("_"))
+    entries = await storage.walk(layout.REPOSITORIES, lambda name: not name.startswith("_"))
     prefix = layout.REPOSITORIES + "/"
     names = set()
     for entry in entries:
@@ -56,7 +57,7 @@ class Repository:
         self.registry = registry
         store = registry.blobs
         self.blobs = LinkedBlobs(name, store)
-        self.tags = TagStore(name, registry.driver)
+        self.tags = TagStore(name, registry.storage)
         self.referrers = ReferrersIndex(name, store)
         self.manifests = ManifestStore(
             name, store, self.blobs, self.tags, self.referrers, registry.manifest_bodies
@@ -73,16 +74,19 @@ class Repository:
 
     async def exists(self) -> bool:
         try:
-            info = await self.registry.driver.stat(layout.manifests_dir(self.name))
+            info = await self.registry.storage.stat(layout.manifests_dir(self.name))
         except PathNotFound:
             return False
         return info.is_dir
 
 
 class Registry:
+    """The whole store. ``registry.configured.open_store`` builds one from the configuration;
+    :meth:`close` releases what it holds (storage, cache, upload locks)."""
+
     def __init__(
         self,
-        driver: StorageDriver,
+        storage: Store,
         *,
         secret: str,
         delete_enabled: bool,
@@ -91,11 +95,11 @@ class Registry:
         upload_locks: UploadLocks | None = None,
         max_upload_sessions: int = 0,
     ) -> None:
-        self.driver = driver
+        self.storage = storage
         self.delete_enabled = delete_enabled
         self.upload_locks: UploadLocks = upload_locks or NoUploadLocks()
         self.max_upload_sessions = max_upload_sessions
-        self.blobs = BlobStore(driver, touch_interval, cache)
+        self.blobs = BlobStore(storage, touch_interval, cache)
         self.tokens = UploadTokens(secret)
         self.hashers = HasherCache()
         self.manifest_bodies = ManifestBodies()
@@ -107,17 +111,17 @@ class Registry:
         """Every repository name, sorted: directories under ``repositories/`` that hold a
         ``_manifests`` directory (registry:2's rule); ``_``-prefixed directories are never
         names and are not descended into."""
-        return await repository_dirs(self.driver, ("_manifests",))
+        return await repository_dirs(self.storage, ("_manifests",))
 
     async def check_storage(self) -> None:
         """Write, read back and delete a probe file; raises StorageError when storage cannot
         do that (full, read-only, unreachable)."""
         path = layout.health_probe(f"probe-{os.getpid()}")
         payload = os.urandom(16)
-        await self.driver.write(path, payload)
-        if await self.driver.read(path) != payload:
+        await self.storage.write(path, payload)
+        if await self.storage.read(path) != payload:
             raise StorageError("storage returned different bytes than were written")
-        await self.driver.delete(path)
+        await self.storage.delete(path)
 
     async def catalog(
         self, n: int | None, last: str | None, visible: Callable[[str], bool] | None = None
@@ -127,3 +131,9 @@ class Registry:
         if visible is not None:
             names = [name for name in names if visible(name)]
         return paginate(names, n, last)
+
+    async def close(self) -> None:
+        """Release the cache's and the upload locks' connections, then storage's."""
+        await self.blobs.cache.close()
+        await self.upload_locks.close()
+        await self.storage.close()

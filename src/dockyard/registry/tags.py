@@ -9,8 +9,9 @@ import asyncio
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
-from dockyard.registry.blobs import delete_if_present, read_link, write_link
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.registry.blobs import read_link, write_link
+from dockyard.storage.driver import PathNotFound
+from dockyard.storage.store import Store
 
 
 def manifest_unknown(reference: str) -> RegistryError:
@@ -18,29 +19,29 @@ def manifest_unknown(reference: str) -> RegistryError:
 
 
 class TagStore:
-    def __init__(self, name: str, driver: StorageDriver) -> None:
+    def __init__(self, name: str, storage: Store) -> None:
         self.name = name
-        self.driver = driver
+        self.storage = storage
 
     async def resolve(self, tag: str) -> Digest:
-        digest = await read_link(self.driver, layout.tag_current_link(self.name, tag))
+        digest = await read_link(self.storage, layout.tag_current_link(self.name, tag))
         if digest is None:
             raise manifest_unknown(tag)
         return digest
 
     async def tag(self, tag: str, digest: Digest) -> None:
         # The index entry first: a reader that sees the new current link also finds it indexed.
-        await write_link(self.driver, layout.tag_index_link(self.name, tag, digest), digest)
-        await write_link(self.driver, layout.tag_current_link(self.name, tag), digest)
+        await write_link(self.storage, layout.tag_index_link(self.name, tag, digest), digest)
+        await write_link(self.storage, layout.tag_current_link(self.name, tag), digest)
 
     async def untag(self, tag: str) -> None:
-        if not await delete_if_present(self.driver, layout.tag_dir(self.name, tag)):
+        if not await self.storage.delete_if_present(layout.tag_dir(self.name, tag)):
             raise manifest_unknown(tag)
 
     async def all(self) -> list[str]:
         """Every tag, sorted. An empty list for a repository without tags."""
         try:
-            names = await self.driver.list(layout.tags_dir(self.name))
+            names = await self.storage.list(layout.tags_dir(self.name))
         except PathNotFound:
             return []
         return sorted(names)
@@ -48,6 +49,6 @@ class TagStore:
     async def pointing_to(self, digest: Digest) -> list[str]:
         tags = await self.all()
         targets = await asyncio.gather(
-            *(read_link(self.driver, layout.tag_current_link(self.name, t)) for t in tags)
+            *(read_link(self.storage, layout.tag_current_link(self.name, t)) for t in tags)
         )
         return [t for t, target in zip(tags, targets, strict=True) if target == digest]

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.registry import layout
-from dockyard.storage.driver import PathNotFound, StorageDriver
+from dockyard.storage.driver import Locks, PathNotFound
+from dockyard.storage.store import Store
 
 if TYPE_CHECKING:
     from dockyard.config import Config
@@ -77,12 +78,12 @@ class NoUploadLocks:
 
 
 class FileUploadLocks:
-    def __init__(self, driver: StorageDriver) -> None:
-        self.driver = driver
+    def __init__(self, storage: Store) -> None:
+        self.storage = storage
 
     @contextlib.asynccontextmanager
     async def hold(self, name: str, upload_id: str) -> AsyncIterator[None]:
-        lock = self.driver.lock(layout.upload_started_at(name, upload_id))
+        lock = self.storage.lock(layout.upload_started_at(name, upload_id))
         if lock is None:
             yield
             return
@@ -138,10 +139,10 @@ class RedisUploadLocks:
                 await self.client.eval(_RENEW, 1, key, token, REDIS_LOCK_MS)
 
 
-def build_upload_locks(config: Config, driver: StorageDriver) -> UploadLocks:
+def build_upload_locks(config: Config, storage: Store) -> UploadLocks:
     """flock where the storage has files; Redis where it is configured; else none."""
-    if driver.lock("/") is not None:
-        return FileUploadLocks(driver)
+    if storage.has(Locks):
+        return FileUploadLocks(storage)
     if config.redis.addr:
         from dockyard.registry.cache import redis_client
 

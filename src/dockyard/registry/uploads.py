@@ -46,10 +46,11 @@ from typing import Any
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import CANONICAL_ALGORITHM, Digest, new_hasher
 from dockyard.registry import layout
-from dockyard.registry.blobs import BlobInfo, BlobStore, LinkedBlobs, delete_if_present
+from dockyard.registry.blobs import BlobInfo, BlobStore, LinkedBlobs
 from dockyard.registry.pump import pump
 from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks, upload_busy
-from dockyard.storage.driver import FileWriter, PathNotFound, StorageDriver, StorageError
+from dockyard.storage.driver import FileWriter, PathNotFound, StorageError
+from dockyard.storage.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +250,7 @@ class Uploads:
         self.name = name
         self.store = store
         self.blobs = blobs
-        self.driver: StorageDriver = store.driver
+        self.storage: Store = store.storage
         self.tokens = tokens
         self.hashers = hashers
         self.locks: UploadLocks = locks or NoUploadLocks()
@@ -266,14 +267,14 @@ class Uploads:
             started_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             algorithm=algorithm,
         )
-        await self.driver.write(
+        await self.storage.write(
             layout.upload_started_at(self.name, session.id), session.started_at.encode()
         )
         return session
 
     async def _check_session_limit(self) -> None:
         try:
-            open_sessions = len(await self.driver.list(layout.uploads_dir(self.name)))
+            open_sessions = len(await self.storage.list(layout.uploads_dir(self.name)))
         except PathNotFound:
             return
         if open_sessions >= self.max_sessions:
@@ -299,7 +300,7 @@ class Uploads:
 
     async def _check_exists(self, session: UploadSession) -> None:
         try:
-            await self.driver.stat(layout.upload_started_at(self.name, session.id))
+            await self.storage.stat(layout.upload_started_at(self.name, session.id))
         except PathNotFound:
             raise upload_unknown(session.id) from None
 
@@ -315,7 +316,7 @@ class Uploads:
 
     async def cancel(self, session: UploadSession) -> None:
         self.hashers.drop(session.id)
-        if not await delete_if_present(self.driver, layout.upload_dir(self.name, session.id)):
+        if not await self.storage.delete_if_present(layout.upload_dir(self.name, session.id)):
             raise upload_unknown(session.id)
 
     # -- the chain -------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ class Uploads:
         """The session's chain: every part when ``whole``, else only the last one (enough for
         its end). BLOB_UPLOAD_UNKNOWN if the session does not exist."""
         try:
-            names = await self.driver.list(layout.upload_parts_dir(self.name, session.id))
+            names = await self.storage.list(layout.upload_parts_dir(self.name, session.id))
         except PathNotFound:
             await self._check_exists(session)
             return Chain()
@@ -348,7 +349,7 @@ class Uploads:
 
     async def _read_claim(self, session: UploadSession, offset: int) -> Part | None:
         try:
-            data = await self.driver.read(layout.upload_part(self.name, session.id, offset))
+            data = await self.storage.read(layout.upload_part(self.name, session.id, offset))
         except PathNotFound:
             raise upload_unknown(session.id) from None
         return _parse_claim(offset, data)
@@ -385,7 +386,7 @@ class Uploads:
             hasher = new_hasher(session.algorithm)
         token = secrets.token_hex(16)
         path = layout.upload_chunk(self.name, session.id, token)
-        writer = await self.driver.writer(path)
+        writer = await self.storage.writer(path)
         try:
             received = await pump(body, writer, hasher)
             if expected is not None and received != expected:
@@ -418,14 +419,14 @@ class Uploads:
     async def _claim(self, session: UploadSession, offset: int, token: str, size: int) -> None:
         """Claim ``offset`` for the written chunk ``token``, or discard it and say why."""
         claim = layout.upload_part(self.name, session.id, offset)
-        if await self.driver.write_new(claim, _claim(token, size)):
+        if await self.storage.write_new(claim, _claim(token, size)):
             try:
                 await self._check_exists(session)  # a cancel may have raced the claim
             except RegistryError:
-                await delete_if_present(self.driver, layout.upload_dir(self.name, session.id))
+                await self.storage.delete_if_present(layout.upload_dir(self.name, session.id))
                 raise
             return
-        await delete_if_present(self.driver, layout.upload_chunk(self.name, session.id, token))
+        await self.storage.delete_if_present(layout.upload_chunk(self.name, session.id, token))
         self.hashers.drop(session.id)
         try:
             winner = await self._read_claim(session, offset)
@@ -462,8 +463,8 @@ class Uploads:
             info = await self.store.keep(digest)  # in use from now on, whatever its age
         finally:
             if built is not None:
-                await delete_if_present(self.driver, built)
-        await delete_if_present(self.driver, layout.upload_dir(self.name, session.id))
+                await self.storage.delete_if_present(built)
+        await self.storage.delete_if_present(layout.upload_dir(self.name, session.id))
         await self.blobs.link(digest)
         return BlobInfo(digest=digest, size=info.size, modified=time.time())
 
@@ -475,7 +476,7 @@ class Uploads:
             if chain.sealed:
                 return chain
             seal = layout.upload_part(self.name, session.id, chain.end)
-            if await self.driver.write_new(seal, _SEAL):
+            if await self.storage.write_new(seal, _SEAL):
                 return Chain(chain.parts, end=chain.end, sealed=True)
             # A request claimed the end first: look again.
         raise upload_busy(session.id)
@@ -490,7 +491,7 @@ class Uploads:
         path = None
         if len(chain.parts) != 1:
             path = layout.upload_chunk(self.name, session.id, secrets.token_hex(16))
-            joined = await self.driver.writer(path)
+            joined = await self.storage.writer(path)
         running = hasher or new_hasher(algorithm)
         loop = asyncio.get_running_loop()
         try:
@@ -498,7 +499,7 @@ class Uploads:
                 if joined is None and hasher is not None:
                     break
                 chunk_path = layout.upload_chunk(self.name, session.id, part.chunk)
-                async for data in self.driver.reader(chunk_path):
+                async for data in self.storage.reader(chunk_path):
                     if hasher is None:
                         await loop.run_in_executor(None, running.update, data)
                     if joined is not None:

@@ -16,7 +16,7 @@ from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import referenced_digests
 from dockyard.registry import inventory
 from dockyard.registry.blobs import BlobStore
-from dockyard.storage.driver import StorageDriver
+from dockyard.storage.store import Store
 
 
 @dataclass
@@ -57,14 +57,14 @@ class StoreUsage:
         }
 
 
-async def measure(driver: StorageDriver) -> StoreUsage:
-    store = BlobStore(driver)
-    sizes = {b.digest: b.size async for b in inventory.blobs(driver)}
+async def measure(storage: Store) -> StoreUsage:
+    store = BlobStore(storage)
+    sizes = {b.digest: b.size async for b in inventory.blobs(storage)}
     users: dict[Digest, set[str]] = {}
     usage = StoreUsage()
     per_repo: dict[str, RepositoryUsage] = {}
-    for name in await inventory.repository_names(driver):
-        repo = await inventory.read_repository(driver, name)
+    for name in await inventory.repository_names(storage):
+        repo = await inventory.read_repository(storage, name)
         used = set(repo.layers)
         for digest in repo.revisions:
             used.add(digest)

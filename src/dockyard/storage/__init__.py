@@ -1,4 +1,6 @@
-"""Storage drivers: one small interface (``driver.StorageDriver``), one module per backend."""
+"""Storage: the driver interface (``driver``: primitives and optional capabilities), one module
+per backend, and ``store.Store``, which builds everything the registry model uses on top of a
+driver. ``registry.configured.open_store`` assembles them from the configuration."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from dockyard.storage.driver import StorageDriver
 
 
 def build_driver(config: Config) -> StorageDriver:
-    """The driver the configuration names (``validate`` guarantees one Dockyard supports)."""
+    """The driver the configuration names (``validate`` guarantees one Dockyard supports).
+    Nothing is connected or started until it is first used."""
     storage = config.storage
     if storage.s3 is not None:
         from dockyard.storage.s3 import S3Driver  # botocore loads only when used

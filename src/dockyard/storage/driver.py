@@ -1,15 +1,29 @@
 """The storage driver interface: bytes at paths, nothing about registries.
 
-Paths are absolute, '/'-separated, and built only by ``registry.layout``. A driver maps its
-backend's failures onto the exceptions below at one boundary, so the registry model never sees an
-``OSError`` or a botocore error.
+A driver provides the primitives of :class:`StorageDriver` and nothing else is required of it.
+What only some backends can do is an optional *capability*, each its own small Protocol below
+(exclusive create, no-overwrite move, touch, locks, redirects, sendfile, clean-up of partial
+uploads); a *fast path* is an optional, faster way to do something the store can also build from
+the primitives. Everything the registry model uses is built on top in one place,
+:class:`dockyard.storage.store.Store`, which also validates every path: drivers trust theirs.
+
+A driver declares a capability or a fast path by having its method: each Protocol is
+``runtime_checkable`` and the store looks once, when it wraps the driver (so hot paths test
+nothing). Having the method *is* the declaration, so it cannot drift from the code the way a
+separate list of capability names could, and a type checker holds the method to the Protocol's
+signature. A driver that lacks something simply does not define the method (not one that says
+"unsupported" when called).
+
+A driver maps its backend's failures onto the exceptions below at one boundary, so the registry
+model never sees an ``OSError`` or a botocore error. Paths are absolute, '/'-separated, and built
+only by ``registry.layout``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Literal, Protocol, runtime_checkable
 
 
 class StorageError(Exception):
@@ -28,9 +42,26 @@ class InvalidPath(StorageError):
         super().__init__(f"invalid storage path: {path!r}")
 
 
+class Unsupported(StorageError):
+    """The driver lacks a capability the operation needs (and nothing safe replaces it)."""
+
+    def __init__(self, driver: str, capability: str) -> None:
+        self.driver = driver
+        self.capability = capability
+        super().__init__(f"the {driver} storage driver has no {capability}")
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A name found in a directory by :meth:`StorageDriver.list`."""
+
+    name: str
+    is_dir: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A name found by :meth:`StorageDriver.walk`."""
+    """A path found by a walk of a tree (``Store.walk``)."""
 
     path: str
     is_dir: bool
@@ -43,6 +74,15 @@ class FileInfo:
     #: modification time, seconds since the epoch
     modified: float
     is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A file open for reading on the local filesystem (for zero-copy ``sendfile``), and its
+    size when it was opened. Whoever receives it closes ``file``."""
+
+    file: BinaryIO
+    size: int
 
 
 class FileWriter(Protocol):
@@ -77,48 +117,63 @@ class Lock(Protocol):
     def release(self) -> None: ...
 
 
+# -- the primitives ---------------------------------------------------------------------------
+
+
 class StorageDriver(Protocol):
-    """What the registry model needs from a backend. Every method raises :class:`PathNotFound`
-    for a missing path (where it says so) and :class:`StorageError` for anything else."""
+    """What every backend provides. Every method raises :class:`PathNotFound` for a missing
+    path (where it says so) and :class:`StorageError` for anything else."""
 
     name: str
-    #: True when ``move`` is one atomic step (a rename): a touch either precedes it or fails.
-    #: False on object storage (copy, then delete), where registry.blobs.stamp confirms touches.
-    atomic_move: bool
 
-    async def read(self, path: str) -> bytes:
-        """The whole content of a small file (links, manifests). PathNotFound if missing."""
+    def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream ``length`` bytes (to the end when None) from ``offset``; nothing from an
+        offset at or past the end. PathNotFound if missing (raised on the first iteration)."""
         ...
 
-    async def write(self, path: str, data: bytes) -> None:
-        """Replace the file's content atomically: readers see the old or the new bytes, never a
-        mix or a prefix. Parent directories are created."""
+    async def writer(self, path: str) -> FileWriter:
+        """A writer for a new version of the file at ``path`` (see FileWriter): parents are
+        created, the content appears whole on ``close``. Memory held is bounded by the driver
+        (a part size on object storage), not by the file's size."""
         ...
 
     async def stat(self, path: str) -> FileInfo:
         """Size and time of a file, or ``is_dir`` for a directory. PathNotFound if missing."""
         ...
 
-    async def list(self, path: str) -> list[str]:
-        """Names (not paths) of a directory's direct children, unsorted. PathNotFound if the
-        directory does not exist."""
+    async def list(self, path: str) -> list[Child]:
+        """A directory's direct children, unsorted. PathNotFound if the directory does not
+        exist."""
         ...
 
-    async def write_new(self, path: str, data: bytes) -> bool:
-        """Create the file with ``data`` only if it does not exist yet (atomically: of two
-        writers exactly one wins). True if this call created it."""
-        ...
-
-    async def touch(self, path: str) -> None:
-        """Set the file's modification time to now. PathNotFound if missing. (Garbage
-        collection reads it as "last used".)"""
+    async def delete(self, path: str) -> None:
+        """Delete a file or a whole directory tree. PathNotFound if missing."""
         ...
 
     async def move(self, source: str, dest: str) -> None:
-        """Move a file, replacing ``dest``; atomic where the backend allows (a rename on a
-        filesystem). PathNotFound if ``source`` is missing."""
+        """Move a file, replacing ``dest`` and creating its parents, keeping the file's
+        modification time (as a rename does: garbage collection reads it again after moving a
+        file aside). PathNotFound if ``source`` is missing."""
         ...
 
+    async def close(self) -> None:
+        """Release connections and threads; the driver is not used afterwards."""
+        ...
+
+
+# -- capabilities -----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ExclusiveCreate(Protocol):
+    async def write_new(self, path: str, data: bytes) -> bool:
+        """Create the file with ``data`` only if it does not exist yet (atomically: of two
+        writers exactly one wins; the file appears whole). True if this call created it."""
+        ...
+
+
+@runtime_checkable
+class NoOverwriteMove(Protocol):
     async def move_new(self, source: str, dest: str) -> bool:
         """Move a file only if ``dest`` does not exist: True if moved; False (``source`` left as
         it is) if ``dest`` exists. Never replaces an existing file: of two movers to the same
@@ -128,53 +183,107 @@ class StorageDriver(Protocol):
         PathNotFound if ``source`` is missing."""
         ...
 
-    async def delete(self, path: str) -> None:
-        """Delete a file or a whole directory tree. PathNotFound if missing."""
+
+@runtime_checkable
+class Touch(Protocol):
+    async def touch(self, path: str) -> None:
+        """Set the file's modification time to now. PathNotFound if missing. (Garbage
+        collection reads it as "last used".)"""
         ...
 
-    async def remove_empty_dir(self, path: str) -> None:
-        """Remove a directory if it is empty; do nothing otherwise (or on backends without
-        directories). Writers racing with it still succeed: they recreate parents."""
+
+@runtime_checkable
+class AtomicMove(Protocol):
+    """A marker: ``move`` is one atomic step (a rename), so a touch either lands before it or
+    fails. Drivers whose move is a copy and a delete (object storage) leave it undefined, and
+    ``registry.blobs.stamp`` confirms each touch a moment later."""
+
+    atomic_move: Literal[True]
+
+
+@runtime_checkable
+class Locks(Protocol):
+    def lock(self, path: str) -> Lock:
+        """An advisory lock on the existing file ``path`` (taken by ``acquire``)."""
         ...
 
-    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
-        """Every file and directory below ``path``, at any depth; a directory is entered only
-        if ``descend(name)`` says so (it is listed either way). Empty when ``path`` is missing.
-        ``descend`` must be pure: a driver may call it on another thread."""
+
+@runtime_checkable
+class Redirects(Protocol):
+    async def redirect_url(self, path: str, method: str) -> str | None:
+        """A time-limited URL a client can fetch the file from directly (``method`` GET or
+        HEAD; a presigned URL on object storage), or None when the operator disabled
+        redirects."""
         ...
 
-    def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        """Stream ``length`` bytes (to the end when None) from ``offset``. PathNotFound if
-        missing (raised on the first iteration)."""
+
+@runtime_checkable
+class Sendfile(Protocol):
+    async def open_local(self, path: str) -> LocalFile:
+        """Open the file for zero-copy reads. PathNotFound if missing."""
         ...
 
-    async def writer(self, path: str) -> FileWriter:
-        """A writer for a new version of the file at ``path`` (see FileWriter): parents are
-        created, the content appears whole on ``close``. Memory held is bounded by the driver
-        (a part size on object storage), not by the file's size."""
-        ...
 
-    def lock(self, path: str) -> Lock | None:
-        """An advisory lock on the existing file ``path``, or None where the backend has none
-        (object storage)."""
-        ...
-
-    async def redirect_url(self, path: str, method: str = "GET") -> str | None:
-        """A time-limited URL a client can fetch the file from directly (a presigned URL on
-        object storage), or None when the driver has none or redirects are disabled."""
-        ...
-
+@runtime_checkable
+class PartialUploads(Protocol):
     async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
         """Remove what unfinished writes below ``path`` that started before ``before`` (epoch
-        seconds) left behind, and return a description of each: abandoned multipart uploads on
-        object storage; nothing on a filesystem."""
+        seconds) left aside in the backend (abandoned multipart uploads on object storage), and
+        return a description of each."""
         ...
 
-    async def close(self) -> None:
-        """Release connections and threads; the driver is not used afterwards."""
+
+@runtime_checkable
+class EmptyDirs(Protocol):
+    """The backend keeps a directory after its last file is gone (a filesystem; on object
+    storage a prefix vanishes with its last key)."""
+
+    async def remove_empty_dir(self, path: str) -> None:
+        """Remove a directory if it is empty; do nothing otherwise. Writers racing with it
+        still succeed: they recreate parents."""
         ...
 
-    def local_path(self, path: str) -> str | None:
-        """A path on the local filesystem holding this file, for zero-copy ``sendfile``; None for
-        backends that have none."""
+
+# -- fast paths (the store has a generic way to do each) -----------------------------------
+
+
+@runtime_checkable
+class FastRead(Protocol):
+    async def read_file(self, path: str) -> bytes:
+        """The whole content of a small file. PathNotFound if missing."""
         ...
+
+
+@runtime_checkable
+class FastWrite(Protocol):
+    async def write_file(self, path: str, data: bytes) -> None:
+        """Replace the file's content atomically, as a writer would (parents created)."""
+        ...
+
+
+@runtime_checkable
+class FastWalk(Protocol):
+    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
+        """What ``Store.walk`` returns (see there); ``descend`` may be called on another
+        thread."""
+        ...
+
+
+#: every optional capability, as named in messages and in ``Store.capabilities``
+CAPABILITIES: dict[type, str] = {
+    ExclusiveCreate: "exclusive create",
+    NoOverwriteMove: "no-overwrite move",
+    Touch: "touch",
+    AtomicMove: "atomic move",
+    Locks: "locks",
+    Redirects: "redirect URLs",
+    Sendfile: "sendfile",
+    PartialUploads: "partial-upload clean-up",
+    EmptyDirs: "empty directories",
+}
+#: every fast path
+FAST_PATHS: dict[type, str] = {
+    FastRead: "inline reads",
+    FastWrite: "one-step writes",
+    FastWalk: "walk",
+}

@@ -4,8 +4,9 @@ Keys are the filesystem layout's paths under ``rootdirectory``, exactly as regis
 them, so one bucket can be served by either.
 
 Objects have no directories: a directory is a key prefix, which exists while some key lies
-below it. A file written by ``writer`` is uploaded in ``chunksize`` parts as it arrives (a multipart
-upload, completed by ``close``; a file smaller than one part is a single PUT), so memory per
+below it. A file written by ``writer`` is uploaded in ``chunksize`` parts as it arrives
+(s3_parts.py: a multipart upload, completed by ``close``; a file smaller than one part is a
+single PUT, so the store's whole-file writes are one PUT each), so memory per
 writer is bounded by ``chunksize`` whatever the file's size, and nothing is visible at the key
 until it is complete.
 
@@ -17,8 +18,9 @@ source's time in the destination's metadata (``dockyard-modified``, which ``stat
 rename keeps a file's mtime: garbage collection moves a candidate aside and reads its time again
 (``registry.gc``, rule 3). A source touched while it was being copied is copied again. A touch
 landing in the instant between the move's last look at the source and its delete would be lost
-(a rename has no such instant), so ``atomic_move`` is False and ``registry.blobs.stamp`` confirms
-each touch a moment later (docs/gc.md, "On S3").
+(a rename has no such instant), so the driver does not declare an atomic move
+(``storage.driver.AtomicMove``) and ``registry.blobs.stamp`` confirms each touch a moment later
+(docs/gc.md, "On S3").
 """
 
 from __future__ import annotations
@@ -26,20 +28,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from dockyard.config import S3Config
-from dockyard.storage.driver import Entry, FileInfo, InvalidPath, PathNotFound, StorageError
+from dockyard.storage.driver import Child, FileInfo, PathNotFound, StorageError
+from dockyard.storage.s3_parts import MIN_PART as MIN_PART  # re-exported: S3's smallest part
+from dockyard.storage.s3_parts import MultipartUpload, S3Writer, copy_object
 
-#: S3's smallest part (all but the last part of a multipart upload)
-MIN_PART = 5 * 1024 * 1024
-#: S3's largest single CopyObject
-MAX_SINGLE_COPY = 5 * 1024 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
-#: concurrent listings while walking a tree
-WALK_CONCURRENCY = 16
 
 #: the modification time a moved object had before the move (epoch seconds)
 _META_MODIFIED = "dockyard-modified"
@@ -80,8 +77,13 @@ def _error_code(exc: Exception) -> str:
 
 
 class S3Driver:
+    """Primitives; capabilities: exclusive create and no-overwrite move (conditional writes),
+    touch (a copy onto itself), redirects (presigned URLs), clean-up of abandoned multipart
+    uploads. A move is a copy and a delete, so it is not atomic (no ``atomic_move``); the store
+    reads small files and walks trees with the primitives (one GET; one delimited listing per
+    directory), and writes a small file as one PUT through the writer."""
+
     name = "s3"
-    atomic_move = False  # a move is a copy and a delete (see registry.blobs.stamp)
 
     def __init__(self, settings: S3Config, redirect_expiry: float = 1200.0) -> None:
         """``settings`` is registry:2's ``storage.s3`` section (validated by the config);
@@ -96,7 +98,7 @@ class S3Driver:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the client, created on the event loop that uses it ---------------------------------
-    async def _s3(self) -> Any:
+    async def client(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is not None and self._loop is loop:
             return self._client
@@ -147,8 +149,7 @@ class S3Driver:
 
     # -- keys and the one place backend errors become driver errors ---------------------------
     def _key(self, path: str) -> str:
-        if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/" or "\0" in path:
-            raise InvalidPath(path)
+        # validated by the store (storage.store.check_path)
         return (self._prefix + path).lstrip("/") if path != "/" else self._prefix
 
     def _dir_prefix(self, path: str) -> str:
@@ -156,10 +157,10 @@ class S3Driver:
         return key + "/" if key else ""
 
     @contextlib.contextmanager
-    def _errors(self, path: str) -> Iterator[None]:
+    def errors(self, path: str) -> Iterator[None]:
         try:
             yield
-        except (PathNotFound, StorageError, InvalidPath):
+        except StorageError:
             raise
         except Exception as exc:
             if _is_missing(exc):
@@ -168,7 +169,7 @@ class S3Driver:
                 raise
             raise StorageError(f"{path}: {type(exc).__name__}: {exc}") from exc
 
-    def _put_args(self) -> dict[str, Any]:
+    def put_args(self) -> dict[str, Any]:
         s = self.settings
         args: dict[str, Any] = {"ACL": s.objectacl} if s.objectacl != "private" else {}
         if s.storageclass and s.storageclass.upper() not in ("STANDARD", "NONE"):
@@ -179,54 +180,11 @@ class S3Driver:
                 args["SSEKMSKeyId"] = s.keyid
         return args
 
-    # -- small files --------------------------------------------------------------------------
-    async def read(self, path: str) -> bytes:
-        key = self._key(path)
-        s3 = await self._s3()
-        with self._errors(path):
-            response = await s3.get_object(Bucket=self.bucket, Key=key)
-            async with response["Body"] as body:
-                return bytes(await body.read())
-
-    async def write(self, path: str, data: bytes) -> None:
-        key = self._key(path)
-        s3 = await self._s3()
-        with self._errors(path):
-            await s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **self._put_args())
-
-    async def write_new(self, path: str, data: bytes) -> bool:
-        key = self._key(path)
-        s3 = await self._s3()
-        with self._errors(path):
-            try:
-                await s3.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=bytes(data),
-                    IfNoneMatch="*",  # exactly one of several writers creates it
-                    **self._put_args(),
-                )
-            except Exception as exc:
-                if _error_code(exc) in _PRECONDITION_FAILED:
-                    return False
-                raise
-            return True
-
-    async def touch(self, path: str) -> None:
-        key = self._key(path)
-        s3 = await self._s3()
-        with self._errors(path):
-            head = await s3.head_object(Bucket=self.bucket, Key=key)
-            metadata = dict(head.get("Metadata", {}))
-            metadata.pop(_META_MODIFIED, None)  # from now on the copy's LastModified counts
-            # A copy onto itself must change something: S3 refuses a no-op copy.
-            metadata["dockyard-touched"] = f"{time.time():.3f}"
-            await self._copy(key, key, int(head["ContentLength"]), metadata)
-
+    # -- primitives ------------------------------------------------------------------------------
     async def stat(self, path: str) -> FileInfo:
         key = self._key(path)
-        s3 = await self._s3()
-        with self._errors(path):
+        s3 = await self.client()
+        with self.errors(path):
             try:
                 head = await s3.head_object(Bucket=self.bucket, Key=key)
             except Exception as exc:
@@ -241,19 +199,22 @@ class S3Driver:
                 return FileInfo(path, 0, 0.0, is_dir=True)
         raise PathNotFound(path)
 
-    async def list(self, path: str) -> list[str]:
+    async def list(self, path: str) -> list[Child]:
+        """One delimited listing: sub-prefixes are directories, keys are files."""
         prefix = self._dir_prefix(path)
-        names: list[str] = []
-        with self._errors(path):
+        children: list[Child] = []
+        with self.errors(path):
             async for page in self._pages(prefix, delimiter="/"):
-                names.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page["dirs"])
-                names.extend(o["Key"][len(prefix) :] for o in page["files"])
-        if not names:
+                children.extend(
+                    Child(p["Prefix"][len(prefix) :].rstrip("/"), True) for p in page["dirs"]
+                )
+                children.extend(Child(o["Key"][len(prefix) :], False) for o in page["files"])
+        if not children:
             raise PathNotFound(path)
-        return names
+        return children
 
     async def _pages(self, prefix: str, delimiter: str = "") -> AsyncIterator[dict[str, Any]]:
-        s3 = await self._s3()
+        s3 = await self.client()
         paginator = s3.get_paginator("list_objects_v2")
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
@@ -261,46 +222,15 @@ class S3Driver:
         async for page in paginator.paginate(**args):
             yield {"dirs": page.get("CommonPrefixes", []), "files": page.get("Contents", [])}
 
-    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
-        """Level by level, one delimited listing per directory (several at once), so subtrees
-        ``descend`` refuses (every repository's links) are never listed."""
-        root_prefix = self._key("/").rstrip("/")
-        root_prefix = root_prefix + "/" if root_prefix else ""
-        found: list[Entry] = []
-        limit = asyncio.Semaphore(WALK_CONCURRENCY)
-
-        async def children(directory: str) -> list[Entry]:
-            prefix = self._dir_prefix(directory)
-            entries: list[Entry] = []
-            async with limit:
-                with self._errors(directory):
-                    async for page in self._pages(prefix, delimiter="/"):
-                        for p in page["dirs"]:
-                            entries.append(Entry("/" + p["Prefix"][len(root_prefix) : -1], True))
-                        for o in page["files"]:
-                            entries.append(Entry("/" + o["Key"][len(root_prefix) :], False))
-            return entries
-
-        level = [path]
-        while level:
-            batches = await asyncio.gather(*(children(d) for d in level))
-            level = []
-            for entries in batches:
-                found.extend(entries)
-                level.extend(
-                    e.path for e in entries if e.is_dir and descend(e.path.rsplit("/", 1)[-1])
-                )
-        return found
-
     async def move(self, source: str, dest: str) -> None:
         src, dst = self._key(source), self._key(dest)
-        s3 = await self._s3()
-        with self._errors(source):
+        s3 = await self.client()
+        with self.errors(source):
             for _ in range(MOVE_ATTEMPTS):
                 head = await s3.head_object(Bucket=self.bucket, Key=src)
                 metadata = dict(head.get("Metadata", {}))
                 metadata[_META_MODIFIED] = f"{_modified(head):.3f}"
-                await self._copy(src, dst, int(head["ContentLength"]), metadata)
+                await copy_object(self, src, dst, int(head["ContentLength"]), metadata)
                 # Touched meanwhile (a touch changes the metadata)? Then the copy carries a
                 # stale time: copy again with the new one.
                 again = await s3.head_object(Bucket=self.bucket, Key=src)
@@ -310,9 +240,9 @@ class S3Driver:
 
     async def delete(self, path: str) -> None:
         key = self._key(path)
-        s3 = await self._s3()
+        s3 = await self.client()
         found = False
-        with self._errors(path):
+        with self.errors(path):
             try:
                 await s3.head_object(Bucket=self.bucket, Key=key)
             except Exception as exc:
@@ -342,7 +272,7 @@ class S3Driver:
             raise PathNotFound(path)
 
     async def _delete_batch(self, batch: list[dict[str, str]]) -> None:
-        s3 = await self._s3()
+        s3 = await self.client()
         response = await s3.delete_objects(
             Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
         )
@@ -350,60 +280,18 @@ class S3Driver:
         if errors:
             raise StorageError(f"deleting {errors[0].get('Key')}: {errors[0].get('Message')}")
 
-    async def remove_empty_dir(self, path: str) -> None:
-        return None  # prefixes vanish with their last key
-
-    # -- multipart uploads (upload purging) ----------------------------------------------------
-    async def multipart_uploads(self, path: str) -> list[MultipartUpload]:
-        """Multipart uploads in progress below ``path``, with their start times."""
-        prefix = self._dir_prefix(path)
-        root = self._key("/").rstrip("/")
-        s3 = await self._s3()
-        found: list[MultipartUpload] = []
-        with self._errors(path):
-            paginator = s3.get_paginator("list_multipart_uploads")
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for upload in page.get("Uploads", []):
-                    key = upload["Key"]
-                    found.append(
-                        MultipartUpload(
-                            path="/" + key[len(root) :].lstrip("/"),
-                            key=key,
-                            upload_id=upload["UploadId"],
-                            started=upload["Initiated"].timestamp(),
-                        )
-                    )
-        return found
-
-    async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
-        """Abort multipart uploads started before ``before``: parts of uploads whose session
-        was abandoned, of writers that failed, or of copies that were interrupted."""
-        s3 = await self._s3()
-        removed = []
-        for upload in await self.multipart_uploads(path):
-            if upload.started >= before:
-                continue
-            removed.append(f"{upload.path} (multipart upload {upload.upload_id})")
-            if not dry_run:
-                with self._errors(upload.path), contextlib.suppress(PathNotFound):
-                    await s3.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
-                    )
-        return removed
-
-    # -- streams ----------------------------------------------------------------------------
     async def reader(
         self, path: str, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
         key = self._key(path)
         if length == 0:
             return
-        s3 = await self._s3()
+        s3 = await self.client()
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             args["Range"] = f"bytes={offset}-{end}"
-        with self._errors(path):
+        with self.errors(path):
             try:
                 response = await s3.get_object(**args)
             except Exception as exc:
@@ -417,6 +305,25 @@ class S3Driver:
     async def writer(self, path: str) -> S3Writer:
         return S3Writer(self, path, self._key(path))
 
+    # -- capabilities ----------------------------------------------------------------------------
+    async def write_new(self, path: str, data: bytes) -> bool:
+        key = self._key(path)
+        s3 = await self.client()
+        with self.errors(path):
+            try:
+                await s3.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(data),
+                    IfNoneMatch="*",  # exactly one of several writers creates it
+                    **self.put_args(),
+                )
+            except Exception as exc:
+                if _error_code(exc) in _PRECONDITION_FAILED:
+                    return False
+                raise
+            return True
+
     async def move_new(self, source: str, dest: str) -> bool:
         """A conditional copy (``If-None-Match: *``) and a delete. Where the S3 server ignores the
         condition on copies (Ceph RGW before Squid), the existence check just before the copy
@@ -424,8 +331,8 @@ class S3Driver:
         Dockyard only moves verified content to a content-addressed name, so the two copies
         hold the same bytes and the one that lands second changes nothing a reader can see."""
         src, dst = self._key(source), self._key(dest)
-        s3 = await self._s3()
-        with self._errors(source):
+        s3 = await self.client()
+        with self.errors(source):
             try:
                 await s3.head_object(Bucket=self.bucket, Key=dst)
                 return False
@@ -436,7 +343,9 @@ class S3Driver:
             metadata = dict(head.get("Metadata", {}))
             metadata[_META_MODIFIED] = f"{_modified(head):.3f}"
             try:
-                await self._copy(src, dst, int(head["ContentLength"]), metadata, exclusive=True)
+                await copy_object(
+                    self, src, dst, int(head["ContentLength"]), metadata, exclusive=True
+                )
             except Exception as exc:
                 if _error_code(exc) in _PRECONDITION_FAILED:
                     return False
@@ -444,8 +353,16 @@ class S3Driver:
             await s3.delete_object(Bucket=self.bucket, Key=src)
         return True
 
-    def lock(self, path: str) -> None:
-        return None  # object storage has no locks (uploads are serialised through Redis)
+    async def touch(self, path: str) -> None:
+        key = self._key(path)
+        s3 = await self.client()
+        with self.errors(path):
+            head = await s3.head_object(Bucket=self.bucket, Key=key)
+            metadata = dict(head.get("Metadata", {}))
+            metadata.pop(_META_MODIFIED, None)  # from now on the copy's LastModified counts
+            # A copy onto itself must change something: S3 refuses a no-op copy.
+            metadata["dockyard-touched"] = f"{time.time():.3f}"
+            await copy_object(self, key, key, int(head["ContentLength"]), metadata)
 
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:
         if self.redirect_expiry <= 0:
@@ -453,9 +370,9 @@ class S3Driver:
         return await self.presign(path, method, self.redirect_expiry)
 
     async def presign(self, path: str, method: str, expires: float) -> str:
-        s3 = await self._s3()
+        s3 = await self.client()
         operation = "head_object" if method == "HEAD" else "get_object"
-        with self._errors(path):
+        with self.errors(path):
             url: str = await s3.generate_presigned_url(
                 operation,
                 Params={"Bucket": self.bucket, "Key": self._key(path)},
@@ -463,152 +380,39 @@ class S3Driver:
             )
         return url
 
-    def local_path(self, path: str) -> str | None:
-        return None
+    async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
+        """Abort multipart uploads started before ``before``: parts of uploads whose session
+        was abandoned, of writers that failed, or of copies that were interrupted."""
+        s3 = await self.client()
+        removed = []
+        for upload in await self.multipart_uploads(path):
+            if upload.started >= before:
+                continue
+            removed.append(f"{upload.path} (multipart upload {upload.upload_id})")
+            if not dry_run:
+                with self.errors(upload.path), contextlib.suppress(PathNotFound):
+                    await s3.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+                    )
+        return removed
 
-    # -- helpers ------------------------------------------------------------------------------
-    async def _copy(
-        self,
-        source: str,
-        dest: str,
-        size: int,
-        metadata: dict[str, str] | None,
-        *,
-        exclusive: bool = False,
-    ) -> None:
-        """Server-side copy; part-copies in parallel above the threshold (and always above
-        S3's 5 GiB single-copy limit). ``exclusive``: only if ``dest`` does not exist."""
-        s3 = await self._s3()
-        s = self.settings
-        extra = self._put_args()
-        if metadata is not None:
-            extra.update(Metadata=metadata, MetadataDirective="REPLACE")
-        condition = {"IfNoneMatch": "*"} if exclusive else {}
-        copy_source = {"Bucket": self.bucket, "Key": source}
-        if size <= min(s.multipartcopythresholdsize, MAX_SINGLE_COPY) or size == 0:
-            await s3.copy_object(
-                Bucket=self.bucket, Key=dest, CopySource=copy_source, **extra, **condition
-            )
-            return
-        extra.pop("MetadataDirective", None)
-        created = await s3.create_multipart_upload(Bucket=self.bucket, Key=dest, **extra)
-        upload_id = created["UploadId"]
-        piece = max(s.multipartcopychunksize, -(-size // 10000))
-        ranges = [(start, min(start + piece, size) - 1) for start in range(0, size, piece)]
-        limit = asyncio.Semaphore(max(1, s.multipartcopymaxconcurrency))
-
-        async def copy_part(number: int, first: int, last: int) -> dict[str, Any]:
-            async with limit:
-                result = await s3.upload_part_copy(
-                    Bucket=self.bucket,
-                    Key=dest,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    CopySource=copy_source,
-                    CopySourceRange=f"bytes={first}-{last}",
-                )
-            return {"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]}
-
-        try:
-            parts = await asyncio.gather(
-                *(copy_part(i + 1, first, last) for i, (first, last) in enumerate(ranges))
-            )
-            await s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=dest,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-                **condition,
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    s3.abort_multipart_upload(Bucket=self.bucket, Key=dest, UploadId=upload_id)
-                )
-            raise
-
-
-@dataclass(frozen=True, slots=True)
-class MultipartUpload:
-    path: str
-    key: str
-    upload_id: str
-    started: float
-
-
-class S3Writer:
-    """A new object uploaded as it is written (see the module docstring)."""
-
-    def __init__(self, driver: S3Driver, path: str, key: str) -> None:
-        self._driver = driver
-        self._path = path
-        self._key = key
-        self._chunk = driver.settings.chunksize
-        self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
-        self._buffer = bytearray()
-        self._size = 0
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        self._buffer += data
-        self._size += len(data)
-        with self._driver._errors(self._path):
-            while len(self._buffer) >= self._chunk:
-                await self._upload_part(self._buffer[: self._chunk])
-                del self._buffer[: self._chunk]
-
-    async def _upload_part(self, data: bytes | bytearray) -> None:
-        s3 = await self._driver._s3()
-        if self._upload_id is None:
-            created = await s3.create_multipart_upload(
-                Bucket=self._driver.bucket, Key=self._key, **self._driver._put_args()
-            )
-            self._upload_id = created["UploadId"]
-        number = len(self._parts) + 1
-        result = await s3.upload_part(
-            Bucket=self._driver.bucket,
-            Key=self._key,
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=bytes(data),
-        )
-        self._parts.append({"PartNumber": number, "ETag": result["ETag"]})
-
-    async def close(self) -> None:
-        s3 = await self._driver._s3()
-        bucket = self._driver.bucket
-        with self._driver._errors(self._path):
-            if self._upload_id is None:
-                await s3.put_object(
-                    Bucket=bucket,
-                    Key=self._key,
-                    Body=bytes(self._buffer),
-                    **self._driver._put_args(),
-                )
-            else:
-                if self._buffer:
-                    await self._upload_part(self._buffer)  # the last part may be small
-                await s3.complete_multipart_upload(
-                    Bucket=bucket,
-                    Key=self._key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
-        self._buffer = bytearray()
-
-    async def abort(self) -> None:
-        self._buffer = bytearray()
-        if self._upload_id is None:
-            return
-        s3 = await self._driver._s3()
-        # Best effort: what is left behind is found by purge_partial.
-        with contextlib.suppress(Exception):
-            await s3.abort_multipart_upload(
-                Bucket=self._driver.bucket, Key=self._key, UploadId=self._upload_id
-            )
+    async def multipart_uploads(self, path: str) -> list[MultipartUpload]:
+        """Multipart uploads in progress below ``path``, with their start times."""
+        prefix = self._dir_prefix(path)
+        root = self._key("/").rstrip("/")
+        s3 = await self.client()
+        found: list[MultipartUpload] = []
+        with self.errors(path):
+            paginator = s3.get_paginator("list_multipart_uploads")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    key = upload["Key"]
+                    found.append(
+                        MultipartUpload(
+                            path="/" + key[len(root) :].lstrip("/"),
+                            key=key,
+                            upload_id=upload["UploadId"],
+                            started=upload["Initiated"].timestamp(),
+                        )
+                    )
+        return found

@@ -1,0 +1,51 @@
+"""The registry the configuration describes: :func:`open_store`, the one place that builds the
+storage driver, its :class:`~dockyard.storage.store.Store`, the blob descriptor cache and the
+upload locks. The server, the maintenance commands and the scheduled maintenance all start
+here."""
+
+from __future__ import annotations
+
+import secrets
+
+from dockyard.config import Config
+from dockyard.errors import ConfigError
+from dockyard.registry.cache import build_cache
+from dockyard.registry.repository import Registry
+from dockyard.registry.upload_locks import build_upload_locks
+from dockyard.storage import build_driver
+from dockyard.storage.driver import ExclusiveCreate, NoOverwriteMove, StorageDriver, Touch
+from dockyard.storage.store import Store
+
+#: What the registry cannot run without: claims, seals, manifests and leases are exclusive
+#: creates and blobs are published with a no-overwrite move (docs/data-safety.md); garbage
+#: collection is safe only because what clients are told exists is touched (docs/gc.md).
+REQUIRED = (ExclusiveCreate, NoOverwriteMove, Touch)
+
+
+def checked_store(driver: StorageDriver) -> Store:
+    """The driver's store; ConfigError naming the driver if it lacks what the registry needs."""
+    store = Store(driver)
+    missing = store.missing(REQUIRED)
+    if missing:
+        raise ConfigError(
+            "storage",
+            f"the {driver.name} storage driver lacks {', '.join(missing)}, which the registry "
+            "needs to keep stored content safe",
+        )
+    return store
+
+
+def open_store(config: Config, *, secret: str | None = None) -> Registry:
+    """The configured registry, ready for use (nothing connects before it is first used);
+    ``Registry.close`` releases it. ``secret`` signs upload state (``http.secret``); tools
+    that never serve uploads leave it out and get a random one."""
+    storage = checked_store(build_driver(config))
+    return Registry(
+        storage,
+        secret=secret if secret is not None else secrets.token_hex(32),
+        delete_enabled=config.storage.delete.enabled,
+        touch_interval=config.storage.maintenance.gc.touch_interval,
+        cache=build_cache(config, storage),
+        upload_locks=build_upload_locks(config, storage),
+        max_upload_sessions=config.http.limits.uploadsperrepository,
+    )

@@ -1,0 +1,288 @@
+"""The one place everything the registry model needs from storage is built on a driver's
+primitives and capabilities (storage/driver.py), and the one place paths are validated.
+
+Each operation is implemented once: with the driver's capability or fast path where it has one,
+else generically from the primitives where that is safe (reading or writing a whole file, a walk,
+leaving empty directories to a backend that has none), else refused with :class:`Unsupported`
+(exclusive create, no-overwrite move and touch cannot be built safely from reads and writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from dockyard.storage.driver import (
+    CAPABILITIES,
+    FAST_PATHS,
+    AtomicMove,
+    EmptyDirs,
+    Entry,
+    ExclusiveCreate,
+    FastRead,
+    FastWalk,
+    FastWrite,
+    FileInfo,
+    FileWriter,
+    InvalidPath,
+    Lock,
+    Locks,
+    NoOverwriteMove,
+    PartialUploads,
+    PathNotFound,
+    Redirects,
+    Sendfile,
+    StorageDriver,
+    Touch,
+    Unsupported,
+)
+
+#: concurrent listings in a generic walk (one delimited listing per directory on object storage)
+WALK_CONCURRENCY = 16
+
+
+def check_path(path: str) -> str:
+    """``path`` if it is absolute and cannot escape the store (no ``.`` or ``..`` segment, no
+    NUL); InvalidPath otherwise."""
+    if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/" or "\0" in path:
+        raise InvalidPath(path)
+    return path
+
+
+@dataclass(slots=True)
+class LocalRange:
+    """``length`` bytes from ``offset`` of an open local file, to send with zero-copy
+    ``sendfile``. Whoever takes it closes ``file``."""
+
+    file: BinaryIO
+    offset: int
+    length: int
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class StreamedRange:
+    """``length`` bytes from ``offset`` of a file, as a stream already started (so a missing
+    file was reported before anything is sent). Iterate it once, or ``close`` it."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes], offset: int, length: int) -> None:
+        self._first = first
+        self._rest = rest
+        self.offset = offset
+        self.length = length
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._first:
+            first, self._first = self._first, b""
+            yield first
+        async for chunk in self._rest:
+            yield chunk
+
+    async def close(self) -> None:
+        """Stop the stream early (releasing its connection)."""
+        aclose = getattr(self._rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class Store:
+    """A driver with everything derived from it. The registry model holds one of these, never
+    a driver."""
+
+    def __init__(self, driver: StorageDriver) -> None:
+        self._driver = driver
+        self.name = driver.name
+        #: the optional capabilities the driver has (keys of storage.driver.CAPABILITIES)
+        self.capabilities = frozenset(c for c in CAPABILITIES if isinstance(driver, c))
+        #: the fast paths it offers (keys of storage.driver.FAST_PATHS)
+        self.fast_paths = frozenset(f for f in FAST_PATHS if isinstance(driver, f))
+        #: True when a move is one atomic step (see driver.AtomicMove)
+        self.atomic_move = isinstance(driver, AtomicMove)
+        # Each capability and fast path, looked up once: hot paths test only for None.
+        self._exclusive = driver if isinstance(driver, ExclusiveCreate) else None
+        self._no_overwrite = driver if isinstance(driver, NoOverwriteMove) else None
+        self._touch = driver if isinstance(driver, Touch) else None
+        self._locks = driver if isinstance(driver, Locks) else None
+        self._redirects = driver if isinstance(driver, Redirects) else None
+        self._sendfile = driver if isinstance(driver, Sendfile) else None
+        self._partial = driver if isinstance(driver, PartialUploads) else None
+        self._empty_dirs = driver if isinstance(driver, EmptyDirs) else None
+        self._fast_read = driver if isinstance(driver, FastRead) else None
+        self._fast_write = driver if isinstance(driver, FastWrite) else None
+        self._fast_walk = driver if isinstance(driver, FastWalk) else None
+
+    def has(self, capability: type) -> bool:
+        return capability in self.capabilities
+
+    def missing(self, capabilities: Iterable[type]) -> list[str]:
+        """The names of those of ``capabilities`` the driver lacks."""
+        return [CAPABILITIES[c] for c in capabilities if c not in self.capabilities]
+
+    def _unsupported(self, capability: type) -> Unsupported:
+        return Unsupported(self.name, CAPABILITIES[capability])
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+    # -- primitives, validated ------------------------------------------------------------
+    async def stat(self, path: str) -> FileInfo:
+        """Size and time of a file, or ``is_dir`` for a directory. PathNotFound if missing."""
+        return await self._driver.stat(check_path(path))
+
+    async def list(self, path: str) -> list[str]:
+        """Names of a directory's direct children, unsorted. PathNotFound if missing."""
+        return [child.name for child in await self._driver.list(check_path(path))]
+
+    async def delete(self, path: str) -> None:
+        """Delete a file or a whole directory tree. PathNotFound if missing."""
+        await self._driver.delete(check_path(path))
+
+    async def delete_if_present(self, path: str) -> bool:
+        """Delete a file or tree; False if there was nothing to delete."""
+        try:
+            await self.delete(path)
+        except PathNotFound:
+            return False
+        return True
+
+    async def move(self, source: str, dest: str) -> None:
+        """Move a file, replacing ``dest`` (see StorageDriver.move). PathNotFound if
+        ``source`` is missing."""
+        await self._driver.move(check_path(source), check_path(dest))
+
+    def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream the file's bytes (see StorageDriver.reader)."""
+        return self._driver.reader(check_path(path), offset, length)
+
+    async def writer(self, path: str) -> FileWriter:
+        """A writer whose content appears whole at ``path`` on close (see FileWriter)."""
+        return await self._driver.writer(check_path(path))
+
+    # -- whole small files ------------------------------------------------------------------
+    async def read(self, path: str) -> bytes:
+        """The whole content of a small file (links, manifests). PathNotFound if missing."""
+        check_path(path)
+        if self._fast_read is not None:
+            return await self._fast_read.read_file(path)
+        return b"".join([chunk async for chunk in self._driver.reader(path)])
+
+    async def write(self, path: str, data: bytes) -> None:
+        """Replace the file's content atomically: readers see the old or the new bytes, never a
+        mix or a prefix. Parent directories are created."""
+        check_path(path)
+        if self._fast_write is not None:
+            await self._fast_write.write_file(path, data)
+            return
+        writer = await self._driver.writer(path)
+        try:
+            await writer.write(data)
+            await writer.close()
+        except BaseException:
+            await asyncio.shield(writer.abort())
+            raise
+
+    async def write_new(self, path: str, data: bytes) -> bool:
+        """Create the file only if it does not exist yet: of two writers exactly one wins and
+        the file appears whole. True if this call created it."""
+        check_path(path)
+        if self._exclusive is None:
+            raise self._unsupported(ExclusiveCreate)
+        return await self._exclusive.write_new(path, data)
+
+    # -- moves and times --------------------------------------------------------------------
+    async def move_new(self, source: str, dest: str) -> bool:
+        """Move unless ``dest`` exists: True if moved, False (``source`` left) if not; an
+        existing file is never replaced (see driver.NoOverwriteMove). PathNotFound if
+        ``source`` is missing."""
+        check_path(source)
+        check_path(dest)
+        if self._no_overwrite is None:
+            raise self._unsupported(NoOverwriteMove)
+        return await self._no_overwrite.move_new(source, dest)
+
+    async def touch(self, path: str) -> None:
+        """Set the file's modification time to now. PathNotFound if missing."""
+        check_path(path)
+        if self._touch is None:
+            raise self._unsupported(Touch)
+        await self._touch.touch(path)
+
+    # -- trees ------------------------------------------------------------------------------
+    async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
+        """Every file and directory below ``path``, at any depth; a directory is entered only
+        if ``descend(name)`` says so (it is listed either way). Empty when ``path`` is missing.
+        ``descend`` must be pure: a driver may call it on another thread."""
+        check_path(path)
+        if self._fast_walk is not None:
+            return await self._fast_walk.walk(path, descend)
+        limit = asyncio.Semaphore(WALK_CONCURRENCY)
+
+        async def children(directory: str) -> list[Entry]:
+            async with limit:
+                try:
+                    found = await self._driver.list(directory)
+                except PathNotFound:
+                    return []
+            base = directory.rstrip("/")
+            return [Entry(f"{base}/{child.name}", child.is_dir) for child in found]
+
+        # Level by level, several listings at once; a refused subtree is never listed.
+        entries: list[Entry] = []
+        level = [path]
+        while level:
+            batches = await asyncio.gather(*(children(d) for d in level))
+            level = []
+            for batch in batches:
+                entries.extend(batch)
+                level.extend(
+                    e.path for e in batch if e.is_dir and descend(e.path.rsplit("/", 1)[-1])
+                )
+        return entries
+
+    async def remove_empty_dir(self, path: str) -> None:
+        """Remove a directory if it is empty; do nothing otherwise. A backend whose directories
+        vanish with their last file has nothing to remove."""
+        check_path(path)
+        if self._empty_dirs is not None:
+            await self._empty_dirs.remove_empty_dir(path)
+
+    # -- what only some backends have -------------------------------------------------------
+    def lock(self, path: str) -> Lock | None:
+        """An advisory lock on the existing file ``path``, or None where the backend has none
+        (object storage)."""
+        check_path(path)
+        return None if self._locks is None else self._locks.lock(path)
+
+    async def redirect_url(self, path: str, method: str = "GET") -> str | None:
+        """Where a client can fetch the file directly, or None (no redirects here)."""
+        check_path(path)
+        if self._redirects is None:
+            return None
+        return await self._redirects.redirect_url(path, method)
+
+    async def open_range(self, path: str, offset: int, length: int) -> LocalRange | StreamedRange:
+        """``length`` bytes of the file from ``offset``: an open local file where the driver
+        has one (zero-copy sendfile), else a started stream. PathNotFound now, not while the
+        bytes are being sent, when the file is missing."""
+        check_path(path)
+        if self._sendfile is not None:
+            local = await self._sendfile.open_local(path)
+            return LocalRange(local.file, offset, length)
+        stream = self._driver.reader(path, offset, length)
+        try:
+            first = await anext(stream, b"")
+        except BaseException:
+            await StreamedRange(b"", stream, offset, length).close()
+            raise
+        return StreamedRange(first, stream, offset, length)
+
+    async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
+        """Remove what unfinished writes below ``path`` started before ``before`` left aside in
+        the backend; a backend without partial uploads never leaves anything aside."""
+        check_path(path)
+        if self._partial is None:
+            return []
+        return await self._partial.purge_partial(path, before, dry_run)
