@@ -4,7 +4,6 @@ bearer tokens from an external issuer, and the built-in token server with access
 from __future__ import annotations
 
 import base64
-import datetime
 import os
 import subprocess
 import sys
@@ -15,14 +14,11 @@ from typing import Any
 import jwt
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from dockyard.auth.htpasswd import hash_password
-from dockyard.auth.tokens import libtrust_kid
-from support import Server, ServerFactory, assert_error, session_from, sha256
+from harness import Server, ServerFactory, assert_error, session_from, sha256
+from harness.certs import sign_token, token_auth, token_signer
 
 
 def add_user(path: Path, user: str, password: str) -> None:
@@ -133,6 +129,7 @@ def test_repeated_failures_are_throttled(basic: Server) -> None:
     assert session_from("127.0.0.2").get(basic.v2(""), auth=ALICE).status_code == 200
 
 
+@pytest.mark.slow
 def test_users_can_be_added_and_removed_without_restart(basic: Server, htpasswd: Path) -> None:
     assert requests.get(basic.v2(""), auth=("bob", "pw")).status_code == 401
     add_user(htpasswd, "bob", "pw")
@@ -157,6 +154,7 @@ def test_secrets_never_reach_the_log(basic: Server) -> None:
     assert "user=alice" in log
 
 
+@pytest.mark.slow
 def test_apache_htpasswd_file_and_refusal_of_other_hashes(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
@@ -189,52 +187,14 @@ def test_apache_htpasswd_file_and_refusal_of_other_hashes(
 # -- bearer tokens from an external token server (registry:2's auth.token) ----------------------
 
 
-def self_signed(key: Any) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token signer")])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-
-
 @pytest.fixture
 def external(start_server: ServerFactory, tmp_path: Path) -> tuple[Server, Any]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    bundle = tmp_path / "root.pem"
-    bundle.write_bytes(self_signed(key).public_bytes(serialization.Encoding.PEM))
-    s = start_server(
-        auth={
-            "token": {
-                "realm": "https://auth.example/token",
-                "service": "registry.example",
-                "issuer": "auth.example",
-                "rootcertbundle": str(bundle),
-            }
-        }
-    )
-    return s, key
+    key, bundle = token_signer(tmp_path)
+    return start_server(auth=token_auth(bundle)), key
 
 
 def token(key: Any, access: list[dict[str, Any]], **claims: Any) -> str:
-    now = int(time.time())
-    body = {
-        "iss": "auth.example",
-        "aud": "registry.example",
-        "sub": "bob",
-        "exp": now + 300,
-        "nbf": now - 5,
-        "iat": now,
-        "access": access,
-        **claims,
-    }
-    return jwt.encode(body, key, algorithm="ES256", headers={"kid": libtrust_kid(key.public_key())})
+    return sign_token(key, access, **claims)
 
 
 def bearer(t: str) -> dict[str, str]:
@@ -382,6 +342,7 @@ def token_for(s: Server, auth: tuple[str, str] | None, *scopes: str) -> dict[str
     return bearer(r.json()["token"])
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_token_endpoint_protocol(token_server: Server) -> None:
     s = token_server
@@ -410,6 +371,7 @@ def test_token_endpoint_protocol(token_server: Server) -> None:
     assert key.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.slow
 def test_per_repository_access(token_server: Server) -> None:
     s = token_server
     bob = token_for(
@@ -433,6 +395,7 @@ def test_per_repository_access(token_server: Server) -> None:
     assert requests.delete(s.v2(f"team-a/app/manifests/{digest}"), headers=admin).status_code == 202
 
 
+@pytest.mark.slow
 def test_anonymous_pull_only_where_a_rule_allows(token_server: Server) -> None:
     s = token_server
     admin = token_for(
@@ -453,6 +416,7 @@ def test_anonymous_pull_only_where_a_rule_allows(token_server: Server) -> None:
     assert requests.get(s.v2("public/x/manifests/v1")).status_code == 401  # no token at all
 
 
+@pytest.mark.slow
 def test_catalog_lists_only_what_the_caller_may_pull(token_server: Server) -> None:
     s = token_server
     admin = token_for(
@@ -476,6 +440,7 @@ def test_catalog_lists_only_what_the_caller_may_pull(token_server: Server) -> No
     assert anon["scope"] == ""
 
 
+@pytest.mark.slow
 def test_refresh_tokens_and_oauth2_post(token_server: Server, tmp_path: Path) -> None:
     s = token_server
     r = get_token(s, ("bob", "bobpw"), offline_token="true", client_id="docker")
@@ -547,6 +512,7 @@ def test_refresh_tokens_and_oauth2_post(token_server: Server, tmp_path: Path) ->
     assert r.status_code == 401
 
 
+@pytest.mark.slow
 def test_tokens_work_on_every_worker_and_after_restart(token_server: Server) -> None:
     s = token_server
     bob = token_for(s, ("bob", "bobpw"), "repository:team-a/app:pull")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from support import Server, ServerFactory, assert_error
+from harness import Server, ServerFactory, assert_error
 
 
 def test_version_check(server: Server) -> None:

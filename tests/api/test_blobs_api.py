@@ -8,7 +8,7 @@ import os
 import pytest
 import requests
 
-from support import Server, ServerFactory, assert_error, sha256
+from harness import Server, ServerFactory, assert_error, sha256
 
 UNKNOWN = "sha256:" + "0" * 64
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import OCI_MANIFEST, Server, ServerFactory, sha256
+from harness import OCI_MANIFEST, Server, ServerFactory, sha256
 
 
 def check_store(root: Path) -> None:
@@ -30,6 +30,7 @@ def check_store(root: Path) -> None:
     assert not [p for p in v2.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_concurrent_uploads_of_the_same_blob(start_server: ServerFactory) -> None:
     s = start_server(workers=2)
@@ -61,6 +62,7 @@ def test_concurrent_uploads_of_the_same_blob(start_server: ServerFactory) -> Non
     check_store(s.root)
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_concurrent_pushes_of_the_same_tag(start_server: ServerFactory) -> None:
     s: Server = start_server(workers=2)

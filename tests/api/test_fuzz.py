@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dockyard.errors import ErrorCode
-from support import OCI_INDEX, OCI_MANIFEST, RawConnection, Server, sha256
+from harness import OCI_INDEX, OCI_MANIFEST, RawConnection, Server, sha256
 
 FUZZ = settings(
     max_examples=100,
@@ -240,6 +240,7 @@ numbers = st.one_of(
 # -- manifests ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=manifest_bodies, content_type=content_types, tag=tags)
 def test_manifest_bodies(client: Client, body: bytes, content_type: str, tag: str) -> None:
@@ -266,6 +267,7 @@ def test_manifest_references(client: Client, reference: str, method: str) -> Non
 # -- repository names ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @FUZZ
 @given(name=names, endpoint=st.sampled_from(["tags", "manifest", "blob-head", "upload"]))
 def test_repository_names(client: Client, name: str, endpoint: str) -> None:
@@ -282,6 +284,7 @@ def test_repository_names(client: Client, name: str, endpoint: str) -> None:
 # -- digests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @FUZZ
 @given(digest=digests, method=st.sampled_from(["GET", "HEAD", "monolithic", "referrers"]))
 def test_digests_in_urls_and_queries(client: Client, digest: str, method: str) -> None:
@@ -359,6 +362,7 @@ query_values = st.one_of(numbers, st.text(max_size=60), digests, names)
     endpoint=st.sampled_from([f"/v2/{REPO}/tags/list", "/v2/_catalog"]),
     raw=st.booleans(),
 )
+@pytest.mark.slow
 def test_pagination_queries(
     client: Client, params: dict[str, str], endpoint: str, raw: bool
 ) -> None:

@@ -19,8 +19,16 @@ from typing import Any
 import pytest
 import requests
 
-from s3support import S3Endpoint, flush_redis, redis_client
-from support import OCI_MANIFEST, Server, ServerFactory, assert_error, sha256
+from harness import (
+    OCI_MANIFEST,
+    S3Endpoint,
+    Server,
+    ServerFactory,
+    assert_error,
+    flush_redis,
+    redis_client,
+    sha256,
+)
 
 V2 = "docker/registry/v2"
 #: servers refresh their presence every second, so a dead one's record is stale after four
@@ -134,6 +142,7 @@ def own_blobs(image: Image, *others: Image) -> set[str]:
     return {sha256(b) for b in image.blobs} - shared
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 @pytest.mark.parametrize("delete_untagged", [False, True], ids=["all-manifests", "tagged-only"])
 def test_unreferenced_content_goes_at_once(
@@ -189,10 +198,11 @@ def test_unreferenced_content_goes_at_once(
     assert dockyard("fsck", str(writable.config_path)).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_refused_while_a_writable_server_runs(start_server: ServerFactory, tmp_path: Path) -> None:
     root = tmp_path / "store"
-    s = start_server(root=root, **WRITABLE)
+    s = start_server(root=root, process=True, **WRITABLE)  # the message names its pid
     garbage = s.push_blob("app", b"unreferenced")
     refused = gc_now(s.config_path)
     assert refused.returncode == 4, (refused.stdout, refused.stderr)
@@ -221,12 +231,13 @@ def test_refused_while_a_writable_server_runs(start_server: ServerFactory, tmp_p
     assert not list((root / "dockyard/instances").iterdir())  # stopped servers withdrew
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_a_killed_servers_record_stops_counting(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
     root = tmp_path / "store"
-    s = start_server(root=root, **WRITABLE)
+    s = start_server(root=root, process=True, **WRITABLE)
     garbage = s.push_blob("app", b"unreferenced")
     s.stop(signal.SIGKILL)
     records = list((root / "dockyard/instances").iterdir())
@@ -238,6 +249,7 @@ def test_a_killed_servers_record_stops_counting(
     assert not records[0].exists()  # the dead server's record is cleared away
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_a_writable_server_started_during_an_immediate_collection_accepts_no_pushes(
     start_server: ServerFactory, tmp_path: Path
@@ -269,6 +281,7 @@ def test_a_writable_server_started_during_an_immediate_collection_accepts_no_pus
     assert "an immediate garbage collection is running" in s.log()
 
 
+@pytest.mark.slow
 def test_on_s3_with_the_redis_cache(
     start_server: ServerFactory,
     moto_s3: S3Endpoint,

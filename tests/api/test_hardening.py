@@ -8,7 +8,6 @@ Requests go over raw sockets where a client library would normalise them (or hid
 from __future__ import annotations
 
 import base64
-import datetime
 import re
 import shutil
 import subprocess
@@ -17,27 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from dockyard.auth.htpasswd import hash_password
-from dockyard.auth.tokens import libtrust_kid
-from support import (
+from harness import (
     OCI_MANIFEST,
+    InProcessDockyard,
     RawConnection,
     RawResponse,
     Server,
     ServerFactory,
     assert_error,
-    launch,
     raw_request,
     sha256,
 )
+from harness.certs import sign_token, token_auth, token_signer
 
 KiB = 1024
 GiB = 1024**3
@@ -61,7 +55,9 @@ def basic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """htpasswd auth, one worker (so timings are not another worker's)."""
     work = tmp_path_factory.mktemp("basic")
     (work / "htpasswd").write_text(f"{USER}:{hash_password(PASSWORD, rounds=4)}\n")
-    server = launch(work, auth={"htpasswd": {"realm": "R", "path": str(work / "htpasswd")}})
+    server = InProcessDockyard.start(
+        work, auth={"htpasswd": {"realm": "R", "path": str(work / "htpasswd")}}
+    )
     yield server
     server.stop()
     log = server.log()
@@ -83,6 +79,7 @@ def test_deeply_nested_manifest_is_400_manifest_invalid(
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow
 def test_oversized_manifest_closes_instead_of_reading_on(server: Server, repo: str) -> None:
     head = (
         f"PUT /v2/{repo}/manifests/latest HTTP/1.1\r\nHost: x\r\nContent-Type: {OCI_MANIFEST}\r\n"
@@ -119,43 +116,13 @@ def test_100_kib_headers_are_accepted(server: Server) -> None:
 
 def test_a_large_bearer_token_is_accepted(start_server: ServerFactory, tmp_path: Path) -> None:
     """An external token server's JWT with thousands of access entries (~300 KiB)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token signer")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    bundle = tmp_path / "root.pem"
-    bundle.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    s = start_server(
-        auth={
-            "token": {
-                "realm": "https://auth.example/token",
-                "service": "registry.example",
-                "issuer": "auth.example",
-                "rootcertbundle": str(bundle),
-            }
-        }
-    )
+    key, bundle = token_signer(tmp_path)
+    s = start_server(auth=token_auth(bundle))
     access = [
         {"type": "repository", "name": f"team-{i}/app-{i}", "actions": ["pull", "push"]}
         for i in range(5000)
     ]
-    issued = int(time.time())
-    token = jwt.encode(
-        {"iss": "auth.example", "aud": "registry.example", "sub": "bob", "exp": issued + 300,
-         "nbf": issued - 5, "access": access},
-        key,
-        algorithm="ES256",
-        headers={"kid": libtrust_kid(key.public_key())},
-    )  # fmt: skip
+    token = sign_token(key, access)
     assert len(token) > 256 * KiB
     r = requests.get(s.v2("team-7/app-7/tags/list"), headers={"Authorization": f"Bearer {token}"})
     assert_error(r, 404, "NAME_UNKNOWN")  # authorised: the repository just does not exist
@@ -211,6 +178,7 @@ def test_unauthenticated_expect_continue_gets_401_and_no_invitation(
         assert conn.closed_within(2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "target"), UPLOAD_TARGETS)
 def test_unauthenticated_body_is_not_read(basic: Server, method: str, target: str) -> None:
     """A client that does not wait: a few KiB of a declared GiB, then nothing. The 401 comes at
@@ -272,6 +240,7 @@ def test_authenticated_upload_through_curl(basic: Server, repo: str, tmp_path: P
 # -- 7: health ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_health_names_the_failing_check_only(start_server: ServerFactory) -> None:
     s = start_server()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import ServerFactory
+from harness import ServerFactory
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_health_reports_storage(start_server: ServerFactory, tmp_path: Path) -> None:
     users = tmp_path / "htpasswd"

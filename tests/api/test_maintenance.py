@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import OCI_INDEX, OCI_MANIFEST, Server, ServerFactory, assert_error, sha256
+from harness import OCI_INDEX, OCI_MANIFEST, Server, ServerFactory, assert_error, sha256
 
 V2 = "docker/registry/v2"
 
@@ -53,6 +53,7 @@ def layer(n: int) -> bytes:
 NO_GRACE = {"maintenance": {"gc": {"grace": "0s"}}}
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_gc_removes_only_what_nothing_references(start_server: ServerFactory) -> None:
     s = start_server(storage=NO_GRACE)
@@ -105,6 +106,7 @@ def test_gc_removes_only_what_nothing_references(start_server: ServerFactory) ->
     assert dockyard("fsck", str(s.config_path)).returncode == 0
 
 
+@pytest.mark.slow
 def test_delete_untagged_keeps_index_children_and_referrers(start_server: ServerFactory) -> None:
     s = start_server(storage=NO_GRACE)
     children = [s.push_image("multi", None, [layer(i)]) for i in range(2)]
@@ -150,6 +152,7 @@ def test_delete_untagged_keeps_index_children_and_referrers(start_server: Server
     assert f"removed manifest multi@{sha256(sig_body)}" in out
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_grace_period_protects_recent_content(start_server: ServerFactory) -> None:
     s = start_server(storage=NO_GRACE)
@@ -162,6 +165,7 @@ def test_grace_period_protects_recent_content(start_server: ServerFactory) -> No
     assert not blob_exists(s, digest)
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_one_collection_at_a_time(start_server: ServerFactory) -> None:
     s = start_server()
@@ -175,6 +179,7 @@ def test_one_collection_at_a_time(start_server: ServerFactory) -> None:
     assert not lease.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_scheduled_collection_while_serving(start_server: ServerFactory) -> None:
     s = start_server(
@@ -193,6 +198,7 @@ def test_scheduled_collection_while_serving(start_server: ServerFactory) -> None
     assert "scheduled garbage collection" in s.log()
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_du(start_server: ServerFactory) -> None:
     s = start_server()
@@ -221,6 +227,7 @@ def test_du(start_server: ServerFactory) -> None:
     assert {len(row) for row in rows} == {len(header)}  # sizes right-aligned under the header
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_fsck_finds_and_quarantines_corruption(start_server: ServerFactory) -> None:
     s = start_server()
@@ -247,6 +254,7 @@ def test_fsck_finds_and_quarantines_corruption(start_server: ServerFactory) -> N
     assert f"layer link {victim} points to a missing blob" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_upload_purging(start_server: ServerFactory) -> None:
     s = start_server(
@@ -267,6 +275,7 @@ def test_upload_purging(start_server: ServerFactory) -> None:
     assert_error(requests.get(loc), 404, "BLOB_UPLOAD_UNKNOWN")
 
 
+@pytest.mark.slow
 def test_purge_uploads_command_honours_age(start_server: ServerFactory) -> None:
     s = start_server(storage={"maintenance": {"uploadpurging": {"enabled": False}}})
     loc = requests.post(s.v2("p/blobs/uploads/")).headers["Location"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import (
+from harness import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,

@@ -6,7 +6,7 @@ import json
 
 import requests
 
-from support import OCI_INDEX, OCI_MANIFEST, Server, assert_error, sha256
+from harness import OCI_INDEX, OCI_MANIFEST, Server, assert_error, sha256
 
 EMPTY = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"), "size": 2}
 

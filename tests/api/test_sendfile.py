@@ -15,7 +15,7 @@ from aiohttp import web
 import dockyard.api.sendfile as sendfile_module
 from dockyard.app import build_app
 from dockyard.config import default_raw_config, validate
-from support import free_port
+from harness import free_port
 
 
 @pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])

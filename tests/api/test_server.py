@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import ServerFactory, free_port, sha256, wait_for_port
+from harness import ServerFactory, free_port, sha256, wait_for_port
 
 
 def run_serve(
@@ -114,6 +114,7 @@ def test_classic_compose_environment(env_server: tuple[subprocess.Popen[bytes], 
     assert requests.delete(f"{url}/x/blobs/{sha256(b'hi')}").status_code == 405
 
 
+@pytest.mark.slow
 def test_embedded_default_uses_data_dir(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -145,6 +146,7 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.slow
 def test_workers_serve_one_port_and_are_restarted(start_server: ServerFactory) -> None:
     s = start_server(workers=3)  # the first also runs the maintenance schedules
     deadline = time.monotonic() + 10
@@ -164,6 +166,7 @@ def test_workers_serve_one_port_and_are_restarted(start_server: ServerFactory) -
         assert requests.get(s.v2(""), headers={"Connection": "close"}).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.filesystem
 def test_sigterm_finishes_in_flight_requests(start_server: ServerFactory) -> None:
     s = start_server(workers=2)

@@ -7,7 +7,7 @@ import re
 
 import requests
 
-from support import OCI_MANIFEST, Server, ServerFactory, assert_error
+from harness import OCI_MANIFEST, Server, ServerFactory, assert_error
 
 
 def push_tags(server: Server, repo: str, tags: list[str]) -> None:

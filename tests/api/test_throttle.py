@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from dockyard.auth.htpasswd import hash_password
-from support import Server, ServerFactory, assert_error, session_from
+from harness import Server, ServerFactory, assert_error, session_from
 
 ALICE = ("alice", "secret")
 LOGIN = {"attempts": 3, "addressattempts": 100, "window": "10s", "lockout": "30s"}
@@ -189,6 +189,7 @@ def test_token_server_logins_are_throttled_the_same_way(token_server: Server) ->
     assert owner.post(url, data={**form, "password": "secret"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_failures_are_counted_across_workers(start_server: ServerFactory, users: Path) -> None:
     # registry:2's-era default of 10 (what the throttle allowed per worker before)
     s = htpasswd_server(start_server, users, workers=3, http=limits(attempts=10))
@@ -219,6 +220,7 @@ def test_failures_are_counted_across_instances_through_redis(
     assert session_from("127.0.0.2").get(second.v2(""), auth=(user, "pw")).status_code == 200
 
 
+@pytest.mark.slow
 def test_unreachable_redis_falls_back_to_the_workers_table(
     start_server: ServerFactory, users: Path
 ) -> None:
@@ -330,6 +332,7 @@ def refused(server: Server, source: str = "127.0.0.1") -> dict[str, Any] | None:
         return error
 
 
+@pytest.mark.slow
 def test_connections_per_address_across_workers(start_server: ServerFactory) -> None:
     s = start_server(workers=2, http=limits(connections=3))
     held = spread_over_workers(s, 2)
@@ -360,6 +363,7 @@ def test_trusted_proxies_are_exempt_from_the_connection_limit(
         conn.close()
 
 
+@pytest.mark.slow
 def test_a_restarted_worker_forgets_the_connections_it_held(
     start_server: ServerFactory,
 ) -> None:

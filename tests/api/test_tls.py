@@ -16,14 +16,15 @@ import pytest
 import requests
 import yaml
 
-from certs import CA, server_certificate
-from support import ServerFactory, sha256
+from harness import ServerFactory, sha256
+from harness.certs import CA, server_certificate
 
 
 def tls(cert: Path, key: Path, **extra: object) -> dict[str, object]:
     return {"tls": {"certificate": str(cert), "key": str(key), **extra}}
 
 
+@pytest.mark.slow
 def test_tls_serves_the_api_with_https_locations(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
@@ -174,6 +175,7 @@ def serve_fails(tmp_path: Path, http_tls: dict[str, object]) -> str:
     return result.stderr
 
 
+@pytest.mark.slow
 def test_bad_certificates_fail_at_start_up(tmp_path: Path) -> None:
     _, server = server_certificate(tmp_path / "pki")
     _, other = server_certificate(tmp_path / "other")

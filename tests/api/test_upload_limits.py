@@ -9,19 +9,17 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+import pytest
 import requests
 
-from support import Server, ServerFactory, assert_error
+from harness import Server, ServerFactory, assert_error
+from harness.dockyard import memory_kib
 
 STALLED = 300
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return memory_kib(pid) / 1024
 
 
 def stalled_patch(server: Server, session: requests.Session, sent: bytes) -> socket.socket:
@@ -49,12 +47,13 @@ def closed_by_server(conn: socket.socket, deadline: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_stalled_uploads_hold_no_buffers_and_are_closed(start_server: ServerFactory) -> None:
     """Hundreds of PATCHes that send 256 KiB and stall: the worker writes out what each sent
     instead of holding it, closes every one of them after the idle timeout, and its memory
     comes back down afterwards."""
     server = start_server(
-        workers=1,  # the worker is the server process itself: its RSS is what we measure
+        process=True,  # one worker, the server process itself: its RSS is what we measure
         http={"limits": {"bodyidletimeout": "6s", "connectionsperaddress": 0}},
     )
     session = requests.Session()
@@ -81,6 +80,7 @@ def test_stalled_uploads_hold_no_buffers_and_are_closed(start_server: ServerFact
     assert " status=408 " in server.log()
 
 
+@pytest.mark.slow
 def test_a_slow_body_that_keeps_moving_finishes(start_server: ServerFactory) -> None:
     server = start_server(http={"limits": {"bodyidletimeout": "1s"}})
     data = os.urandom(40_000)

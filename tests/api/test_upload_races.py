@@ -22,10 +22,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from s3support import S3Endpoint
-from support import Server, ServerFactory, sha256
+from harness import S3Endpoint, Server, ServerFactory, sha256
 
-ROUNDS = 4
+ROUNDS = 3
 HELD_BODY = b"X" * 100
 
 
@@ -126,14 +125,14 @@ def run_attack_rounds(
     servers: list[Server], blobs: dict[str, tuple[str, bytes]], new_blob_repo: str
 ) -> None:
     victim = "victim/app"
-    secret = os.urandom(300_000)
+    secret = os.urandom(100_000)
     digest = servers[0].push_blob(victim, secret)
     blobs[digest] = (victim, secret)
     for i in range(ROUNDS):
         patcher, committer = servers[i % len(servers)], servers[(i + 1) % len(servers)]
         # An existing blob (another repository's), then a brand-new one.
         race_commit_against_held_patch(patcher, committer, "attacker/app", secret)
-        fresh = os.urandom(200_000)
+        fresh = os.urandom(64_000)
         race_commit_against_held_patch(patcher, committer, new_blob_repo, fresh)
         r = patcher.session.head(patcher.v2(f"{new_blob_repo}/blobs/{sha256(fresh)}"))
         if r.status_code == 200:
@@ -149,7 +148,7 @@ def concurrent_patches(server: Server, name: str, blobs: dict[str, tuple[str, by
     or is refused whole (400 busy, 416 overtaken); the upload holds exactly what landed, in
     order, and commits exactly that."""
     location = start(server, name)
-    first, second = os.urandom(150_000), os.urandom(150_000)
+    first, second = os.urandom(64_000), os.urandom(64_000)
     a = HeldRequest(server, "PATCH", location, len(first))
     settle()
     b = HeldRequest(server, "PATCH", location, len(second))
@@ -175,6 +174,7 @@ def patch_against_delete(server: Server, name: str) -> None:
         assert status == 404
 
 
+@pytest.mark.slow
 def test_racing_requests_on_one_session_never_change_a_blob(
     start_server: ServerFactory,
 ) -> None:
@@ -190,12 +190,14 @@ def test_racing_requests_on_one_session_never_change_a_blob(
 
 @pytest.fixture
 def s3_storage(
-    moto_s3: S3Endpoint, s3_bucket_factory: Callable[[S3Endpoint], str]
+    rgw_s3: S3Endpoint, s3_bucket_factory: Callable[[S3Endpoint], str]
 ) -> Iterator[dict[str, object]]:
-    bucket = s3_bucket_factory(moto_s3)
-    yield {"s3": moto_s3.storage_config(bucket), "redirect": {"disable": True}}
+    bucket = s3_bucket_factory(rgw_s3)
+    yield {"s3": rgw_s3.storage_config(bucket), "redirect": {"disable": True}}
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_racing_requests_across_two_instances_on_s3_without_locks(
     start_server: ServerFactory, s3_storage: dict[str, object]
 ) -> None:
@@ -211,6 +213,7 @@ def test_racing_requests_across_two_instances_on_s3_without_locks(
     fsck_clean(servers[0])
 
 
+@pytest.mark.slow
 def test_a_second_request_on_a_busy_session_is_refused_at_once(
     start_server: ServerFactory,
 ) -> None:
@@ -233,7 +236,8 @@ def test_a_second_request_on_a_busy_session_is_refused_at_once(
     assert r.status_code == 201, r.text
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.s3
 def test_racing_requests_across_two_instances_on_rgw_with_redis(
     start_server: ServerFactory,
     rgw_s3: S3Endpoint,

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from support import Server, ServerFactory, assert_error, sha256
+from harness import Server, ServerFactory, assert_error, sha256
 
 
 def start(server: Server, repo: str, **params: str) -> requests.Response:
@@ -282,6 +282,7 @@ def test_upload_continues_on_another_instance_after_restart(
     assert requests.get(c.v2(f"x/blobs/{sha256(data)}")).content == data
 
 
+@pytest.mark.slow
 def test_workers_share_a_generated_secret(start_server: ServerFactory) -> None:
     """Without http.secret, every worker of one server accepts the others' upload URLs."""
     s = start_server(workers=2, http={"secret": ""})

@@ -17,10 +17,8 @@ import pytest
 import requests
 from cryptography import x509
 
-from certs import server_certificate
-from support import ServerFactory, free_port, wait_for_port
-
-pytestmark = pytest.mark.e2e
+from harness import ServerFactory, free_port, wait_for_port
+from harness.certs import server_certificate
 
 PEBBLE = shutil.which("pebble")
 

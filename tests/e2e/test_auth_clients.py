@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 import requests
-from images import BuiltImage, build_busybox_image
 
-from support import DOCKER_MANIFEST, OCI_MANIFEST, Server, ServerFactory, sha256
+from harness import DOCKER_MANIFEST, OCI_MANIFEST, Server, ServerFactory, sha256
+from harness.dockyard import add_user
+from harness.images import BuiltImage, build_busybox_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -89,12 +90,7 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Users:
             with path.open("a") as f:
                 f.write(line + "\n")
             continue
-        added = subprocess.run(
-            [sys.executable, "-m", "dockyard", "user", "add", name, "--file", str(path),
-             "--password-stdin"],
-            input=password + "\n", capture_output=True, text=True,
-        )  # fmt: skip
-        assert added.returncode == 0, _output(added)
+        add_user(path, name, password)
     listed = subprocess.run(
         [sys.executable, "-m", "dockyard", "user", "list", "--file", str(path)],
         capture_output=True,

@@ -22,12 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
-from support import ServerFactory, sha256
-
-pytestmark = pytest.mark.e2e
+from harness import ServerFactory, sha256
 
 MiB = 1024 * 1024
 BIG_CHUNKS = 256  # the interrupted blobs are 256 MiB, sent 1 MiB at a time

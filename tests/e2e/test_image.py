@@ -1,6 +1,6 @@
 """The container image from deploy/Dockerfile: built by a real docker engine from a local base
-(Debian bookworm's python3, made with debootstrap and imported, since there is no Docker Hub
-here), then run: non-root, healthy, serving the registry, stopping cleanly on SIGTERM.
+(Debian bookworm's python3, made with mmdebstrap once and imported, since there is no Docker
+Hub here), then run: non-root, healthy, serving the registry, stopping cleanly on SIGTERM.
 
 Dockyard's own Python dependencies come from a wheelhouse served on loopback (PIP_FIND_LINKS,
 PIP_NO_INDEX), as a build behind a mirror would."""
@@ -8,8 +8,6 @@ PIP_NO_INDEX), as a build behind a mirror would."""
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,63 +18,21 @@ from pathlib import Path
 
 import pytest
 import requests
-from engines import Dockerd, find_dockerd, start_dockerd
 
-from support import free_port, sha256
-
-pytestmark = pytest.mark.e2e
+from harness import free_port, sha256
+from harness.docker import Dockerd
+from harness.images import debian_python_rootfs
 
 ROOT = Path(__file__).resolve().parents[2]
-MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 BASE = "local/debian-python:bookworm"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Dockerd]:
-    if find_dockerd() is None:
-        pytest.skip("dockerd is not installed")
-    if shutil.which("debootstrap") is None:
-        pytest.skip("debootstrap is not installed (needed to make a local base image)")
-    # overlay2 builds several times faster than vfs; not every filesystem can carry it
-    try:
-        d = start_dockerd(storage_driver="overlay2")
-    except (RuntimeError, TimeoutError):
-        d = start_dockerd()
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="module")
-def base_image(engine: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> str:
-    rootfs = tmp_path_factory.mktemp("rootfs")
-    rootfs.chmod(0o755)  # it becomes the image's "/": the non-root user must traverse it
-    result = subprocess.run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            "--include=python3,python3-venv",
-            "bookworm",
-            str(rootfs),
-            MIRROR,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot make a Debian base image from {MIRROR}: {result.stdout[-500:]}")
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run(
-        ["docker", "import", "-", BASE],
-        stdin=tar.stdout,
-        env=engine.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    tar.wait()
+def base_image(dockerd_engine: Dockerd) -> str:
+    """Debian bookworm's python3 as a local image (debootstrap, made once and kept)."""
+    tarball = debian_python_rootfs()
+    imported = dockerd_engine.docker("import", str(tarball), BASE, timeout=300)
     assert imported.returncode == 0, imported.stderr
-    shutil.rmtree(rootfs, ignore_errors=True)
     return BASE
 
 
@@ -114,9 +70,11 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_image_builds_runs_non_root_and_healthy(
-    engine: Dockerd, base_image: str, wheelhouse: str
+    dockerd_engine: Dockerd, base_image: str, wheelhouse: str
 ) -> None:
+    engine = dockerd_engine
     engine.docker(
         "build",
         "--network",

@@ -13,19 +13,12 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from support import ServerFactory
+from harness import ServerFactory
+from harness.dockyard import memory_kib
 
 GiB = 1024 * 1024 * 1024
 PIECE = 1024 * 1024
 LIMIT = 48 * 1024 * 1024  # allowed growth of the peak RSS
-
-
-def rss_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def pattern_stream(size: int, digest: hashlib._Hash) -> Iterator[bytes]:
@@ -47,10 +40,10 @@ def expected_digest(size: int) -> str:
 
 @pytest.mark.e2e
 def test_one_gib_upload_and_download_keep_memory_flat(start_server: ServerFactory) -> None:
-    s = start_server(workers=1)  # one worker: the server process itself serves
+    s = start_server(process=True)  # one worker: the server process itself serves
     pid = s.proc.pid
     requests.get(s.v2(""))
-    before = rss_kib(pid, "VmHWM") * 1024
+    before = memory_kib(pid, "VmHWM") * 1024
     digest = expected_digest(GiB)
 
     # docker's way: POST, one streamed PATCH (chunked), PUT ?digest=
@@ -59,7 +52,7 @@ def test_one_gib_upload_and_download_keep_memory_flat(start_server: ServerFactor
     assert r.status_code == 202, r.text
     r = requests.put(r.headers["Location"], params={"digest": digest})
     assert r.status_code == 201, r.text
-    after_upload = rss_kib(pid, "VmHWM") * 1024
+    after_upload = memory_kib(pid, "VmHWM") * 1024
 
     # pull it back through sendfile, hashing on the client
     h = hashlib.sha256()
@@ -68,7 +61,7 @@ def test_one_gib_upload_and_download_keep_memory_flat(start_server: ServerFactor
         for chunk in r.iter_content(PIECE):
             h.update(chunk)
     assert "sha256:" + h.hexdigest() == digest
-    after_download = rss_kib(pid, "VmHWM") * 1024
+    after_download = memory_kib(pid, "VmHWM") * 1024
 
     print(
         f"peak RSS before {before >> 20} MiB, after 1 GiB upload {after_upload >> 20} MiB, "

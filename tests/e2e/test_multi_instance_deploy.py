@@ -25,11 +25,10 @@ import yaml
 
 from dockyard.config import Config, load_config
 from dockyard.errors import ConfigError
-from dockyard.registry.cache import RedisCache, build_cache
+from dockyard.registry.cache import RedisCache
+from dockyard.registry.configured import open_store
 from dockyard.storage import build_driver
 from dockyard.storage.s3 import S3Driver
-
-pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FOLDER = REPO_ROOT / "deploy" / "multi-instance"
@@ -213,18 +212,15 @@ def test_instance_config_is_valid(caplog: pytest.LogCaptureFixture) -> None:
     assert config.storage.redirect.disable is True
     assert config.storage.delete.enabled is True
 
-    # What an instance builds from it (neither connects before first use).
+    # What an instance builds from it (nothing connects before first use).
     driver = build_driver(config)
     assert isinstance(driver, S3Driver)
     assert driver.redirect_expiry == 0.0
-    cache = build_cache(config, driver)
-    assert isinstance(cache, RedisCache)
-
-    async def close() -> None:
-        await cache.close()
-        await driver.close()
-
-    asyncio.run(close())
+    registry = open_store(config, secret=config.http.secret)
+    assert registry.storage.name == "s3"
+    assert isinstance(registry.blobs.cache, RedisCache)
+    asyncio.run(registry.close())
+    asyncio.run(driver.close())
 
     # Without the compose file's S3 settings the file alone is refused, naming the key.
     with pytest.raises(ConfigError, match="bucket"):

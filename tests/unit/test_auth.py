@@ -33,6 +33,7 @@ from dockyard.auth.access import (
 from dockyard.auth.htpasswd import Htpasswd, hash_password, parse
 from dockyard.auth.tokens import TokenInvalid, TokenIssuer, TokenVerifier, libtrust_kid
 from dockyard.errors import ConfigError
+from harness.certs import sign_token
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -242,18 +243,8 @@ def self_signed(
 
 
 def make_token(key: Any, alg: str, headers: dict[str, Any], **claims: Any) -> str:
-    now = int(time.time())
-    body = {
-        "iss": "auth.example",
-        "aud": "registry.example",
-        "sub": "bob",
-        "exp": now + 300,
-        "nbf": now - 5,
-        "iat": now,
-        "access": [{"type": "repository", "name": "a/b", "actions": ["pull", "push"]}],
-    }
-    body.update(claims)
-    return jwt.encode(body, key, algorithm=alg, headers=headers)
+    access = [{"type": "repository", "name": "a/b", "actions": ["pull", "push"]}]
+    return sign_token(key, access, algorithm=alg, headers=headers, **claims)
 
 
 def bundle(tmp_path: Path, *certs: x509.Certificate) -> str:

@@ -22,18 +22,19 @@ from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.repository import Registry
 from dockyard.storage.driver import StorageError
 from dockyard.storage.filesystem import FilesystemDriver
-from support import free_port
+from dockyard.storage.store import Store
+from harness import free_port
 
 
 def cached_registry(root: Path, addr: str, ttl: float = 3600) -> Registry:
-    driver = FilesystemDriver(str(root), max_threads=4)
-    cache = RedisCache(redis_client(addr, "", "", 0, socket_timeout=1), driver, ttl=ttl)
-    return Registry(driver, secret="s", delete_enabled=True, cache=cache)
+    storage = Store(FilesystemDriver(str(root), max_threads=4))
+    cache = RedisCache(redis_client(addr, "", "", 0, socket_timeout=1), storage, ttl=ttl)
+    return Registry(storage, secret="s", delete_enabled=True, cache=cache)
 
 
 @pytest.fixture
 def redis_db(redis_addr: str) -> Iterator[str]:
-    from s3support import flush_redis
+    from harness import flush_redis
 
     flush_redis(redis_addr)
     yield redis_addr
@@ -84,14 +85,14 @@ def test_deletions_forget_first(tmp_path: Path, redis_db: str) -> None:
         # Garbage collection: an unreferenced, old blob is swept and forgotten.
         kept = await upload(registry, "app", b"swept by gc")
         await blobs.stat(kept)
-        await registry.driver.touch(layout.blob_data(kept))
+        await registry.storage.touch(layout.blob_data(kept))
         old = time.time() - 10 * 86400
         data = tmp_path / layout.blob_data(kept).lstrip("/")
         link = tmp_path / layout.layer_link("app", kept).lstrip("/")
         for path in (data, link):
             os.utime(path, (old, old))
         report = await GarbageCollector(
-            registry.driver, grace=60, touch_interval=15, cache=registry.blobs.cache
+            registry.storage, grace=60, touch_interval=15, cache=registry.blobs.cache
         ).run()
         assert report.blobs_removed >= 1
         with pytest.raises(RegistryError):
@@ -119,8 +120,9 @@ def test_a_wiped_store_never_sees_old_entries(tmp_path: Path, redis_db: str) -> 
     asyncio.run(look())
 
 
+@pytest.mark.slow
 def test_flushed_or_unreachable_redis_degrades_to_storage(tmp_path: Path, redis_db: str) -> None:
-    from s3support import flush_redis
+    from harness import flush_redis
 
     registry = cached_registry(tmp_path, redis_db)
 
@@ -162,7 +164,7 @@ def test_a_reader_racing_a_deletion_cannot_cache_it_again(tmp_path: Path, redis_
         d = await upload(registry, "app", b"confirmed, then deleted")
         size = (await blobs.stat(d)).size  # the reader's storage check...
         await cache.forget_blob(d)  # ...the collector forgets and deletes...
-        await registry.driver.delete(layout.blob_data(d))
+        await registry.storage.delete(layout.blob_data(d))
         await cache.remember("app", d, size)  # ...and the reader writes its entry late
         assert await cache.linked_size("app", d) is None
         with pytest.raises(RegistryError):
@@ -192,7 +194,7 @@ def test_an_immediate_collection_forgets_what_it_deletes(tmp_path: Path, redis_d
         await blobs.stat(d)
         assert await registry.blobs.cache.linked_size("app", d) is not None
         report = await GarbageCollector(
-            registry.driver,
+            registry.storage,
             grace=0,
             touch_interval=3600,
             cache=registry.blobs.cache,

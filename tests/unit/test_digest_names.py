@@ -83,6 +83,7 @@ def test_invalid_names(name: str) -> None:
     assert err.value.code is ErrorCode.NAME_INVALID
 
 
+@pytest.mark.slow
 @given(st.from_regex(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*", fullmatch=True))
 def test_generated_component_names_are_valid(name: str) -> None:
     if len(name) <= 255:

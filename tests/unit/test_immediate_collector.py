@@ -22,17 +22,19 @@ from dockyard.registry.presence import (
 )
 from dockyard.registry.repository import Registry
 from dockyard.storage.filesystem import FilesystemDriver
+from dockyard.storage.store import Store
 
 #: the server's default touch interval: a blob used within the hour is not stamped again
 HOUR = 3600.0
 
 
 def registry(root: Path) -> Registry:
-    return Registry(FilesystemDriver(str(root), max_threads=4), secret="s", delete_enabled=True)
+    storage = Store(FilesystemDriver(str(root), max_threads=4))
+    return Registry(storage, secret="s", delete_enabled=True)
 
 
 def collector(reg: Registry, **options: bool) -> GarbageCollector:
-    return GarbageCollector(reg.driver, grace=0, touch_interval=HOUR, **options)
+    return GarbageCollector(reg.storage, grace=0, touch_interval=HOUR, **options)
 
 
 def test_everything_unreferenced_goes_at_once(tmp_path: Path) -> None:
@@ -53,7 +55,7 @@ def test_everything_unreferenced_goes_at_once(tmp_path: Path) -> None:
             assert not await reg.blobs.exists(digest)
             assert not (tmp_path / layout.layer_link("app", digest).lstrip("/")).exists()
         assert "immediate collection" in report.summary()
-        await reg.driver.close()
+        await reg.storage.close()
 
     asyncio.run(go())
     assert not [p for p in tmp_path.rglob("*") if ".gc-" in p.name]  # nothing set aside
@@ -63,7 +65,7 @@ def test_refused_before_deleting_anything_while_a_writable_server_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg = registry(tmp_path)
-    records = PresenceRecords(reg.driver)
+    records = PresenceRecords(reg.storage)
 
     async def go() -> None:
         garbage = await upload(reg, "app", b"garbage")
@@ -71,14 +73,14 @@ def test_refused_before_deleting_anything_while_a_writable_server_runs(
         await records.write(server)
         lease = tmp_path / layout.lease("gc").lstrip("/")
         lease_written = []
-        real_write_new = reg.driver.write_new
+        real_write_new = reg.storage.write_new
 
         async def watch(path: str, data: bytes) -> bool:
             lease_written.append(path)
             return await real_write_new(path, data)
 
         with monkeypatch.context() as patched:
-            patched.setattr(reg.driver, "write_new", watch)
+            patched.setattr(reg.storage, "write_new", watch)
             with pytest.raises(ImmediateCollectionRefused):
                 await collector(reg, immediate=True, presences=records).run()
         assert await reg.blobs.exists(garbage)
@@ -98,7 +100,7 @@ def test_refused_before_deleting_anything_while_a_writable_server_runs(
         assert report.blobs_removed == 1 and report.stale_presences == 1
         assert not record.exists()
         assert not await reg.blobs.exists(garbage)
-        await reg.driver.close()
+        await reg.storage.close()
 
     asyncio.run(go())
 
@@ -107,9 +109,9 @@ def test_a_server_starting_between_the_first_look_and_the_marker_is_seen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg = registry(tmp_path)
-    records = PresenceRecords(reg.driver)
+    records = PresenceRecords(reg.storage)
     starting = new_presence("writable", ":5000", 15.0, "none")
-    real_write_new = reg.driver.write_new
+    real_write_new = reg.storage.write_new
 
     async def server_registers_first(path: str, data: bytes) -> bool:
         if path == layout.lease("gc"):
@@ -118,12 +120,12 @@ def test_a_server_starting_between_the_first_look_and_the_marker_is_seen(
 
     async def go() -> None:
         garbage = await upload(reg, "app", b"garbage")
-        monkeypatch.setattr(reg.driver, "write_new", server_registers_first)
+        monkeypatch.setattr(reg.storage, "write_new", server_registers_first)
         with pytest.raises(ImmediateCollectionRefused) as refused:
             await collector(reg, immediate=True, presences=records).run()
         assert [s.presence.id for s in refused.value.sightings] == [starting.id]
         assert await reg.blobs.exists(garbage)
         assert not (tmp_path / layout.lease("gc").lstrip("/")).exists()
-        await reg.driver.close()
+        await reg.storage.close()
 
     asyncio.run(go())

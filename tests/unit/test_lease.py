@@ -13,16 +13,17 @@ import pytest
 from dockyard.registry import layout
 from dockyard.registry.lease import Lease, LeaseBusy, read_lease
 from dockyard.storage.filesystem import FilesystemDriver
+from dockyard.storage.store import Store
 
 
 def test_lease_is_exclusive_renewed_and_lost_when_taken(tmp_path: Path) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
     path = tmp_path / layout.lease("gc").lstrip("/")
 
     async def go() -> None:
-        async with Lease(driver, "gc", ttl=0.6) as lease:
+        async with Lease(storage, "gc", ttl=0.6) as lease:
             with pytest.raises(LeaseBusy):
-                await Lease(driver, "gc").acquire()
+                await Lease(storage, "gc").acquire()
             first = json.loads(path.read_text())["expires"]
             await asyncio.sleep(0.5)  # longer than a third of the lifetime: renewed meanwhile
             assert json.loads(path.read_text())["expires"] > first
@@ -34,7 +35,7 @@ def test_lease_is_exclusive_renewed_and_lost_when_taken(tmp_path: Path) -> None:
                 lease.check()
         # Leaving does not remove a lease this holder no longer owns.
         assert json.loads(path.read_text())["holder"] == "other:1"
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
@@ -42,13 +43,13 @@ def test_lease_is_exclusive_renewed_and_lost_when_taken(tmp_path: Path) -> None:
 def test_lease_carries_its_purpose_and_its_holder_stops_when_it_could_not_renew(
     tmp_path: Path,
 ) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
 
     async def go() -> None:
-        assert await read_lease(driver, "gc") is None
-        lease = Lease(driver, "gc", ttl=0.3, purpose="immediate")
+        assert await read_lease(storage, "gc") is None
+        lease = Lease(storage, "gc", ttl=0.3, purpose="immediate")
         await lease.acquire()  # held without the background renewal
-        state = await read_lease(driver, "gc")
+        state = await read_lease(storage, "gc")
         assert state is not None
         assert (state.holder, state.purpose) == (lease.holder, "immediate")
         assert abs(state.taken - time.time()) < 5
@@ -59,10 +60,10 @@ def test_lease_carries_its_purpose_and_its_holder_stops_when_it_could_not_renew(
             lease.check()
         await lease.renew()  # nobody took it: renewing makes it the holder's again
         lease.check()
-        renewed = await read_lease(driver, "gc")
+        renewed = await read_lease(storage, "gc")
         assert renewed is not None and renewed.purpose == "immediate"
         await lease.release()
-        assert await read_lease(driver, "gc") is None
-        await driver.close()
+        assert await read_lease(storage, "gc") is None
+        await storage.close()
 
     asyncio.run(go())

@@ -19,15 +19,18 @@ from dockyard.registry import layout
 from dockyard.registry.repository import Registry, paginate
 from dockyard.registry.uploads import Chain, ContentRange, HasherCache, Part, RunningHash
 from dockyard.storage.filesystem import FilesystemDriver
+from dockyard.storage.store import LocalRange, Store
 
 V2 = "docker/registry/v2"
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
-    driver = FilesystemDriver(str(tmp_path), max_threads=8)
-    yield Registry(driver, secret="s", delete_enabled=True)
-    asyncio.run(driver.close())
+    registry = Registry(
+        Store(FilesystemDriver(str(tmp_path), max_threads=8)), secret="s", delete_enabled=True
+    )
+    yield registry
+    asyncio.run(registry.close())
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -162,7 +165,7 @@ def test_upload_continues_on_another_worker(registry: Registry, tmp_path: Path) 
     hasher in memory: the digest is computed from the stored bytes."""
     data = os.urandom(2_500_000)
     other = Registry(
-        FilesystemDriver(str(tmp_path), max_threads=4), secret="s", delete_enabled=True
+        Store(FilesystemDriver(str(tmp_path), max_threads=4)), secret="s", delete_enabled=True
     )
 
     async def go() -> None:
@@ -179,7 +182,9 @@ def test_upload_continues_on_another_worker(registry: Registry, tmp_path: Path) 
 
 def test_state_token_from_another_secret_is_refused(registry: Registry, tmp_path: Path) -> None:
     other = Registry(
-        FilesystemDriver(str(tmp_path), max_threads=4), secret="different", delete_enabled=True
+        Store(FilesystemDriver(str(tmp_path), max_threads=4)),
+        secret="different",
+        delete_enabled=True,
     )
 
     async def go() -> None:
@@ -221,6 +226,27 @@ def test_concurrent_uploads_of_same_blob(registry: Registry) -> None:
         assert len(set(digests)) == 1
         for i in range(3):
             assert (await registry.repository(f"r{i}").blobs.stat(digests[0])).size == len(data)
+
+    run(go())
+
+
+def test_blob_opened_for_a_response(registry: Registry, tmp_path: Path) -> None:
+    """The model opens a blob's range for the HTTP layer (a local file for sendfile on a
+    filesystem); a blob removed since it was found is BLOB_UNKNOWN, never an OSError."""
+    data = os.urandom(10_000)
+
+    async def go() -> None:
+        repo = registry.repository("x")
+        d = await upload(registry, "x", data)
+        assert (await repo.blobs.stat(d)).size == len(data)
+        opened = await repo.blobs.open(d, 100, 50)
+        assert isinstance(opened, LocalRange)
+        assert os.pread(opened.file.fileno(), opened.length, opened.offset) == data[100:150]
+        opened.close()
+        (tmp_path / layout.blob_data(d).lstrip("/")).unlink()  # a collection took it
+        with pytest.raises(RegistryError) as err:
+            await repo.blobs.open(d, 0, len(data))
+        assert err.value.code is ErrorCode.BLOB_UNKNOWN
 
     run(go())
 

@@ -146,6 +146,7 @@ def _parse_or_refuse(body: bytes, content_type: str | None) -> Manifest | None:
         return None
 
 
+@pytest.mark.slow
 @FUZZ
 @given(manifest_like, content_types)
 def test_manifest_shaped_json(doc: dict[str, Any], content_type: str | None) -> None:

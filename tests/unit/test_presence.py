@@ -30,7 +30,8 @@ from dockyard.registry.presence import (
 )
 from dockyard.storage.driver import StorageError
 from dockyard.storage.filesystem import FilesystemDriver
-from support import free_port
+from dockyard.storage.store import Store
+from harness import free_port
 
 
 def writable(interval: float = 15.0, cache: str = "none") -> Presence:
@@ -50,11 +51,11 @@ async def collector_check(records: PresenceRecords, cache_kind: str = "none") ->
 def test_a_writable_server_seeing_the_marker_refuses_writes_until_it_is_gone(
     tmp_path: Path,
 ) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
-    records = PresenceRecords(driver)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
+    records = PresenceRecords(storage)
 
     async def go() -> None:
-        marker = Lease(driver, GC_LEASE, purpose=IMMEDIATE)
+        marker = Lease(storage, GC_LEASE, purpose=IMMEDIATE)
         await marker.acquire()  # the collection began first
         server = Heartbeat(records, writable(interval=0.5))
         await server.beat()
@@ -64,7 +65,7 @@ def test_a_writable_server_seeing_the_marker_refuses_writes_until_it_is_gone(
         await server.beat()
         assert server.accepting_writes()
         # An online collection's lease holds nothing back...
-        async with Lease(driver, GC_LEASE):
+        async with Lease(storage, GC_LEASE):
             await server.beat()
             assert server.accepting_writes()
         # ...nor the marker of an immediate collector that died long ago (it expired).
@@ -74,21 +75,21 @@ def test_a_writable_server_seeing_the_marker_refuses_writes_until_it_is_gone(
         )
         await server.beat()
         assert server.accepting_writes()
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
 
 def test_whichever_goes_second_sees_the_other(tmp_path: Path) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
-    records = PresenceRecords(driver)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
+    records = PresenceRecords(storage)
 
     async def go() -> None:
         # The server first (its presence, then no marker): the collector refuses.
         server = Heartbeat(records, writable())
         await server.beat()
         assert server.accepting_writes()
-        marker = Lease(driver, GC_LEASE, purpose=IMMEDIATE)
+        marker = Lease(storage, GC_LEASE, purpose=IMMEDIATE)
         await marker.acquire()
         with pytest.raises(ImmediateCollectionRefused):
             await collector_check(records)
@@ -102,7 +103,7 @@ def test_whichever_goes_second_sees_the_other(tmp_path: Path) -> None:
         await marker.acquire()
         with pytest.raises(ImmediateCollectionRefused):
             await collector_check(records)
-        assert await immediate_collection(driver) is not None
+        assert await immediate_collection(storage) is not None
         await marker.release()
         await late.stop()
 
@@ -113,30 +114,30 @@ def test_whichever_goes_second_sees_the_other(tmp_path: Path) -> None:
         await starting.beat()
         assert not starting.accepting_writes()
         await marker.release()
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
 
 def test_permission_to_write_runs_out_without_a_refresh(tmp_path: Path) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
 
     async def go() -> None:
-        server = Heartbeat(PresenceRecords(driver), writable(interval=0.1))
+        server = Heartbeat(PresenceRecords(storage), writable(interval=0.1))
         assert not server.accepting_writes()  # nothing recorded yet
         await server.beat()
         assert server.accepting_writes()
         await asyncio.sleep(0.25)  # two intervals: long before its record would count as dead
         assert not server.accepting_writes()
         assert stale_after(server.presence) > 0.25
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
 
 def test_stale_and_read_only_records_do_not_block(tmp_path: Path) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
-    records = PresenceRecords(driver)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
+    records = PresenceRecords(storage)
 
     async def go() -> None:
         dead = writable(interval=1.0)
@@ -152,14 +153,14 @@ def test_stale_and_read_only_records_do_not_block(tmp_path: Path) -> None:
         await records.write(dead)
         with pytest.raises(ImmediateCollectionRefused):
             await collector_check(records)
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
 
 def test_refusal_names_the_servers_and_says_how_to_proceed(tmp_path: Path) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
-    records = PresenceRecords(driver)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
+    records = PresenceRecords(storage)
 
     async def go() -> None:
         server = writable()
@@ -174,14 +175,14 @@ def test_refusal_names_the_servers_and_says_how_to_proceed(tmp_path: Path) -> No
         assert "127.0.0.1:5001" not in message  # read-only servers may keep serving
         assert "storage.maintenance.readonly.enabled: true" in message
         assert "REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED=true" in message
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
 
 def test_servers_caching_in_redis_need_a_collector_that_forgets_there(tmp_path: Path) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
-    records = PresenceRecords(driver)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
+    records = PresenceRecords(storage)
 
     async def go() -> None:
         await records.write(read_only(cache="redis"))
@@ -189,14 +190,14 @@ def test_servers_caching_in_redis_need_a_collector_that_forgets_there(tmp_path: 
             await collector_check(records, cache_kind="none")
         assert "storage.cache.blobdescriptor: redis" in str(refused.value)
         await collector_check(records, cache_kind="redis")
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())
 
 
 @pytest.fixture
 def redis_db(redis_addr: str) -> Iterator[str]:
-    from s3support import flush_redis
+    from harness import flush_redis
 
     flush_redis(redis_addr)
     yield redis_addr
@@ -204,15 +205,15 @@ def redis_db(redis_addr: str) -> Iterator[str]:
 
 
 def test_presences_in_redis_count_too(tmp_path: Path, redis_db: str) -> None:
-    driver = FilesystemDriver(str(tmp_path), max_threads=4)
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
 
     async def go() -> None:
         client = redis_client(redis_db, "", "", 0, socket_timeout=2)
-        records = PresenceRecords(driver, client)
+        records = PresenceRecords(storage, client)
         server = Heartbeat(records, writable(interval=1.0))
         await server.beat()
         # Found in Redis alone (its storage record lost), it still counts.
-        await driver.delete(layout.instance(server.presence.id))
+        await storage.delete(layout.instance(server.presence.id))
         sightings = await records.sightings(time.time())
         assert [(s.presence.id, s.age, s.alive) for s in sightings] == [
             (server.presence.id, None, True)
@@ -227,8 +228,8 @@ def test_presences_in_redis_count_too(tmp_path: Path, redis_db: str) -> None:
 
         dead = redis_client(f"127.0.0.1:{free_port()}", "", "", 0, retry=Retry(NoBackoff(), 0))
         with pytest.raises(StorageError, match="redis"):
-            await PresenceRecords(driver, dead).sightings(time.time())
+            await PresenceRecords(storage, dead).sightings(time.time())
         await dead.aclose()
-        await driver.close()
+        await storage.close()
 
     asyncio.run(go())

@@ -1,5 +1,10 @@
-"""Private Docker engines (dockerd) for end-to-end tests, each with its own data, exec root,
-socket and client config under a short temporary directory."""
+"""Private Docker engines (dockerd, with their containerd) for end-to-end tests, each with its
+own data, exec root, socket and client config under a short temporary directory.
+
+One engine serves a whole test session (``harness.plugin.dockerd``): it trusts every registry on
+loopback over plain HTTP (``--insecure-registry 127.0.0.0/8``), so a test can run a registry on
+any free port; a test that needs its own client configuration (logins) asks the engine for one
+with ``Dockerd.client``."""
 
 from __future__ import annotations
 
@@ -37,6 +42,36 @@ class Dockerd:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def client(self, config_dir: Path) -> Dockerd:
+        """The same engine, with the docker CLI's configuration (logins) in ``config_dir``."""
+        config_dir.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "DOCKER_CONFIG": str(config_dir)}
+        return Dockerd(dir=self.dir, proc=self.proc, env=env, log_path=self.log_path)
+
+    @property
+    def containerd_address(self) -> str:
+        """The socket of the containerd this engine runs (for ``ctr --address``)."""
+        return str(self.dir / "exec" / "containerd" / "containerd.sock")
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """containerd's own CLI against this engine's containerd (namespace ``dockyard-test``,
+        apart from docker's ``moby``)."""
+        result = subprocess.run(
+            ["ctr", "--address", self.containerd_address, "--namespace", "dockyard-test", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"ctr {' '.join(args)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
 
     def docker(
         self, *args: str, check: bool = True, timeout: float = 120.0, input: bytes | None = None
@@ -98,7 +133,7 @@ def start_dockerd(
     timeout: float = 30.0,
     storage_driver: str = "vfs",
 ) -> Dockerd:
-    """Start dockerd per tests' guide (no iptables, no bridge, vfs) and wait until it answers."""
+    """Start dockerd per tests' guide (no iptables, no bridge) and wait until it answers."""
     binary = find_dockerd()
     assert binary is not None, "dockerd is not installed"
     assert shutil.which("docker"), "dockerd is installed but the docker CLI is not"

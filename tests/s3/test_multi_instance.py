@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import json
 import os
 import re
@@ -44,8 +43,28 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import pytest
-from images import build_busybox_image
-from pushload import (
+
+from harness import (
+    DockyardProcess,
+    S3Endpoint,
+    Server,
+    flush_redis,
+    free_port,
+    new_bucket,
+    sha256,
+    write_config,
+)
+from harness.images import build_busybox_image
+from harness.net import Loopback
+from harness.nginx import (
+    NginxProcess,
+    nginx_test,
+    run_nginx,
+    sub_exactly,
+    write_nginx_conf,
+)
+from harness.oci import OciLayout, gzip_layer
+from harness.workloads import (
     Client,
     GCRun,
     Ledger,
@@ -57,24 +76,12 @@ from pushload import (
     dockyard,
     gc_loop,
     make_jobs,
-    oci_manifest,
     report,
     run_load,
     session,
     touch_interval,
     verify_all,
 )
-from services import (
-    Loopback,
-    NginxProcess,
-    nginx_test,
-    run_nginx,
-    sub_exactly,
-    write_nginx_conf,
-)
-
-from s3support import S3Endpoint, flush_redis, new_bucket
-from support import OCI_MANIFEST, Server, free_port, launch, sha256, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -241,7 +248,7 @@ def cluster(
     try:
         for n in (1, 2):
             instances.append(
-                launch(tmp_path_factory.mktemp(f"dockyard{n}"), workers=1, **overrides)
+                DockyardProcess.launch(tmp_path_factory.mktemp(f"dockyard{n}"), **overrides)
             )
         nginx = start_nginx(
             tmp_path_factory.mktemp("nginx"), [s.port for s in instances], registry_port
@@ -376,48 +383,14 @@ def test_chunked_upload_hops_between_instances(cluster: Cluster) -> None:
 # -- 2. skopeo -------------------------------------------------------------------------------------
 
 
-def build_oci_layout(dest: Path, layer_sizes: list[int]) -> tuple[str, dict[str, bytes]]:
-    """An OCI image layout (tag ``v1``) with gzip layers of random bytes; returns the manifest
-    digest and every blob (config, layers, manifest) by digest."""
-    blobs: dict[str, bytes] = {}
-    layers = [gzip.compress(os.urandom(n), compresslevel=1) for n in layer_sizes]
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [sha256(gzip.decompress(x)) for x in layers]},
-        }
-    ).encode()
-    manifest = oci_manifest(config, layers)
-    for blob in (config, *layers, manifest):
-        blobs[sha256(blob)] = blob
-    (dest / "blobs" / "sha256").mkdir(parents=True)
-    for digest, blob in blobs.items():
-        (dest / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(blob)
-    (dest / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": sha256(manifest),
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": "v1"},
-            }
-        ],
-    }
-    (dest / "index.json").write_text(json.dumps(index))
-    return sha256(manifest), blobs
-
-
 def test_skopeo_push_and_pull_through_redirects(cluster: Cluster, tmp_path: Path) -> None:
     skopeo = _which("skopeo")
     if skopeo is None:
         pytest.skip("skopeo is not installed (Debian package skopeo)")
-    source, pulled = tmp_path / "source", tmp_path / "pulled"
-    manifest_digest, blobs = build_oci_layout(
-        source, [6 * MiB, 6 * MiB + 4321, 3000, 12_345, 100_000]
-    )
+    source, pulled = OciLayout(tmp_path / "source"), tmp_path / "pulled"
+    sizes = [6 * MiB, 6 * MiB + 4321, 3000, 12_345, 100_000]
+    manifest_digest = source.tag("v1", source.image("amd64", [gzip_layer(n) for n in sizes]))
+    blobs = source.blobs
     ref = f"{cluster.host}/multi/skopeo:v1"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -429,7 +402,7 @@ def test_skopeo_push_and_pull_through_redirects(cluster: Cluster, tmp_path: Path
         )
         return result
 
-    run("copy", "--dest-tls-verify=false", f"oci:{source}:v1", f"docker://{ref}")
+    run("copy", "--dest-tls-verify=false", f"oci:{source.path}:v1", f"docker://{ref}")
     cluster.flush_redis()
     run("copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{pulled}:v1")
 
@@ -471,7 +444,9 @@ def test_docker_push_pull_run(cluster: Cluster, dockerd: Any, tmp_path: Path) ->
     digest = match[1]
 
     dockerd.docker("rmi", ref, image.repo_tag)
-    assert dockerd.docker("images", "-q").stdout.strip() == ""
+    # Gone from the engine (which other tests' images share): the pull must fetch it all.
+    listed = dockerd.docker("images", "-q", "--no-trunc").stdout.split()
+    assert image.image_id not in listed, listed
     cluster.flush_redis()
 
     pull = dockerd.docker("pull", ref)
@@ -499,7 +474,7 @@ def test_instance_with_another_secret_refuses_the_upload_state(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     (tmp_path / "dockyard3").mkdir()
-    other = launch(
+    other = DockyardProcess.launch(
         tmp_path / "dockyard3",
         workers=1,
         **{**cluster.overrides, "http": {"secret": cluster.secret + "-but-different"}},

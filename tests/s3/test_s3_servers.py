@@ -1,6 +1,6 @@
-"""The S3 and Redis servers the storage tests run against (s3support.py) work as the tests
-assume: moto stores objects; Ceph RGW stores objects and, unlike moto, enforces signatures and
-presigned-URL expiry; redis-server stores keys and can be emptied."""
+"""The S3 and Redis servers the storage tests run against (harness/s3.py, harness/redis.py)
+work as the tests assume: moto stores objects; Ceph RGW stores objects and, unlike moto,
+enforces signatures and presigned-URL expiry; redis-server stores keys and can be emptied."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import botocore.exceptions
 import pytest
 import requests
 
-from s3support import S3Endpoint, flush_redis, redis_client
-
-pytestmark = pytest.mark.e2e
+from harness import S3Endpoint, flush_redis, redis_client
 
 BucketFactory = Callable[[S3Endpoint], str]
 

@@ -1,11 +1,14 @@
-"""Test certificates: a CA, and server or client certificates it signs (cryptography)."""
+"""Test certificates: a CA, and server or client certificates it signs (cryptography); an
+external token server's signing key and the bearer tokens it issues."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -112,3 +115,74 @@ def server_certificate(directory: Path) -> tuple[CA, Issued]:
     """A CA and a certificate for localhost / 127.0.0.1 signed by it."""
     ca = CA(directory)
     return ca, ca.issue("server", dns=["localhost"], ips=["127.0.0.1"])
+
+
+# -- an external token server's signing key, and the tokens it issues -----------------------------
+
+#: the issuer and audience the tests' external token server uses (``auth.token``'s keys)
+TOKEN_ISSUER = "auth.example"
+TOKEN_SERVICE = "registry.example"
+
+
+def token_signer(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
+    """An external token server's key, and a root bundle holding its self-signed certificate
+    (for ``auth.token.rootcertbundle``)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name("token signer")
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    bundle = directory / "root.pem"
+    bundle.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key, bundle
+
+
+def token_auth(bundle: Path) -> dict[str, Any]:
+    """Dockyard's ``auth`` section trusting the tests' external token server."""
+    return {
+        "token": {
+            "realm": f"https://{TOKEN_ISSUER}/token",
+            "service": TOKEN_SERVICE,
+            "issuer": TOKEN_ISSUER,
+            "rootcertbundle": str(bundle),
+        }
+    }
+
+
+def sign_token(
+    key: Any,
+    access: list[dict[str, Any]],
+    *,
+    algorithm: str = "ES256",
+    headers: dict[str, Any] | None = None,
+    **claims: Any,
+) -> str:
+    """A bearer token as the tests' external token server issues it: for ``bob``, valid for
+    five minutes, granting ``access``; ``claims`` add or replace claims, ``headers`` replace the
+    default ``kid`` header (libtrust's key id of ``key``)."""
+    import jwt
+
+    from dockyard.auth.tokens import libtrust_kid
+
+    now = int(time.time())
+    body = {
+        "iss": TOKEN_ISSUER,
+        "aud": TOKEN_SERVICE,
+        "sub": "bob",
+        "exp": now + 300,
+        "nbf": now - 5,
+        "iat": now,
+        "access": access,
+        **claims,
+    }
+    if headers is None:
+        headers = {"kid": libtrust_kid(key.public_key())}
+    return jwt.encode(body, key, algorithm=algorithm, headers=headers)

@@ -1,24 +1,24 @@
-"""Test support: a real Dockyard server in a subprocess, on loopback, with its own storage."""
+"""Talking to a registry under test: content pushed through the API, error bodies checked,
+clients at other loopback addresses, and raw HTTP where a client library would normalise what
+is sent or hide what comes back."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import itertools
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin
 
 import requests
-import yaml
 from requests.adapters import HTTPAdapter
+
+from harness.net import Loopback
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -26,64 +26,20 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
-
-
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class Server:
-    """A running ``dockyard serve`` subprocess."""
+class RegistryClient(Loopback):
+    """What Dockyard under test offers tests (in a process of its own or in the test's): its
+    URLs, and content pushed through the API with ``session``."""
 
-    port: int
-    root: Path
-    config_path: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-    session: requests.Session = field(default_factory=requests.Session)
     scheme: str = "http"
+    session: requests.Session
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def v2(self, path: str) -> str:
-        return f"{self.url}/v2/{path}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
     # -- helpers for building content through the API --------------------------------------
     def push_blob(self, name: str, data: bytes) -> str:
@@ -153,83 +109,80 @@ class Server:
         return sha256(body), manifest
 
 
-def write_config(path: Path, root: Path, port: int, **overrides: Any) -> None:
-    config: dict[str, Any] = {
-        "version": 0.1,
-        "log": {"level": "info"},
-        "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "test-secret"},
-    }
-    s3 = os.environ.get("DOCKYARD_TEST_S3")
-    if s3 and not {"s3", "filesystem"} & set(overrides.get("storage", {})):
-        # The API suite on S3 instead of a disk: DOCKYARD_TEST_S3 holds storage.s3 as JSON (each
-        # data directory becomes its own prefix; blobs are served by Dockyard, not redirected).
-        prefix = hashlib.sha256(str(root).encode()).hexdigest()[:16]  # one per data directory
-        config["storage"]["s3"] = {**json.loads(s3), "rootdirectory": f"/{prefix}"}
-        config["storage"]["redirect"] = {"disable": True}
-    _merge(config, overrides)
-    if "s3" in config["storage"]:  # another driver replaces the default filesystem one
-        del config["storage"]["filesystem"]
-    path.write_text(yaml.safe_dump(config))
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-ServerFactory = Callable[..., Server]
-
-
-def launch(
-    work: Path,
+def chunked_push(
+    registry: Loopback,
+    repo: str,
+    tag: str,
+    layer: bytes,
+    config: bytes,
+    manifest: bytes,
+    cuts: Sequence[int],
     *,
-    root: Path | None = None,
-    workers: int = 1,
-    env: dict[str, str] | None = None,
-    port: int | None = None,
-    args: list[str] | None = None,
-    **overrides: Any,
-) -> Server:
-    """Write a config (test defaults merged with ``overrides``) into ``work`` and start
-    ``dockyard serve`` on it; return once the port accepts connections."""
-    root = root or work / "data"
-    port = port or free_port()
-    config_path = work / "config.yml"
-    write_config(config_path, root, port, **overrides)
-    log_path = work / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "dockyard",
-        "serve",
-        str(config_path),
-        "--workers",
-        str(workers),
-        *(args or []),
-    ]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    last_in_put: bool = False,
+) -> str:
+    """Push an image by hand, the layer in chunks, to any registry (Dockyard or registry:2).
+
+    The layer: ``POST``, a ``PATCH`` with its ``Content-Range`` for each span between ``cuts``
+    (offsets from 0 to the layer's length), each answered 202 with the ``Range`` received so
+    far, then ``PUT ?digest=`` without a body; or, with ``last_in_put``, the last span in that
+    ``PUT`` instead, after a ``GET`` of the upload's state (204 and its ``Range``). The config:
+    ``POST``, then the whole blob in the ``PUT`` (registry:2 has no single-``POST`` upload).
+    Then ``manifest`` (referencing both) by ``tag``. Returns the manifest digest."""
+    base = registry.v2(repo)
+    assert cuts[0] == 0 and cuts[-1] == len(layer), cuts
+    patched = cuts[:-1] if last_in_put else cuts
+    r = requests.post(f"{base}/blobs/uploads/", timeout=30)
+    assert r.status_code == 202, r.text
+    location = urljoin(registry.url, r.headers["Location"])
+    for start, end in itertools.pairwise(patched):
+        r = requests.patch(
+            location,
+            data=layer[start:end],
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{start}-{end - 1}",
+            },
+            timeout=60,
         )
-    tls = overrides.get("http", {}).get("tls")
-    server = Server(
-        port=port,
-        root=root,
-        config_path=config_path,
-        log_path=log_path,
-        proc=proc,
-        scheme="https" if tls else "http",
+        assert r.status_code == 202, r.text
+        assert r.headers["Range"] == f"0-{end - 1}"
+        location = urljoin(registry.url, r.headers["Location"])
+    last = b""
+    if last_in_put:
+        status = requests.get(location, timeout=30)
+        assert status.status_code == 204, status.text
+        assert status.headers["Range"] == f"0-{cuts[-2] - 1}"
+        last = layer[cuts[-2] :]
+    r = requests.put(
+        location,
+        params={"digest": sha256(layer)},
+        data=last,
+        headers={"Content-Type": "application/octet-stream"} if last else {},
+        timeout=60,
     )
-    try:
-        wait_for_port(port, proc)
-    except Exception:
-        server.stop()
-        raise RuntimeError(f"server did not start:\n{server.log()}") from None
-    return server
+    assert r.status_code == 201, r.text
+    assert r.headers["Docker-Content-Digest"] == sha256(layer)
+
+    r = requests.post(f"{base}/blobs/uploads/", timeout=30)
+    assert r.status_code == 202, r.text
+    r = requests.put(
+        urljoin(registry.url, r.headers["Location"]),
+        params={"digest": sha256(config)},
+        data=config,
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+
+    r = requests.put(
+        f"{base}/manifests/{tag}",
+        data=manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["Docker-Content-Digest"] == sha256(manifest)
+    return sha256(manifest)
 
 
 def assert_error(r: requests.Response, status: int, code: str) -> dict[str, Any]:

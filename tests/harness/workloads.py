@@ -29,11 +29,15 @@ from urllib.parse import urljoin
 
 import requests
 
-from support import OCI_MANIFEST, sha256
+from harness.client import OCI_MANIFEST, sha256
+from harness.oci import CONFIG_MEDIA_TYPE, LAYER_MEDIA_TYPE
 
-LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
-CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 REMOVED = re.compile(r"\bremoved (\d+) blobs \((\d+) bytes\), (\d+) untagged manifests")
+#: the last line of ``dockyard gc``, with ``--dry-run`` or without
+SUMMARY = re.compile(
+    r"(?P<verb>would remove|removed) (?P<blobs>\d+) blobs \((?P<bytes>\d+) bytes\), "
+    r"(?P<manifests>\d+) untagged manifests, (?P<links>\d+) dangling layer links"
+)
 
 
 def touch_interval(grace: float) -> float:
@@ -483,6 +487,15 @@ def dockyard(config: Path, command: str, *args: str, timeout: float = 120) -> GC
         check=False,
     )
     return GCRun(args, started, time.time(), result.returncode, result.stdout, result.stderr)
+
+
+def gc_summary(output: str) -> dict[str, Any]:
+    """What ``dockyard gc`` said it removed (or would): ``verb`` ("removed" or "would
+    remove"), ``blobs``, ``bytes``, ``manifests`` (untagged) and ``links`` (dangling layer
+    links), the counts as numbers."""
+    match = SUMMARY.search(output)
+    assert match, output
+    return {k: (v if k == "verb" else int(v)) for k, v in match.groupdict().items()}
 
 
 def gc_loop(

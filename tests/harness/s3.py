@@ -1,4 +1,4 @@
-"""S3 and Redis servers for tests, on loopback and free ports (fixtures: conftest.py).
+"""S3 servers for tests, on loopback and free ports (fixtures: harness/plugin.py).
 
 Two S3 servers, for different jobs:
 
@@ -40,9 +40,9 @@ from typing import Any, Literal
 
 import pytest
 
-from support import free_port, wait_for_port
+from harness.net import free_port, wait_for_port
 
-RGW_DIR = Path(__file__).resolve().parent / "rgw"
+RGW_DIR = Path(__file__).resolve().parents[1] / "rgw"
 RGW_ACCESS_KEY = "testkey"
 RGW_SECRET_KEY = "testsecret"
 RGW_BINARIES = {  # binary -> Debian package
@@ -159,53 +159,19 @@ def start_moto() -> Iterator[S3Endpoint]:
 @contextlib.contextmanager
 def start_rgw(directory: Path, timeout: float = 180.0) -> Iterator[S3Endpoint]:
     """Ceph RGW (``tests/rgw/rgw-up.sh``) with its state in ``directory``, stopped on exit by
-    ``rgw-down.sh``. Skips the test if the Ceph packages are not installed."""
-    missing = sorted({pkg for binary, pkg in RGW_BINARIES.items() if shutil.which(binary) is None})
-    if missing:
-        pytest.skip(f"Ceph RGW is not installed (Debian packages {' '.join(missing)})")
-    directory = Path(directory)
-    # Admin sockets live in DIR/run; a Unix socket path has at most 107 bytes.
-    with contextlib.ExitStack() as stack:
-        if len(str(directory / "run" / "client.rgw.a.asok")) > 100:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rgw-")))
-        directory.mkdir(parents=True, exist_ok=True)
-        mon_port, rgw_port = free_port(), free_port()
-        while rgw_port == mon_port:
-            rgw_port = free_port()
-        log_path = directory / "rgw-up.log"
-        stack.callback(
-            subprocess.run,
-            [str(RGW_DIR / "rgw-down.sh"), str(directory)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-            check=False,
-        )
-        started = time.monotonic()
-        # Output to a file, not a pipe: the daemons the script starts could hold a pipe open.
-        with open(log_path, "wb") as log:
-            try:
-                result = subprocess.run(
-                    [str(RGW_DIR / "rgw-up.sh"), str(directory), str(mon_port), str(rgw_port)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                    check=False,
-                )
-                failed = f"exited with {result.returncode}" if result.returncode else ""
-            except subprocess.TimeoutExpired:
-                failed = f"did not finish in {timeout:.0f} s"
-        if failed:
-            raise RuntimeError(f"rgw-up.sh {failed}:\n{_rgw_logs(directory, log_path)}")
-        endpoint = S3Endpoint(
-            url=f"http://127.0.0.1:{rgw_port}",
-            access_key=RGW_ACCESS_KEY,
-            secret_key=RGW_SECRET_KEY,
+    ``rgw-down.sh`` (a session shares one instead: ``plugin.rgw_s3``). Skips the test if the
+    Ceph packages are not installed."""
+    state = launch_rgw(directory, timeout)
+    try:
+        yield S3Endpoint(
+            url=state["url"],
+            access_key=state["access_key"],
+            secret_key=state["secret_key"],
             kind="rgw",
-            started_in=time.monotonic() - started,
+            started_in=state["started_in"],
         )
-        yield endpoint
+    finally:
+        subprocess.run(state["stop_command"], capture_output=True, timeout=60, check=False)
 
 
 def _rgw_logs(directory: Path, script_log: Path) -> str:
@@ -215,52 +181,44 @@ def _rgw_logs(directory: Path, script_log: Path) -> str:
     return "\n".join(parts)
 
 
-@contextlib.contextmanager
-def start_redis() -> Iterator[str]:
-    """redis-server on a free loopback port, persisting nothing; yields ``"127.0.0.1:PORT"``.
-    Skips the test if redis-server is not installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server)")
-    with tempfile.TemporaryDirectory(prefix="redis-") as work:
-        port = free_port()
-        log_path = Path(work) / "redis.log"
-        with open(log_path, "wb") as log:
-            command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", work]
-            command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-            proc = subprocess.Popen(
-                command,
+def launch_rgw(directory: Path, timeout: float = 180.0) -> dict[str, Any]:
+    """Start Ceph RGW with its state in ``directory`` (or a short directory of its own when
+    that path is too long for the daemons' sockets) and return its state for
+    ``harness.shared.shared_daemon``: the endpoint's fields and the command that stops it."""
+    missing = sorted({pkg for binary, pkg in RGW_BINARIES.items() if shutil.which(binary) is None})
+    if missing:
+        pytest.skip(f"Ceph RGW is not installed (Debian packages {' '.join(missing)})")
+    if len(str(directory / "run" / "client.rgw.a.asok")) > 100:
+        directory = Path(tempfile.mkdtemp(prefix="rgw-", dir="/tmp"))
+    directory.mkdir(parents=True, exist_ok=True)
+    mon_port, rgw_port = free_port(), free_port()
+    while rgw_port == mon_port:
+        rgw_port = free_port()
+    stop_command = [str(RGW_DIR / "rgw-down.sh"), str(directory)]
+    log_path = directory / "rgw-up.log"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:  # a file, not a pipe: the daemons could hold a pipe open
+        try:
+            result = subprocess.run(
+                [str(RGW_DIR / "rgw-up.sh"), str(directory), str(mon_port), str(rgw_port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
             )
-        try:
-            try:
-                wait_for_port(port, proc)
-            except (RuntimeError, TimeoutError) as e:
-                raise RuntimeError(f"redis-server: {e}\n{log_path.read_text()}") from None
-            addr = f"127.0.0.1:{port}"
-            with contextlib.closing(redis_client(addr)) as r:
-                r.ping()
-            yield addr
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def redis_client(addr: str) -> Any:
-    """A synchronous ``redis.Redis`` for ``"HOST:PORT"`` (close it after use)."""
-    import redis
-
-    host, _, port = addr.rpartition(":")
-    return redis.Redis(host=host, port=int(port), socket_timeout=10)
-
-
-def flush_redis(addr: str) -> None:
-    """Remove every key from the Redis at ``addr`` (tests share one per session)."""
-    with contextlib.closing(redis_client(addr)) as r:
-        r.flushall()
+            failed = f"exited with {result.returncode}" if result.returncode else ""
+        except subprocess.TimeoutExpired:
+            failed = f"did not finish in {timeout:.0f} s"
+    if failed:
+        logs = _rgw_logs(directory, log_path)
+        subprocess.run(stop_command, capture_output=True, timeout=60, check=False)
+        raise RuntimeError(f"rgw-up.sh {failed}:\n{logs}")
+    return {
+        "url": f"http://127.0.0.1:{rgw_port}",
+        "access_key": RGW_ACCESS_KEY,
+        "secret_key": RGW_SECRET_KEY,
+        "kind": "rgw",
+        "started_in": time.monotonic() - started,
+        "stop_command": stop_command,
+    }

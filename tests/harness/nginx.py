@@ -1,6 +1,4 @@
-"""What the e2e tests run next to Dockyard: nginx in the foreground with a shipped site templated
-for the test, and what any plain-HTTP service on a loopback port offers (registry:2, a cluster
-behind nginx)."""
+"""nginx in the foreground with a shipped site templated for the test."""
 
 from __future__ import annotations
 
@@ -12,82 +10,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
 
-import requests
-import yaml
-
-from support import wait_for_port
-
-
-class Loopback:
-    """A plain-HTTP service on ``port`` (a field or property of the subclass) of 127.0.0.1."""
-
-    port: int
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def v2(self, path: str) -> str:
-        return f"{self.url}/v2/{path}"
-
-
-@dataclass(kw_only=True)
-class Registry2Process(Loopback):
-    """A running ``docker-registry serve`` (registry:2 v2.8) on ``port``, logging to
-    ``log_path``; subclasses add what it serves from (a directory, a bucket)."""
-
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    @classmethod
-    def launch(
-        cls,
-        binary: str,
-        work: Path,
-        config: dict[str, Any],
-        port: int,
-        env: dict[str, str] | None = None,
-        **fields: Any,
-    ) -> Self:
-        """Write ``config`` into ``work``, start ``binary serve`` on it and return once
-        ``/v2/`` answers 200; ``fields`` are the subclass's own."""
-        config_path = work / "config.yml"
-        config_path.write_text(yaml.safe_dump(config))
-        log_path = work / "registry2.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [binary, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        registry = cls(port=port, log_path=log_path, proc=proc, **fields)
-        try:
-            wait_for_port(port, proc)
-        except Exception:
-            registry.stop()
-            raise RuntimeError(f"registry:2 did not start:\n{registry.log()}") from None
-        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == 200
-        return registry
-
-
-# -- nginx ----------------------------------------------------------------------------------------
+from harness.net import wait_for_port
 
 
 def sub_exactly(text: str, pattern: str, replacement: str, count: int, source: Path) -> str:
