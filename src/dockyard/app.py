@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads, version
-from dockyard.api.base import REGISTRY_KEY
+from dockyard.api.base import PROXY_KEY, REGISTRY_KEY
 from dockyard.api.middleware import (
     encoded_separator_middleware,
     error_middleware,
@@ -47,6 +47,12 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     app = web.Application(middlewares=middlewares)
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
+    cache = None
+    if config.proxy.enabled:
+        from dockyard.registry.proxy import PullThroughCache
+
+        cache = PullThroughCache(registry, config.proxy, registry.upload_locks.redis_client)
+        app[PROXY_KEY] = cache
     app[health.HEALTH_KEY] = health.HealthCheck(registry)
     app[CONFIG_KEY] = config
     prefix = config.http.prefix
@@ -68,6 +74,8 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
         await heartbeat.stop()  # the last request has finished: the record can go
         if auth is not None and auth.throttle is not None:
             await auth.throttle.close()
+        if cache is not None:
+            await cache.close()
         await registry.close()
 
     app.on_startup.append(record_presence)

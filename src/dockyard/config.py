@@ -20,66 +20,25 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
 )
 
+from dockyard.config_base import Duration, Section, parse_duration
 from dockyard.errors import ConfigError
+from dockyard.proxyconfig import ProxyConfig, check_proxy
+
+__all__ = ["Config", "ConfigError", "Duration", "Section", "load_config", "parse_duration"]
 
 log = logging.getLogger("dockyard.config")
 
 ENV_PREFIX = "REGISTRY_"
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(value: Any) -> float:
-    """A Go duration (``168h``, ``1h30m``, ``10s``) or a number of seconds, in seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 10s or 24h")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a duration such as 10s or 24h")
-    text = value.strip()
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or pos == 0:
-        raise ValueError(f"{value!r} is not a duration (use e.g. 10s, 30m, 168h)")
-    return total
-
-
-class Section(BaseModel):
-    """A config section: frozen; unknown keys are kept aside so they can be warned about."""
-
-    model_config = ConfigDict(frozen=True, extra="allow", coerce_numbers_to_str=True)
-
-
-#: a Go duration (``168h``, ``1h30m``) or a number of seconds, held as seconds
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class AccessLogConfig(Section):
@@ -479,7 +438,7 @@ class Config(Section):
     notifications: dict[str, Any] = Field(default_factory=dict)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     health: dict[str, Any] = Field(default_factory=dict)
-    proxy: dict[str, Any] = Field(default_factory=dict)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     validation: dict[str, Any] = Field(default_factory=dict)
     middleware: dict[str, Any] = Field(default_factory=dict)
     reporting: dict[str, Any] = Field(default_factory=dict)
@@ -713,8 +672,7 @@ def _reject_unsupported(config: Config) -> None:
             "http.tls.ciphersuites is ignored: Dockyard uses OpenSSL's defaults for "
             "the minimum TLS version"
         )
-    if config.proxy:
-        raise ConfigError("proxy", "pull-through cache mode is not supported")
+    check_proxy(config.proxy)
     if config.storage.cache.blobdescriptor == "redis" and not config.redis.addr:
         raise ConfigError("redis.addr", "required with storage.cache.blobdescriptor: redis")
     for key in ("notifications", "health", "validation", "middleware", "reporting"):

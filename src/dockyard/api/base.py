@@ -12,9 +12,12 @@ from aiohttp import web
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.request import CONFIG_KEY
 from dockyard.oci.digest import Digest
+from dockyard.registry.proxy import ProxiedRepository, PullThroughCache
 from dockyard.registry.repository import Registry, Repository
 
 REGISTRY_KEY = web.AppKey("registry", Registry)
+#: the pull-through cache, on an application whose configuration has ``proxy`` upstreams
+PROXY_KEY = web.AppKey("proxy", PullThroughCache)
 
 #: Set (by api.protocol) on a request whose client holds its body back until invited
 #: (``Expect: 100-continue``); CONTINUE_SENT once the invitation went out (see send_continue).
@@ -26,7 +29,45 @@ def registry_of(request: web.Request) -> Registry:
     return request.app[REGISTRY_KEY]
 
 
+def proxied_of(request: web.Request) -> ProxiedRepository | None:
+    """The proxied repository the request names (see upstream.routing: a prefix, containerd's
+    ``ns=``, a default upstream), or None for a local repository."""
+    cache = request.app.get(PROXY_KEY)
+    if cache is None:
+        return None
+    route = cache.route(request.match_info["name"], request.query.get("ns"))
+    return cache.repository(route) if route is not None else None
+
+
 def repository_of(request: web.Request) -> Repository:
+    """The repository to read: for a proxied name, the one that caches it."""
+    proxied = proxied_of(request)
+    if proxied is not None:
+        return proxied.local
+    return registry_of(request).repository(request.match_info["name"])
+
+
+def cache_headers(stale: bool) -> dict[str, str]:
+    """A cached answer served because the upstream could not be asked (stale-if-error): said
+    in RFC 9211's ``Cache-Status`` and RFC 7234's ``Warning: 110``."""
+    if not stale:
+        return {}
+    return {
+        "Cache-Status": "dockyard; hit; detail=stale-upstream-unavailable",
+        "Warning": '110 dockyard "Response is Stale"',
+    }
+
+
+def writable_repository_of(request: web.Request) -> Repository:
+    """The repository to change; a proxied name is refused as registry:2 refuses writes to a
+    cache (405 UNSUPPORTED)."""
+    if proxied_of(request) is not None:
+        raise RegistryError(
+            ErrorCode.UNSUPPORTED,
+            "this repository is a pull-through cache of an upstream registry: it cannot be "
+            "pushed to or deleted from",
+            {"name": request.match_info["name"]},
+        )
     return registry_of(request).repository(request.match_info["name"])
 
 

@@ -6,12 +6,20 @@ import re
 
 from aiohttp import web
 
-from dockyard.api.base import digest_param, repository_of, require_delete
+from dockyard.api.base import (
+    digest_param,
+    proxied_of,
+    repository_of,
+    require_delete,
+    writable_repository_of,
+)
 from dockyard.api.sendfile import SendfileResponse
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry.blobs import BlobInfo, LocalRange, StreamedRange
+from dockyard.registry.proxy import ProxiedRepository
+from dockyard.registry.repository import Repository
 
 # ASCII digits: \d also matches other scripts' digits.
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.IGNORECASE)
@@ -78,9 +86,20 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
 
 @requires(Need.PULL)
 async def get_blob(request: web.Request) -> web.StreamResponse:
-    repo = repository_of(request)
     digest = digest_param(request)
-    info: BlobInfo = await repo.blobs.stat(digest)
+    proxied = proxied_of(request)
+    if proxied is not None:
+        info = await proxied.cached_blob(digest)
+        if info is None:
+            return await _from_upstream(request, proxied, digest)
+        return await _serve(request, proxied.local, digest, info)
+    repo = repository_of(request)
+    return await _serve(request, repo, digest, await repo.blobs.stat(digest))
+
+
+async def _serve(
+    request: web.Request, repo: Repository, digest: Digest, info: BlobInfo
+) -> web.StreamResponse:
     url = await repo.blobs.redirect_url(digest, request.method)
     if url is not None:
         # Object storage serves the bytes itself, as registry:2 does (storage.redirect).
@@ -108,6 +127,32 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return await _stream(request, content, status, headers)
 
 
+async def _from_upstream(
+    request: web.Request, proxied: ProxiedRepository, digest: Digest
+) -> web.StreamResponse:
+    """A blob not cached yet. HEAD asks the upstream without fetching; a range waits for the
+    whole blob to be cached, then is served from it; a plain GET receives the bytes as they
+    arrive while they are cached (registry.proxy.BlobFetch)."""
+    if request.method == "HEAD":
+        size = await proxied.remote_blob_size(digest)
+        if size is None:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, detail={"digest": str(digest)})
+        return web.Response(status=200, headers=blob_headers(digest, size))
+    fetched = await proxied.fetch(digest)
+    if isinstance(fetched, BlobInfo):  # another process cached it meanwhile
+        return await _serve(request, proxied.local, digest, fetched)
+    if fetched.size is None or "Range" in request.headers or _not_modified(request, digest):
+        fetched.detach()
+        await fetched.done
+        return await _serve(request, proxied.local, digest, await proxied.local.blobs.stat(digest))
+    response = web.StreamResponse(status=200, headers=blob_headers(digest, fetched.size))
+    await response.prepare(request)
+    async for chunk in fetched.chunks():
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 async def _stream(
     request: web.Request, content: StreamedRange, status: int, headers: dict[str, str]
 ) -> web.StreamResponse:
@@ -125,8 +170,8 @@ async def _stream(
 
 @requires(Need.DELETE)
 async def delete_blob(request: web.Request) -> web.Response:
+    repo = writable_repository_of(request)
     require_delete(request)
-    repo = repository_of(request)
     digest = digest_param(request)
     await repo.blobs.unlink(digest)
     return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})

@@ -4,31 +4,48 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import body_stream, repository_of, require_delete
+from dockyard.api.base import (
+    body_stream,
+    cache_headers,
+    proxied_of,
+    repository_of,
+    require_delete,
+    writable_repository_of,
+)
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.request import url_for
 from dockyard.oci.digest import Digest, is_digest
 from dockyard.oci.manifest import MAX_MANIFEST_BYTES
 from dockyard.oci.names import validate_tag
+from dockyard.registry.manifests import StoredManifest
 from dockyard.registry.repository import Repository
 
 
-async def _resolve(repo: Repository, reference: str) -> Digest:
+def _parse_reference(reference: str) -> Digest | str:
     """GET and HEAD: a reference that is neither a valid tag nor a digest this registry can
     hold names no manifest, so 404 MANIFEST_UNKNOWN (the OCI conformance suite asks for it, e.g.
     for ``.INVALID_MANIFEST_NAME``); a PUT to one is still refused as TAG_INVALID."""
     try:
-        parsed = Digest.parse(reference) if is_digest(reference) else validate_tag(reference)
+        return Digest.parse(reference) if is_digest(reference) else validate_tag(reference)
     except RegistryError:
         raise RegistryError(
             ErrorCode.MANIFEST_UNKNOWN,
             "no manifest can have this reference: it is neither a tag nor a digest",
             {"reference": reference},
         ) from None
-    if isinstance(parsed, Digest):
-        return parsed
-    return await repo.tags.resolve(parsed)
+
+
+async def _stored(request: web.Request) -> tuple[StoredManifest, dict[str, str]]:
+    """The manifest asked for, and headers saying where it came from when that matters."""
+    reference = _parse_reference(request.match_info["reference"])
+    proxied = proxied_of(request)
+    if proxied is not None:
+        answer = await proxied.manifest(reference)
+        return answer.manifest, cache_headers(answer.stale)
+    repo: Repository = repository_of(request)
+    digest = reference if isinstance(reference, Digest) else await repo.tags.resolve(reference)
+    return await repo.manifests.get(digest), {}
 
 
 def _not_modified(request: web.Request, digest: Digest) -> bool:
@@ -38,10 +55,8 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
 
 @requires(Need.PULL)
 async def get_manifest(request: web.Request) -> web.Response:
-    repo = repository_of(request)
-    digest = await _resolve(repo, request.match_info["reference"])
-    stored = await repo.manifests.get(digest)
-    headers = {
+    stored, headers = await _stored(request)
+    headers |= {
         "Content-Type": stored.media_type,
         "Docker-Content-Digest": str(stored.digest),
         "ETag": f'"{stored.digest}"',
@@ -77,7 +92,7 @@ def _too_large(size: int) -> RegistryError:
 
 @requires(Need.PUSH)
 async def put_manifest(request: web.Request) -> web.Response:
-    repo = repository_of(request)
+    repo = writable_repository_of(request)
     reference = request.match_info["reference"]
     if is_digest(reference):
         digest: Digest | None = Digest.parse(reference)
@@ -103,8 +118,8 @@ async def put_manifest(request: web.Request) -> web.Response:
 @requires(Need.DELETE)
 async def delete_manifest(request: web.Request) -> web.Response:
     """By digest: the manifest and every tag on it. By tag: only the tag."""
+    repo = writable_repository_of(request)
     require_delete(request)
-    repo = repository_of(request)
     reference = request.match_info["reference"]
     if is_digest(reference):
         await repo.manifests.delete(Digest.parse(reference))

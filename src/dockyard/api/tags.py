@@ -6,7 +6,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from dockyard.api.base import int_query, repository_of
+from dockyard.api.base import cache_headers, int_query, proxied_of, repository_of
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.responses import json_response
@@ -20,15 +20,22 @@ def next_link(path: str, n: int, last: str) -> str:
 
 @requires(Need.PULL)
 async def list_tags(request: web.Request) -> web.Response:
-    repo = repository_of(request)
-    if not await repo.exists():
-        raise RegistryError(ErrorCode.NAME_UNKNOWN, detail={"name": repo.name})
     n = int_query(request, "n")
-    page = paginate(await repo.tags.all(), n, request.query.get("last"))
-    headers = {}
+    headers: dict[str, str] = {}
+    proxied = proxied_of(request)
+    if proxied is not None:
+        page, stale = await proxied.tags(n, request.query.get("last"))
+        headers |= cache_headers(stale)
+        name = request.match_info["name"]
+    else:
+        repo = repository_of(request)
+        if not await repo.exists():
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, detail={"name": repo.name})
+        page = paginate(await repo.tags.all(), n, request.query.get("last"))
+        name = repo.name
     if page.more and n is not None:
         headers["Link"] = next_link(request.path, n, page.items[-1])
-    return json_response({"name": repo.name, "tags": page.items}, headers=headers)
+    return json_response({"name": name, "tags": page.items}, headers=headers)
 
 
 def routes(prefix: str) -> list[web.AbstractRouteDef]:

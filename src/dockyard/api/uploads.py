@@ -13,7 +13,7 @@ import re
 
 from aiohttp import web
 
-from dockyard.api.base import body_stream, content_length, repository_of
+from dockyard.api.base import body_stream, content_length, writable_repository_of
 from dockyard.auth.access import Need, requires
 from dockyard.auth.middleware import identity_of
 from dockyard.errors import ErrorCode, RegistryError
@@ -92,7 +92,7 @@ async def _try_mount(request: web.Request, repo: Repository) -> web.Response | N
 
 @requires(Need.PUSH)
 async def start_upload(request: web.Request) -> web.Response:
-    repo = repository_of(request)
+    repo = writable_repository_of(request)
     if "mount" in request.query:
         mounted = await _try_mount(request, repo)
         if mounted is not None:
@@ -117,7 +117,7 @@ async def start_upload(request: web.Request) -> web.Response:
 
 
 async def _session(request: web.Request) -> tuple[Repository, UploadSession]:
-    repo = repository_of(request)
+    repo = writable_repository_of(request)
     session = await repo.uploads.resume(
         request.match_info["upload_id"], request.query.get("_state")
     )

@@ -133,3 +133,13 @@ def instance(instance_id: str) -> str:
 
 def quarantine(digest: Digest, stamp: str) -> str:
     return f"{DOCKYARD}/quarantine/{digest.algorithm}/{digest.hex}-{stamp}"
+
+
+def proxy_fetch_lock(digest: Digest) -> str:
+    """Held (flock) by the one process that fetches a blob from an upstream."""
+    return f"{DOCKYARD}/proxy/fetching/{digest.algorithm}/{digest.hex}"
+
+
+def proxy_incoming(fetch_id: str) -> str:
+    """A blob being fetched from an upstream, until it is verified and published."""
+    return f"{DOCKYARD}/proxy/incoming/{fetch_id}"

@@ -114,10 +114,18 @@ class ManifestStore:
         return StoredManifest(digest=digest, media_type=sniff_media_type(body), body=body)
 
     async def put(
-        self, body: bytes, content_type: str | None, digest: Digest | None, tags: list[str]
+        self,
+        body: bytes,
+        content_type: str | None,
+        digest: Digest | None,
+        tags: list[str],
+        *,
+        sparse: bool = False,
     ) -> PushedManifest:
         """Validate and store a manifest, then point ``tags`` at it. ``digest`` is the one the
-        client pushed by, if any: the body must hash to it."""
+        client pushed by, if any: the body must hash to it. ``sparse``: store it even if this
+        repository lacks content it references (the pull-through cache stores an index before
+        its children are asked for)."""
         manifest = parse_manifest(body, content_type)
         if digest is None:
             digest = Digest.from_bytes(body)
@@ -127,7 +135,8 @@ class ManifestStore:
                 "manifest content does not match the digest it was pushed by",
                 {"digest": str(digest)},
             )
-        await self._check_references(manifest)
+        if not sparse:
+            await self._check_references(manifest)
 
         # Content, then the revision link, then the referrers entry, then tags: every link
         # written points at something already in place.

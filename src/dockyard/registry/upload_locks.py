@@ -60,6 +60,10 @@ def upload_busy(upload_id: str) -> RegistryError:
 
 
 class UploadLocks(Protocol):
+    #: the Redis connection when the locks are Redis keys (the pull-through cache's fetch locks
+    #: share it), else None
+    redis_client: Any
+
     def hold(self, name: str, upload_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the session for one request; raise 400 BLOB_UPLOAD_INVALID if another request
         holds it, BLOB_UPLOAD_UNKNOWN if the session does not exist (where that is known)."""
@@ -69,6 +73,8 @@ class UploadLocks(Protocol):
 
 
 class NoUploadLocks:
+    redis_client = None
+
     @contextlib.asynccontextmanager
     async def hold(self, name: str, upload_id: str) -> AsyncIterator[None]:
         yield
@@ -78,6 +84,8 @@ class NoUploadLocks:
 
 
 class FileUploadLocks:
+    redis_client = None
+
     def __init__(self, storage: Store) -> None:
         self.storage = storage
 
@@ -105,6 +113,7 @@ class FileUploadLocks:
 class RedisUploadLocks:
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.redis_client = client
 
     @contextlib.asynccontextmanager
     async def hold(self, name: str, upload_id: str) -> AsyncIterator[None]:
