@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import pytest
@@ -24,9 +22,7 @@ def test_registry2_style_mirror_serves_and_caches_an_image(
 ) -> None:
     digest, manifest = upstream.push_image("library/alpine", "3", [os.urandom(300_000)])
     mirror = start_server(proxy={"remoteurl": upstream.url})
-    r = requests.get(
-        mirror.v2("library/alpine/manifests/3"), headers={"Accept": OCI_MANIFEST}
-    )
+    r = requests.get(mirror.v2("library/alpine/manifests/3"), headers={"Accept": OCI_MANIFEST})
     assert r.status_code == 200, r.text
     assert r.headers["Docker-Content-Digest"] == digest
     for blob in [manifest["config"], *manifest["layers"]]:
@@ -104,9 +100,7 @@ def test_several_upstreams_beside_local_repositories(start_server: ServerFactory
 
 def test_a_local_blob_cannot_be_read_under_a_proxy_prefix(start_server: ServerFactory) -> None:
     hub = start_server()
-    mirror = start_server(
-        proxy={"upstreams": [{"prefix": "docker.io", "remoteurl": hub.url}]}
-    )
+    mirror = start_server(proxy={"upstreams": [{"prefix": "docker.io", "remoteurl": hub.url}]})
     secret = os.urandom(1000)
     digest = mirror.push_blob("team/private", secret)
     r = requests.get(mirror.v2(f"docker.io/library/alpine/blobs/{digest}"))
