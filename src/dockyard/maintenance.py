@@ -1,6 +1,7 @@
 """Scheduled maintenance while serving: upload purging (registry:2's
 ``storage.maintenance.uploadpurging``, on by default) and online garbage collection
-(``storage.maintenance.gc``, off by default). Both are skipped in read-only mode. Across
+(``storage.maintenance.gc``, off by default), and the pull-through cache's expiry (each
+upstream's ``ttl``). All are skipped in read-only mode. Across
 instances, garbage collection runs one at a time (its lease); purging is idempotent."""
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ log = logging.getLogger("dockyard.maintenance")
 
 def wanted(config: Config) -> bool:
     m = config.storage.maintenance
-    return not m.readonly.enabled and (m.uploadpurging.enabled or m.gc.enabled)
+    return not m.readonly.enabled and (
+        m.uploadpurging.enabled or m.gc.enabled or _expiry_interval(config) is not None
+    )
+
+
+def _expiry_interval(config: Config) -> float | None:
+    """How often the cache's expiry runs: a quarter of the shortest ``ttl``, between a minute
+    and an hour; None without upstreams whose content expires."""
+    ttls = [u.ttl for u in config.proxy.all_upstreams() if u.ttl > 0]
+    if not ttls:
+        return None
+    return max(60.0, min(3600.0, min(ttls) / 4))
 
 
 async def _every(
@@ -71,5 +83,19 @@ async def run(config: Config, registry: Registry) -> None:
             log.info("scheduled garbage collection: %s", report.summary())
 
         jobs.append(_every(gc.interval, gc.interval, "garbage collection", collect))
+    expiry_interval = _expiry_interval(config)
+    if expiry_interval is not None:
+        from dockyard.registry.proxy_expiry import expire
+        from dockyard.upstream.routing import Router
+
+        router = Router(config.proxy)
+        jobs.append(
+            _every(
+                expiry_interval,
+                random.uniform(0, expiry_interval),
+                "cache expiry",
+                lambda: expire(registry, router),
+            )
+        )
     if jobs:
         await asyncio.gather(*jobs)

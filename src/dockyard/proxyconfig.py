@@ -237,7 +237,7 @@ def check_proxy(proxy: ProxyConfig) -> None:
                 raise ConfigError(
                     f"proxy.local.{j}",
                     f"the local pattern {pattern!r} can match names under the upstream "
-                    f"prefix {prefix!r}/: a name must belong to one or the other",
+                    f"prefix {prefix + '/'!r}: a name must belong to one or the other",
                 )
     if proxy.remoteurl and proxy.local and not defaults:
         raise ConfigError("proxy.local", "has no effect without a default upstream")

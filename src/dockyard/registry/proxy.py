@@ -289,6 +289,9 @@ class ProxiedRepository:
             )
         # Sparse: an index's children and an image's blobs arrive when they are asked for.
         await self.local.manifests.put(body, content_type, digest, tags, sparse=True)
+        # The manifest's layer link records when it was fetched (its revision link is stamped
+        # whenever it is used): expiry counts from it (registry.proxy_expiry).
+        await self.local.blobs.link(digest)
         return await self.local.manifests.get(digest)
 
     # -- tags --------------------------------------------------------------------------------
