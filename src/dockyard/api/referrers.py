@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dockyard.api.base import digest_param, repository_of
+from dockyard.api.base import digest_param, proxied_of, repository_of
 from dockyard.auth.access import Need, requires
 from dockyard.http.responses import json_response
 from dockyard.oci import mediatypes as mt
@@ -14,16 +14,19 @@ from dockyard.oci import mediatypes as mt
 async def list_referrers(request: web.Request) -> web.Response:
     """Always an image index: empty when nothing refers to the digest (the spec forbids a 404
     for a valid digest without referrers)."""
-    repo = repository_of(request)
     subject = digest_param(request)
     artifact_type = request.query.get("artifactType")
-    descriptors = await repo.referrers.list(subject, artifact_type)
+    proxied = proxied_of(request)
+    upstream = await proxied.referrers(subject, artifact_type) if proxied is not None else None
+    if upstream is not None:
+        manifests, filtered = upstream
+        if artifact_type is not None and not filtered:
+            manifests = [m for m in manifests if m.get("artifactType") == artifact_type]
+    else:
+        repo = repository_of(request)
+        manifests = [d.to_json() for d in await repo.referrers.list(subject, artifact_type)]
     headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type is not None else {}
-    index = {
-        "schemaVersion": 2,
-        "mediaType": mt.OCI_INDEX,
-        "manifests": [d.to_json() for d in descriptors],
-    }
+    index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}
     return json_response(index, headers=headers, content_type=mt.OCI_INDEX)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -322,6 +323,38 @@ class ProxiedRepository:
                 raise
             return paginate(cached, n, last), True
 
+    # -- referrers ---------------------------------------------------------------------------
+    async def referrers(
+        self, subject: Digest, artifact_type: str | None
+    ) -> tuple[list[dict[str, Any]], bool] | None:
+        """The upstream's referrers of ``subject`` (descriptors, and whether it applied the
+        artifactType filter); None when it cannot tell (no referrers API, unreachable): the
+        cached referrers answer then. A referrer is fetched and cached when it is pulled."""
+        query = {"artifactType": artifact_type} if artifact_type is not None else None
+        try:
+            response = await self.client.request(
+                "GET", self.remote, f"referrers/{subject}", query=query
+            )
+        except UpstreamError as exc:
+            log.warning("%s; serving the cached referrers of %s", exc, subject)
+            return None
+        try:
+            if response.status != 200:
+                return None
+            raw = await response.content.read(MAX_MANIFEST_BYTES + 1)
+            filtered = "artifactType" in response.headers.get("OCI-Filters-Applied", "")
+        except (OSError, TimeoutError):
+            return None
+        finally:
+            response.release()
+        try:
+            manifests = json.loads(raw).get("manifests") if len(raw) <= MAX_MANIFEST_BYTES else None
+        except (ValueError, AttributeError):
+            manifests = None
+        if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+            return None
+        return [_descriptor(m) for m in manifests if _descriptor(m)], filtered
+
     # -- blobs -------------------------------------------------------------------------------
     async def cached_blob(self, digest: Digest) -> BlobInfo | None:
         """The blob if this repository may serve it from the cache now: linked here, or held in
@@ -494,6 +527,21 @@ class BlobFetch:
         finally:
             self._response.release()
             await self._hold.__aexit__(None, None, None)
+
+
+_DESCRIPTOR_FIELDS = ("mediaType", "digest", "size", "artifactType", "annotations")
+
+
+def _descriptor(raw: dict[str, Any]) -> dict[str, Any]:
+    """An upstream's descriptor, passed on with only the fields a referrers index has, and only
+    if its digest and size are well formed (the upstream is not trusted either)."""
+    try:
+        Digest.parse(str(raw.get("digest")))
+    except RegistryError:
+        return {}
+    if not isinstance(raw.get("size"), int) or not isinstance(raw.get("mediaType"), str):
+        return {}
+    return {k: raw[k] for k in _DESCRIPTOR_FIELDS if k in raw}
 
 
 def _bad_blob(digest: Digest, reason: str) -> RegistryError:
