@@ -35,6 +35,7 @@ from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest, new_hasher
 from dockyard.oci.manifest import MAX_MANIFEST_BYTES
 from dockyard.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from dockyard.oci.names import validate_tag
 from dockyard.proxyconfig import ProxyConfig
 from dockyard.registry import layout
 from dockyard.registry.blobs import BlobInfo, blob_unknown
@@ -311,9 +312,9 @@ class ProxiedRepository:
             finally:
                 response.release()
             tags = body.get("tags") or []
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            if not isinstance(tags, list):
                 raise UpstreamError(self.client.name, "invalid", "sent a malformed tag list")
-            return Page(tags, more), False
+            return Page([t for t in tags if _is_tag(t)], more), False
         except (UpstreamError, ValueError, OSError, TimeoutError) as exc:
             log.warning("%s; serving the cached tags of %s", exc, self.route.local_name)
             cached = await self.local.tags.all()
@@ -527,6 +528,17 @@ class BlobFetch:
         finally:
             self._response.release()
             await self._hold.__aexit__(None, None, None)
+
+
+def _is_tag(value: object) -> bool:
+    """A valid tag name: what an upstream lists is passed on only if it is one."""
+    if not isinstance(value, str):
+        return False
+    try:
+        validate_tag(value)
+    except RegistryError:
+        return False
+    return True
 
 
 _DESCRIPTOR_FIELDS = ("mediaType", "digest", "size", "artifactType", "annotations")
