@@ -144,3 +144,67 @@ def test_credentials_are_used_but_never_logged(start_server: ServerFactory, tmp_
     for server in (mirror, wrong):
         assert "s3cret-Upstream-pw" not in server.log()
         assert "bWlycm9y" not in server.log()  # base64 of the user, i.e. no Authorization header
+
+
+def test_bearer_token_upstream_and_a_mirror_behind_its_own_auth(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The upstream is a Dockyard with its token server (the bearer challenge flow, a token per
+    repository, cached); the mirror has htpasswd auth of its own: its clients log in to it, and
+    the upstream credentials stay the mirror's."""
+    from harness.dockyard import add_user
+
+    upstream_users = tmp_path / "upstream-users"
+    add_user(upstream_users, "mirror-bot", "bot-pw")
+    upstream = start_server(
+        auth={
+            "token": {
+                "service": "upstream.test",
+                "issuer": "upstream",
+                "server": {
+                    "htpasswd": str(upstream_users),
+                    "admins": ["mirror-bot"],
+                },
+            }
+        }
+    )
+    token = requests.get(
+        f"{upstream.url}/auth/token",
+        params={"service": "upstream.test", "scope": "repository:team/app:pull,push"},
+        auth=("mirror-bot", "bot-pw"),
+    ).json()["token"]
+    upstream.session.headers["Authorization"] = f"Bearer {token}"
+    digest, manifest = upstream.push_image("team/app", "1")
+
+    mirror_users = tmp_path / "mirror-users"
+    add_user(mirror_users, "dev", "dev-pw")
+    mirror = start_server(
+        auth={"htpasswd": {"realm": "mirror", "path": str(mirror_users)}},
+        proxy={
+            "upstreams": [
+                {
+                    "prefix": "up",
+                    "remoteurl": upstream.url,
+                    "username": "mirror-bot",
+                    "password": "bot-pw",
+                }
+            ]
+        },
+    )
+    r = requests.get(mirror.v2("up/team/app/manifests/1"))
+    assert r.status_code == 401  # the mirror's own auth comes first
+    dev = requests.Session()
+    dev.auth = ("dev", "dev-pw")
+    r = dev.get(mirror.v2("up/team/app/manifests/1"), headers={"Accept": OCI_MANIFEST})
+    assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == digest
+    layer = manifest["layers"][0]["digest"]
+    r = dev.get(mirror.v2(f"up/team/app/blobs/{layer}"))
+    assert r.status_code == 200 and sha256(r.content) == layer
+    # one token for the repository, reused for the manifest and the blob requests
+    token_requests = [
+        line
+        for line in upstream.log().splitlines()
+        if "/auth/token" in line and "user_agent=dockyard-proxy" in line
+    ]
+    assert len(token_requests) == 1, token_requests
+    assert "account=mirror-bot" in token_requests[0]
