@@ -40,6 +40,7 @@ from dockyard.proxyconfig import ProxyConfig
 from dockyard.registry import layout
 from dockyard.registry.blobs import BlobInfo, blob_unknown
 from dockyard.registry.manifests import StoredManifest
+from dockyard.registry.pump import pump
 from dockyard.registry.repository import Page, Registry, Repository, paginate
 from dockyard.registry.tags import manifest_unknown
 from dockyard.storage.driver import Locks, PathNotFound
@@ -482,18 +483,25 @@ class BlobFetch:
         hasher = new_hasher(digest.algorithm)
         received = 0
         writer = None
-        try:
-            writer = await storage.writer(incoming)
-            held: bytes | None = None
-            async for chunk in self._response.content.iter_chunked(CHUNK):
+        held: bytes | None = None
+
+        async def relay() -> AsyncIterator[bytes]:
+            """The upstream's bytes, to the cache file (via ``pump``) and to the client, one
+            chunk behind: the last one waits for the digest."""
+            nonlocal held, received
+            async for chunk in self._response.content.iter_any():
                 received += len(chunk)
                 if self.size is not None and received > self.size:
                     raise _bad_blob(digest, "sent more bytes than it announced")
-                hasher.update(chunk)
-                await writer.write(chunk)
                 if held is not None:
                     await self._give(held)
                 held = chunk
+                yield chunk
+
+        try:
+            writer = await storage.writer(incoming)
+            # Hashing and writing overlap with reading, on worker threads (registry.pump).
+            await pump(relay(), writer, hasher)
             if self.size is not None and received != self.size:
                 raise _bad_blob(digest, f"sent {received} of {self.size} bytes")
             if hasher.hexdigest() != digest.hex:

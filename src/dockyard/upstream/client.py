@@ -26,6 +26,8 @@ from dockyard.upstream.auth import (
 log = logging.getLogger("dockyard.upstream")
 
 MAX_REDIRECTS = 5
+#: bytes aiohttp buffers per upstream response before it stops reading from the socket
+READ_BUFFER = 256 * 1024
 #: how long an upstream that answered 429 without Retry-After is left alone
 DEFAULT_RETRY_AFTER = 10.0
 MAX_RETRY_AFTER = 3600.0
@@ -81,6 +83,7 @@ class UpstreamClient:
             self._session = aiohttp.ClientSession(
                 timeout=timeout,
                 auto_decompress=False,  # blobs are passed on byte for byte
+                read_bufsize=READ_BUFFER,
                 headers={"User-Agent": "dockyard-proxy"},
                 trust_env=False,
             )
