@@ -428,6 +428,34 @@ class CatalogConfig(Section):
     maxentries: int = Field(default=1000, ge=1)
 
 
+class ValidationURLsConfig(Section):
+    """registry:2's policy for the URLs of non-distributable layers (regular expressions).
+    Dockyard does not apply it (see :func:`_check_validation`)."""
+
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+
+class ValidationManifestsConfig(Section):
+    urls: ValidationURLsConfig = Field(default_factory=ValidationURLsConfig)
+    #: distribution 3's ``platforms``/``platformlist`` (not registry:2's): not applied
+    indexes: dict[str, Any] = Field(default_factory=dict)
+    #: Dockyard's addition: accept a manifest whose config, layers or index children are not
+    #: in the repository (the OCI spec's "sparse" manifests), instead of MANIFEST_BLOB_UNKNOWN
+    sparse: bool = False
+
+
+class ValidationConfig(Section):
+    """registry:2's ``validation`` section, plus Dockyard's ``manifests.sparse``."""
+
+    #: registry:2's deprecated form of ``disabled`` (true turns the URL policy on)
+    enabled: bool = False
+    #: registry:2: no URL policy (any http(s) URL on a non-distributable layer is accepted),
+    #: which is what Dockyard always does
+    disabled: bool = False
+    manifests: ValidationManifestsConfig = Field(default_factory=ValidationManifestsConfig)
+
+
 class Config(Section):
     version: str
     log: LogConfig = Field(default_factory=LogConfig)
@@ -439,7 +467,7 @@ class Config(Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     health: dict[str, Any] = Field(default_factory=dict)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
-    validation: dict[str, Any] = Field(default_factory=dict)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     middleware: dict[str, Any] = Field(default_factory=dict)
     reporting: dict[str, Any] = Field(default_factory=dict)
 
@@ -675,9 +703,36 @@ def _reject_unsupported(config: Config) -> None:
     check_proxy(config.proxy)
     if config.storage.cache.blobdescriptor == "redis" and not config.redis.addr:
         raise ConfigError("redis.addr", "required with storage.cache.blobdescriptor: redis")
-    for key in ("notifications", "health", "validation", "middleware", "reporting"):
+    for key in ("notifications", "health", "middleware", "reporting"):
         if getattr(config, key):
             log.warning("configuration key %s is accepted but has no effect yet", key)
+
+
+def _check_validation(config: Config) -> None:
+    """registry:2's ``validation`` keys Dockyard does not act on are warned about by name.
+    Dockyard applies no policy to the URLs of non-distributable layers (any http or https URL
+    without a fragment is accepted: registry:2's behaviour with ``validation.disabled: true``),
+    so ``disabled`` needs no warning; a policy asked for does."""
+    validation = config.validation
+    urls = validation.manifests.urls
+    for key, value in (("allow", urls.allow), ("deny", urls.deny)):
+        if value:
+            log.warning(
+                "validation.manifests.urls.%s is not applied: Dockyard accepts any http or "
+                "https URL on a non-distributable layer",
+                key,
+            )
+    if validation.enabled:
+        log.warning(
+            "validation.enabled is not applied: Dockyard has no URL policy for "
+            "non-distributable layers (registry:2's behaviour with validation.disabled: true)"
+        )
+    if validation.manifests.indexes:
+        log.warning(
+            "validation.manifests.indexes (distribution 3) is not applied: with "
+            "validation.manifests.sparse: true Dockyard accepts indexes whose children it "
+            "does not hold"
+        )
 
 
 def _warn_unknown(model: BaseModel, prefix: str) -> None:
@@ -716,6 +771,7 @@ def validate(raw: dict[str, Any]) -> Config:
     _warn_unknown(config, "")
     _check_auth(config)
     _reject_unsupported(config)
+    _check_validation(config)
     return config
 
 

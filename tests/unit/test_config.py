@@ -112,6 +112,74 @@ def test_unknown_env_and_keys_are_ignored(tmp_path: Path, caplog: pytest.LogCapt
     assert "frobnicate" in caplog.text
 
 
+def test_sparse_manifests_setting(tmp_path: Path) -> None:
+    """Dockyard's ``validation.manifests.sparse``: off by default, on from the file or from
+    REGISTRY_VALIDATION_MANIFESTS_SPARSE (which wins over the file, as every variable does)."""
+    assert validate(default_raw_config()).validation.manifests.sparse is False
+    on = CLASSIC + "validation:\n  manifests:\n    sparse: true\n"
+    assert load_config(write(tmp_path, on), {}).validation.manifests.sparse is True
+    env = {"REGISTRY_VALIDATION_MANIFESTS_SPARSE": "true"}
+    assert load_config(write(tmp_path, CLASSIC), env).validation.manifests.sparse is True
+    env = {"REGISTRY_VALIDATION_MANIFESTS_SPARSE": "false"}
+    assert load_config(write(tmp_path, on), env).validation.manifests.sparse is False
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "warned"),
+    [
+        (
+            "validation: {manifests: {urls: {allow: ['^https://cdn\\.example\\.com/']}}}",
+            {},
+            "validation.manifests.urls.allow is not applied",
+        ),
+        (
+            "validation: {manifests: {urls: {deny: ['^http://']}}}",
+            {},
+            "validation.manifests.urls.deny is not applied",
+        ),
+        (
+            "",
+            {"REGISTRY_VALIDATION_MANIFESTS_URLS_ALLOW": "['^https://']"},
+            "validation.manifests.urls.allow is not applied",
+        ),
+        ("validation: {enabled: true}", {}, "validation.enabled is not applied"),
+        (
+            "validation: {manifests: {indexes: {platforms: none}}}",
+            {},
+            "validation.manifests.indexes (distribution 3) is not applied",
+        ),
+        ("validation: {manifests: {frobnicate: 1}}", {}, "validation.manifests.frobnicate"),
+    ],
+)
+def test_validation_keys_not_applied_are_warned_about(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    text: str,
+    env: dict[str, str],
+    warned: str,
+) -> None:
+    load_config(write(tmp_path, CLASSIC + text + "\n"), env)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(warned in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "validation: {disabled: true}",  # what Dockyard does anyway: no URL policy
+        "validation: {enabled: false, disabled: false}",
+        "validation: {manifests: {sparse: true}}",
+        "validation: {}",
+    ],
+)
+def test_validation_keys_applied_are_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str
+) -> None:
+    config = load_config(write(tmp_path, CLASSIC + text + "\n"), {})
+    assert config.validation.manifests.urls.allow == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
 def test_default_config() -> None:
     config = validate(default_raw_config())
     assert config.storage.filesystem and config.storage.filesystem.rootdirectory == "./data"
@@ -228,6 +296,11 @@ def test_default_config() -> None:
             "version: 0.1\nstorage: {filesystem: {}, maintenance: {presence: {interval: 0s}}}\n",
             "storage.maintenance.presence.interval",
             "positive",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nvalidation: {manifests: {sparse: maybe}}\n",
+            "validation.manifests.sparse",
+            "bool",
         ),
         ("- a\n- b\n", None, "mapping"),
         ("version: [\n", None, "YAML"),

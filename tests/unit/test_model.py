@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,61 @@ def test_index_children_must_exist(registry: Registry) -> None:
         assert err.value.detail == {"digests": [str(missing)]}
         pushed = await repo.manifests.put(index(d), mt.OCI_INDEX, None, ["multi"])
         assert (await repo.manifests.get(pushed.digest)).media_type == mt.OCI_INDEX
+
+    run(go())
+
+
+def test_sparse_put_stores_what_is_absent_and_stamps_what_is_held(tmp_path: Path) -> None:
+    """``put(sparse=True)`` (the cache's call, and client pushes with
+    ``validation.manifests.sparse``): absent config, layers and children are accepted; what the
+    repository holds is still stamped, as for any push (registry.gc, rule 1)."""
+    storage = Store(FilesystemDriver(str(tmp_path), max_threads=8))
+    registry = Registry(storage, secret="s", delete_enabled=True, touch_interval=0.0)
+    absent = digest_of(b"never pushed")
+
+    def aged(path: str) -> Path:
+        file = tmp_path / path.lstrip("/")
+        os.utime(file, (time.time() - 1000, time.time() - 1000))
+        return file
+
+    async def go() -> None:
+        repo = registry.repository("a")
+        child, child_body = await push_image(registry, "a", None)
+        config = Digest.parse(json.loads(child_body)["config"]["digest"])
+        index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": mt.OCI_INDEX,
+                "manifests": [
+                    {"mediaType": mt.OCI_MANIFEST, "digest": str(d), "size": 1}
+                    for d in (child, absent)
+                ],
+            }
+        ).encode()
+        with pytest.raises(RegistryError) as err:
+            await repo.manifests.put(index, mt.OCI_INDEX, None, ["multi"])
+        assert err.value.code is ErrorCode.MANIFEST_BLOB_UNKNOWN
+        assert err.value.detail == {"digests": [str(absent)]}
+
+        link = aged(layout.revision_link("a", child))
+        pushed = await repo.manifests.put(index, mt.OCI_INDEX, None, ["multi"], sparse=True)
+        assert time.time() - link.stat().st_mtime < 100  # the child held is stamped
+        assert (await repo.manifests.get(await repo.tags.resolve("multi"))).body == index
+        with pytest.raises(RegistryError) as err:
+            await repo.manifests.get(absent)
+        assert err.value.code is ErrorCode.MANIFEST_UNKNOWN
+        assert pushed.manifest.children[1].digest == absent
+
+        image = json.loads(child_body)
+        image["layers"].append({**image["layers"][0], "digest": str(absent)})
+        data = aged(layout.blob_data(config))
+        await repo.manifests.put(json.dumps(image).encode(), mt.OCI_MANIFEST, None, [], sparse=True)
+        assert time.time() - data.stat().st_mtime < 100  # the config held is stamped
+        # still parsed and validated
+        with pytest.raises(RegistryError) as err:
+            await repo.manifests.put(b"[]", mt.OCI_MANIFEST, None, [], sparse=True)
+        assert err.value.code is ErrorCode.MANIFEST_INVALID
+        await registry.close()
 
     run(go())
 

@@ -34,6 +34,7 @@ def test_filesystem(tmp_path: Path) -> None:
     assert registry.storage.name == "filesystem"
     assert {ExclusiveCreate, NoOverwriteMove, Touch} <= registry.storage.capabilities
     assert registry.delete_enabled and registry.max_upload_sessions == 7
+    assert registry.sparse_manifests is False  # validation.manifests.sparse, off by default
     assert registry.blobs.touch_interval == config.storage.maintenance.gc.touch_interval == 3600
     assert isinstance(registry.blobs.cache, NoCache)
     assert isinstance(registry.upload_locks, FileUploadLocks)
@@ -52,8 +53,10 @@ def test_s3(redis: bool) -> None:
     if redis:
         raw["storage"]["cache"] = {"blobdescriptor": "redis"}
         raw["redis"] = {"addr": "127.0.0.1:6379"}
+    raw["validation"] = {"manifests": {"sparse": True}}
     registry = open_store(validate(raw))  # nothing connects before first use
     assert registry.storage.name == "s3"
+    assert registry.sparse_manifests is True
     assert isinstance(registry.blobs.cache, RedisCache if redis else NoCache)
     assert isinstance(registry.upload_locks, RedisUploadLocks if redis else NoUploadLocks)
     asyncio.run(registry.close())

@@ -101,7 +101,13 @@ async def put_manifest(request: web.Request) -> web.Response:
         digest = None
         tags = [validate_tag(reference)]
     body = await _read_manifest_body(request)
-    pushed = await repo.manifests.put(body, request.headers.get("Content-Type"), digest, tags)
+    pushed = await repo.manifests.put(
+        body,
+        request.headers.get("Content-Type"),
+        digest,
+        tags,
+        sparse=repo.registry.sparse_manifests,
+    )
     headers = {
         "Location": url_for(request, f"/v2/{repo.name}/manifests/{pushed.digest}"),
         "Docker-Content-Digest": str(pushed.digest),

@@ -221,6 +221,11 @@ def fsck(config_path: str | None, repair: bool, as_json: bool) -> None:
         click.echo(f"problem: {problem}")
     for item in report.quarantined:
         click.echo(f"quarantined: {item}")
+    if report.sparse_manifests:
+        click.echo(
+            f"{report.sparse_manifests} sparse manifests (referencing content their repository "
+            "does not hold, which is allowed)"
+        )
     click.echo(
         f"checked {report.blobs_checked} blobs ({format_size(report.bytes_checked)}): "
         f"{'clean' if report.clean else f'{len(report.problems)} problems'}"

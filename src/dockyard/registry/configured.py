@@ -48,4 +48,5 @@ def open_store(config: Config, *, secret: str | None = None) -> Registry:
         cache=build_cache(config, storage),
         upload_locks=build_upload_locks(config, storage),
         max_upload_sessions=config.http.limits.uploadsperrepository,
+        sparse_manifests=config.validation.manifests.sparse,
     )

@@ -1,15 +1,24 @@
 """Checking the store (``dockyard fsck``): every blob's content matches its digest, every link
 points to a blob that exists, every tag to a manifest that exists. With ``repair``, corrupt blobs
 are moved to ``/dockyard/quarantine/`` (never deleted), so a pull fails cleanly instead of
-serving bad bytes and the data can still be examined."""
+serving bad bytes and the data can still be examined.
+
+A manifest that references content its repository does not hold (a config, a layer, an index
+child) is not a problem: the OCI spec allows such *sparse* manifests, Dockyard accepts them with
+``validation.manifests.sparse``, the pull-through cache stores indexes before their children are
+pulled, and pulling what is absent is an ordinary 404. They are counted (``sparse_manifests``),
+for information."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dockyard.oci.digest import new_hasher
+from dockyard.errors import RegistryError
+from dockyard.oci.digest import Digest, new_hasher
+from dockyard.oci.manifest import read_stored
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore
 from dockyard.registry.cache import BlobDescriptorCache
@@ -28,6 +37,8 @@ class FsckReport:
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    #: manifests referencing content their repository does not hold: allowed, not a problem
+    sparse_manifests: int = 0
 
     @property
     def clean(self) -> bool:
@@ -79,14 +90,36 @@ async def check(
     progress.total(CHECK_REPOSITORIES, len(names))
     for name in names:
         repo = await inventory.read_repository(storage, name)
+        held: set[Digest] = set()
         for digest in sorted(repo.layers, key=str):
             if digest in corrupt or not await store.exists(digest):
                 report.problems.append(f"{name}: layer link {digest} points to a missing blob")
+            else:
+                held.add(digest)
         for digest in sorted(repo.revisions, key=str):
             if digest in corrupt or not await store.exists(digest):
                 report.problems.append(f"{name}: manifest {digest} has no data")
+            elif await _is_sparse(store, digest, held, repo.revisions):
+                report.sparse_manifests += 1
         for tag, digest in sorted(repo.tags.items()):
             if digest not in repo.revisions:
                 report.problems.append(f"{name}:{tag} points to {digest}, not in the repository")
         progress.advance(CHECK_REPOSITORIES)
     return report
+
+
+async def _is_sparse(
+    store: BlobStore, digest: Digest, held: set[Digest], manifests: Mapping[Digest, object]
+) -> bool:
+    """The manifest references a blob not linked (with data) in its repository, or a manifest
+    not in it. One that cannot be read or parsed any more is not counted: its bytes were
+    checked above."""
+    try:
+        manifest = read_stored(await store.read(digest))
+    except RegistryError:
+        return False
+    if manifest is None:
+        return False
+    return any(d.digest not in held for d in manifest.blobs) or any(
+        d.digest not in manifests for d in manifest.children
+    )

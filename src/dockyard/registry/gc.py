@@ -3,7 +3,10 @@
 Mark: every repository's manifests are roots (with ``delete_untagged``, only tagged ones, plus
 untagged ones used within the grace period); from them, index children and referrers whose
 subject is kept, and every digest a kept manifest references. Sweep: blobs not marked, and
-(with ``delete_untagged``) revision links of manifests not kept.
+(with ``delete_untagged``) revision links of manifests not kept. What a kept manifest references
+and the store does not hold — the absent children and blobs of a sparse manifest
+(``validation.manifests.sparse``, the pull-through cache), a non-distributable layer, a subject
+not pushed yet — is expected: there is nothing to keep, and nothing is reported.
 
 Why a push racing with the collection is never broken — the argument, in three rules:
 
@@ -82,6 +85,7 @@ class GCReport:
     immediate: bool = False
     repositories: int = 0
     manifests_kept: int = 0
+    #: stored blobs kept because a kept manifest references them (or they are one)
     blobs_marked: int = 0
     blobs_removed: int = 0
     bytes_removed: int = 0
@@ -164,7 +168,6 @@ class GarbageCollector:
                 await self._mark_repository(name, marked, report)
                 self.progress.advance(MARK)
             await lease.renew()
-            report.blobs_marked = len(marked)
             await self._sweep_blobs(marked, report)
             await lease.renew()
             self.progress.total(SWEEP_LINKS, len(names))
@@ -303,6 +306,7 @@ class GarbageCollector:
         async for blob in inventory.blobs(self.storage, digests):
             self.progress.advance(SWEEP_BLOBS)
             if blob.digest in marked:
+                report.blobs_marked += 1  # counted here: a marked digest may not be stored
                 continue
             if blob.modified >= self.cutoff:
                 report.blobs_recent += 1

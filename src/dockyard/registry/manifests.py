@@ -123,9 +123,13 @@ class ManifestStore:
         sparse: bool = False,
     ) -> PushedManifest:
         """Validate and store a manifest, then point ``tags`` at it. ``digest`` is the one the
-        client pushed by, if any: the body must hash to it. ``sparse``: store it even if this
-        repository lacks content it references (the pull-through cache stores an index before
-        its children are asked for)."""
+        client pushed by, if any: the body must hash to it.
+
+        ``sparse``: the manifest may reference blobs (config, layers) and manifests (index
+        children) this repository does not hold — the OCI spec's sparse manifests, for a mirror
+        of some platforms of an image or a cache that has not pulled the rest yet. It must still
+        parse and be valid; what it references and the repository holds is stamped as ever.
+        Off, anything absent is MANIFEST_BLOB_UNKNOWN."""
         manifest = parse_manifest(body, content_type)
         if digest is None:
             digest = Digest.from_bytes(body)
@@ -135,8 +139,7 @@ class ManifestStore:
                 "manifest content does not match the digest it was pushed by",
                 {"digest": str(digest)},
             )
-        if not sparse:
-            await self._check_references(manifest)
+        await self._check_references(manifest, sparse)
 
         # Content, then the revision link, then the referrers entry, then tags: every link
         # written points at something already in place.
@@ -160,14 +163,16 @@ class ManifestStore:
             return False
         return True
 
-    async def _check_references(self, manifest: Manifest) -> None:
+    async def _check_references(self, manifest: Manifest, sparse: bool) -> None:
+        """Every reference the repository holds is stamped (the collector's rule 1, in
+        registry.gc), sparse or not; one it does not hold is refused unless ``sparse``."""
         references = [*manifest.blobs, *manifest.children]
         found = await asyncio.gather(
             *(self._blob_present(d.digest) for d in manifest.blobs),
             *(self._keep(d.digest) for d in manifest.children),
         )
         missing = sorted({str(d.digest) for d, ok in zip(references, found, strict=True) if not ok})
-        if missing:
+        if missing and not sparse:
             raise RegistryError(
                 ErrorCode.MANIFEST_BLOB_UNKNOWN,
                 "manifest references content that is not in this repository",

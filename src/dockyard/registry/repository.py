@@ -94,9 +94,12 @@ class Registry:
         cache: BlobDescriptorCache | None = None,
         upload_locks: UploadLocks | None = None,
         max_upload_sessions: int = 0,
+        sparse_manifests: bool = False,
     ) -> None:
         self.storage = storage
         self.delete_enabled = delete_enabled
+        #: clients may push manifests whose references are absent (``ManifestStore.put``)
+        self.sparse_manifests = sparse_manifests
         self.upload_locks: UploadLocks = upload_locks or NoUploadLocks()
         self.max_upload_sessions = max_upload_sessions
         self.blobs = BlobStore(storage, touch_interval, cache)
