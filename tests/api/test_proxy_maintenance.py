@@ -208,3 +208,33 @@ def test_bearer_token_upstream_and_a_mirror_behind_its_own_auth(
     ]
     assert len(token_requests) == 1, token_requests
     assert "account=mirror-bot" in token_requests[0]
+
+
+def test_gc_du_and_fsck_treat_cached_content_as_repository_content(
+    start_server: ServerFactory,
+) -> None:
+    hub = start_server()
+    digest, manifest = hub.push_image("library/app", "1", [os.urandom(20_000)])
+    mirror = start_server(proxy={"remoteurl": hub.url})
+    assert requests.get(mirror.v2("library/app/manifests/1")).status_code == 200
+    for blob in [manifest["config"], *manifest["layers"]]:
+        assert requests.get(mirror.v2(f"library/app/blobs/{blob['digest']}")).status_code == 200
+    stray = hub.push_blob("library/app", os.urandom(3000))  # fetched alone, by no manifest
+    assert requests.get(mirror.v2(f"library/app/blobs/{stray}")).status_code == 200
+    mirror.stop()
+    hub.stop()
+    config = str(mirror.config_path)
+    usage = json.loads(dockyard("du", config, "--json").stdout)
+    assert [r["name"] for r in usage["repositories"]] == ["library/app"]
+    result = dockyard("gc", config, "--grace", "0s", "--delete-untagged", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["blobs_removed"] == 1  # the stray one only
+    fsck = dockyard("fsck", config)
+    assert fsck.returncode == 0, fsck.stdout
+    again = start_server(root=mirror.root, proxy={"remoteurl": hub.url})
+    r = requests.get(again.v2("library/app/manifests/1"))
+    assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == digest
+    for blob in [manifest["config"], *manifest["layers"]]:
+        r = requests.get(again.v2(f"library/app/blobs/{blob['digest']}"))
+        assert r.status_code == 200 and sha256(r.content) == blob["digest"]
+    assert requests.get(again.v2(f"library/app/blobs/{stray}")).status_code in (404, 503)
