@@ -99,3 +99,20 @@ def test_tagttl_answers_tags_from_the_cache_without_asking(start_server: ServerF
     # by default (registry:2's behaviour) every request asks the upstream
     r = requests.head(plain.v2("hub/library/app/manifests/1"))
     assert r.headers["Docker-Content-Digest"] == second
+
+
+def test_a_client_that_leaves_mid_blob_does_not_stall_the_fetch(
+    start_server: ServerFactory,
+) -> None:
+    hub = start_server()
+    big = os.urandom(24 * 1024 * 1024)
+    digest = hub.push_blob("library/big", big)
+    mirror = start_server(proxy={"remoteurl": hub.url})
+    with requests.get(mirror.v2(f"library/big/blobs/{digest}"), stream=True, timeout=30) as r:
+        assert r.status_code == 200
+        r.raw.read(1000)  # then hang up, with most of the blob still to come
+    r = requests.get(mirror.v2(f"library/big/blobs/{digest}"), timeout=30)
+    assert r.status_code == 200 and sha256(r.content) == digest
+    hub.stop()
+    r = requests.get(mirror.v2(f"library/big/blobs/{digest}"), timeout=30)
+    assert r.status_code == 200 and sha256(r.content) == digest  # cached whole

@@ -145,11 +145,14 @@ async def _from_upstream(
         fetched.detach()
         await fetched.done
         return await _serve(request, proxied.local, digest, await proxied.local.blobs.stat(digest))
-    response = web.StreamResponse(status=200, headers=blob_headers(digest, fetched.size))
-    await response.prepare(request)
-    async for chunk in fetched.chunks():
-        await response.write(chunk)
-    await response.write_eof()
+    try:
+        response = web.StreamResponse(status=200, headers=blob_headers(digest, fetched.size))
+        await response.prepare(request)
+        async for chunk in fetched.chunks():
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        fetched.detach()  # however this ends, the fetch must not wait for this client
     return response
 
 

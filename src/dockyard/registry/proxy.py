@@ -218,7 +218,8 @@ class ProxiedRepository:
                 if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
                     raise
                 return Answer(await self._fetch_manifest(tag, digest, [tag]))
-            await self.local.tags.tag(tag, digest)  # moved upstream, or confirmed now
+            if self.upstream.tagttl > 0 or await self._cached_tag(tag) != digest:
+                await self.local.tags.tag(tag, digest)  # moved upstream, or confirmed now
             return Answer(stored)
         except UpstreamError as exc:
             log.warning("%s; serving the cached tag %s:%s", exc, self.route.local_name, tag)
@@ -227,6 +228,12 @@ class ProxiedRepository:
                 return Answer(await self.local.manifests.get(cached), stale=True)
             except RegistryError:
                 raise upstream_failed(exc, "this tag") from None
+
+    async def _cached_tag(self, tag: str) -> Digest | None:
+        try:
+            return await self.local.tags.resolve(tag)
+        except RegistryError:
+            return None
 
     async def _tag_is_fresh(self, tag: str) -> bool:
         try:
@@ -526,8 +533,11 @@ class BlobFetch:
                 await asyncio.shield(storage.delete_if_present(incoming))
             log.warning("fetching %s for %s failed: %s", digest, repo.route.local_name, error)
             if self._listening:
-                with contextlib.suppress(asyncio.QueueFull):
-                    self._queue.put_nowait(error)
+                # Room for the error even if the client is behind: it must hear of it, and
+                # the bytes it has not read yet are of no use to it now.
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+                self._queue.put_nowait(error)
             if not self.done.done():
                 self.done.set_exception(error)
                 self.done.exception()  # retrieved: nobody may be waiting
