@@ -107,3 +107,23 @@ def test_a_local_blob_cannot_be_read_under_a_proxy_prefix(start_server: ServerFa
     assert_error(r, 404, "BLOB_UNKNOWN")
     r = requests.head(mirror.v2(f"docker.io/library/alpine/blobs/{digest}"))
     assert r.status_code == 404
+
+
+def test_the_log_says_a_cached_tag_was_served_only_when_one_was(
+    start_server: ServerFactory, upstream: InProcessDockyard
+) -> None:
+    upstream.push_image("library/alpine", "3")
+    mirror = start_server(proxy={"remoteurl": upstream.url})
+    r = requests.get(mirror.v2("library/alpine/manifests/3"), headers={"Accept": OCI_MANIFEST})
+    assert r.status_code == 200
+    upstream.stop()
+    assert requests.get(mirror.v2("library/alpine/manifests/3")).status_code == 200
+    assert requests.get(mirror.v2("library/alpine/tags/list")).status_code == 200
+    assert_error(requests.get(mirror.v2("library/busybox/manifests/1")), 503, "UNAVAILABLE")
+    assert_error(requests.get(mirror.v2("library/busybox/tags/list")), 503, "UNAVAILABLE")
+    log = mirror.log()
+    assert "serving the cached tag library/alpine:3" in log
+    assert "serving the cached tags of library/alpine" in log
+    assert "serving the cached tag library/busybox:1" not in log, log
+    assert "serving the cached tags of library/busybox" not in log, log
+    assert "library/busybox:1 is not cached" in log, log

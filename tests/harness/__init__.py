@@ -7,6 +7,8 @@
 - ``harness.images``: test images, and a Debian base made once and kept
 - ``harness.oci``: OCI image layouts made by hand, for skopeo to push from
 - ``harness.skopeo``: skopeo pushes and pulls, compared with what a registry serves
+- ``harness.mirrors``: clients set up to pull through a mirror (podman's registries.conf,
+  containerd's hosts.toml), and Dockyard's access log read back
 - ``harness.store``: registry:2's storage layout as a test sees it, on disk or in a bucket
 - ``harness.workloads``: the push/pull/delete load the garbage collection tests run
 - ``harness.shared``: daemons shared by every process of a pytest-xdist session

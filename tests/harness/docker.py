@@ -132,8 +132,11 @@ def start_dockerd(
     insecure_registries: list[str] | None = None,
     timeout: float = 30.0,
     storage_driver: str = "vfs",
+    registry_mirrors: list[str] | None = None,
 ) -> Dockerd:
-    """Start dockerd per tests' guide (no iptables, no bridge) and wait until it answers."""
+    """Start dockerd per tests' guide (no iptables, no bridge) and wait until it answers.
+    ``registry_mirrors`` (``http://127.0.0.1:PORT``): where it pulls Docker Hub images from
+    (the engine asks them only for ``docker.io`` names)."""
     binary = find_dockerd()
     assert binary is not None, "dockerd is not installed"
     assert shutil.which("docker"), "dockerd is installed but the docker CLI is not"
@@ -157,6 +160,8 @@ def start_dockerd(
     ]  # fmt: skip
     for registry in insecure_registries or []:
         args += ["--insecure-registry", registry]
+    for mirror in registry_mirrors or []:
+        args += ["--registry-mirror", mirror]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=base_env, start_new_session=True

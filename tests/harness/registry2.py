@@ -72,9 +72,12 @@ class Registry2(Loopback):
         root: Path | None = None,
         s3: dict[str, Any] | None = None,
         port: int | None = None,
+        auth: dict[str, Any] | None = None,
     ) -> Self:
         """registry:2 on the directory ``root`` or with ``s3`` as its ``storage.s3`` section
-        (deletes enabled), started in ``work``; returns once ``/v2/`` answers 200."""
+        (deletes enabled), started in ``work``; returns once ``/v2/`` answers (200, or 401 with
+        ``auth``, its ``auth`` section: ``{"htpasswd": {"realm": ..., "path": ...}}``, whose
+        file must hold bcrypt hashes, e.g. made by ``htpasswd -Bbn``)."""
         assert REGISTRY2 is not None, "docker-registry (registry:2) is not installed"
         assert (root is None) != (s3 is None), "a directory or a bucket"
         port = port or free_port()
@@ -89,6 +92,8 @@ class Registry2(Loopback):
             "storage": storage,
             "http": {"addr": f"127.0.0.1:{port}", "secret": "registry2-test-secret"},
         }
+        if auth is not None:
+            config["auth"] = auth
         # registry:2's S3 driver fails on AWS_CA_BUNDLE (see ../shared/guide/s3.md).
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
         fields: dict[str, Any] = {"root": root, "bucket": s3["bucket"] if s3 else None}
@@ -105,7 +110,7 @@ class Registry2(Loopback):
         **fields: Any,
     ) -> Self:
         """Write ``config`` into ``work``, start ``binary serve`` on it and return once
-        ``/v2/`` answers 200."""
+        ``/v2/`` answers 200 (401 if ``config`` has an ``auth`` section)."""
         config_path = work / "config.yml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = work / "registry2.log"
@@ -119,5 +124,6 @@ class Registry2(Loopback):
         except Exception:
             registry.stop()
             raise RuntimeError(f"registry:2 did not start:\n{registry.log()}") from None
-        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == 200
+        expected = 401 if config.get("auth") else 200
+        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == expected
         return registry

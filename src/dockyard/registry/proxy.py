@@ -222,12 +222,15 @@ class ProxiedRepository:
                 await self.local.tags.tag(tag, digest)  # moved upstream, or confirmed now
             return Answer(stored)
         except UpstreamError as exc:
-            log.warning("%s; serving the cached tag %s:%s", exc, self.route.local_name, tag)
+            where = f"{self.route.local_name}:{tag}"
             try:
                 cached = await self.local.tags.resolve(tag)
-                return Answer(await self.local.manifests.get(cached), stale=True)
+                stored = await self.local.manifests.get(cached)
             except RegistryError:
+                log.warning("%s; %s is not cached", exc, where)
                 raise upstream_failed(exc, "this tag") from None
+            log.warning("%s; serving the cached tag %s", exc, where)
+            return Answer(stored, stale=True)
 
     async def _cached_tag(self, tag: str) -> Digest | None:
         try:
@@ -324,12 +327,13 @@ class ProxiedRepository:
                 raise UpstreamError(self.client.name, "invalid", "sent a malformed tag list")
             return Page([t for t in tags if _is_tag(t)], more), False
         except (UpstreamError, ValueError, OSError, TimeoutError) as exc:
-            log.warning("%s; serving the cached tags of %s", exc, self.route.local_name)
             cached = await self.local.tags.all()
             if not cached and not await self.local.exists():
+                log.warning("%s; %s is not cached", exc, self.route.local_name)
                 if isinstance(exc, UpstreamError):
                     raise upstream_failed(exc, "this repository") from None
                 raise
+            log.warning("%s; serving the cached tags of %s", exc, self.route.local_name)
             return paginate(cached, n, last), True
 
     # -- referrers ---------------------------------------------------------------------------
