@@ -148,13 +148,14 @@ def wrk(
 
 
 def ab_head(
-    url: str, headers: dict[str, str], *, connections: int, seconds: int
+    url: str, headers: dict[str, str], *, connections: int, seconds: int, most: int
 ) -> tuple[float, int]:
-    """HEADs of ``url`` with ApacheBench for ``seconds`` (keep-alive): requests/s and the
-    number of failed requests. wrk 4.1 cannot do HEAD (it waits for the body Content-Length
-    announces: wrk#198). A response other than 2xx fails the run."""
+    """HEADs of ``url`` with ApacheBench for ``seconds``, or until ``most`` requests are done
+    (keep-alive): requests/s and the number of failed requests. wrk 4.1 cannot do HEAD (it
+    waits for the body Content-Length announces: wrk#198). A response other than 2xx fails the
+    run."""
     args = ["ab", "-q", "-r", "-k", "-i", "-c", str(connections), "-t", str(seconds)]
-    args += ["-n", "50000000", "-s", "10"]
+    args += ["-n", str(most), "-s", "10"]
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     out = run_tool([*args, url], "ab", timeout=seconds + 60).stdout

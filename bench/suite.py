@@ -40,6 +40,8 @@ class Params:
     catalog_repos: int
     big_tags: int
     list_requests: int
+    #: ab (HEAD) stops after this many requests, or after ``http_seconds``, whichever is first
+    head_requests: int = 50_000_000
     restart_each: bool = True  # restart the servers before each workload (fresh VmHWM)
     catalog_tmpfs: bool = True  # the catalog stores on /dev/shm (see CatalogSuite.prepare)
 
@@ -93,6 +95,7 @@ class Params:
             catalog_repos=200,
             big_tags=1_000,
             list_requests=1,
+            head_requests=500,  # a fraction of a second (with 32 connections): CI's CPU
             restart_each=False,  # Dockyard takes a second or two to start: keep under a minute
             catalog_tmpfs=catalog_tmpfs,
         )

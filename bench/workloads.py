@@ -275,6 +275,7 @@ class RequestsSuite(Suite):
             self._headers(server),
             connections=p.connections,
             seconds=p.http_seconds,
+            most=p.head_requests,
         )
         if failed:
             self.notes.append(f"{server.name}, ab HEAD: {failed} failed requests")
