@@ -276,11 +276,13 @@ def test_retag_moves_the_tag(server: Server, repo: str) -> None:
 def test_delete_by_digest_removes_its_tags(server: Server, repo: str) -> None:
     digest, _ = server.push_image(repo, "a")
     _other, _ = server.push_image(repo, "keep")
-    requests.put(
+    r = requests.put(
         server.v2(f"{repo}/manifests/b"),
         data=get(server, repo, "a").content,
         headers={"Content-Type": OCI_MANIFEST},
     )
+    assert r.status_code == 201, r.text
+    assert get(server, repo, "b").headers["Docker-Content-Digest"] == digest  # two tags on it
     r = requests.delete(server.v2(f"{repo}/manifests/{digest}"))
     assert r.status_code == 202
     assert_error(get(server, repo, digest), 404, "MANIFEST_UNKNOWN")
