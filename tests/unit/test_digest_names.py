@@ -75,6 +75,7 @@ def test_valid_names(name: str) -> None:
         "a/../b",
         "a b",
         "_manifests",
+        "a/b\n",  # $ in a Python regex also matches before a final newline
     ],
 )
 def test_invalid_names(name: str) -> None:
@@ -105,7 +106,7 @@ def test_valid_tags(tag: str) -> None:
     assert validate_tag(tag) == tag
 
 
-@pytest.mark.parametrize("tag", ["", ".x", "-x", "A" * 129, "a/b", "a:b", "a b"])
+@pytest.mark.parametrize("tag", ["", ".x", "-x", "A" * 129, "a/b", "a:b", "a b", "v2\n"])
 def test_invalid_tags(tag: str) -> None:
     with pytest.raises(RegistryError) as err:
         validate_tag(tag)

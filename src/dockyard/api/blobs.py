@@ -14,7 +14,7 @@ from dockyard.oci.digest import Digest
 from dockyard.registry.blobs import BlobInfo, LocalRange, StreamedRange
 
 # ASCII digits: \d also matches other scripts' digits.
-_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.IGNORECASE)
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)\Z", re.IGNORECASE)
 #: Beyond any blob: a position written with more digits than this is treated as this.
 _FAR = 10**18
 
