@@ -14,96 +14,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hashlib
-import json
 import os
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
-import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the bench package
+
+from bench.clients import wrk
+from bench.servers import BenchError
 from dockyard.auth.htpasswd import hash_password
+from harness.client import OCI_MANIFEST
+from harness.dockyard import DockyardProcess
 
 USER, PASSWORD = "bench", "bench-password"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def push_image(base: str, auth: tuple[str, str]) -> str:
-    config = json.dumps({"os": "linux"}).encode()
-    digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    requests.post(
-        f"{base}/bench/app/blobs/uploads/", params={"digest": digest}, data=config, auth=auth
-    ).raise_for_status()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": digest,
-            "size": len(config),
-        },
-        "layers": [],
-    }
-    r = requests.put(
-        f"{base}/bench/app/manifests/latest",
-        data=json.dumps(manifest),
-        headers={"Content-Type": manifest["mediaType"]},
-        auth=auth,
-    )
-    r.raise_for_status()
-    return "/v2/bench/app/manifests/latest"
-
-
-def run_wrk(url: str, header: str, seconds: int, connections: int) -> float:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t",
-            "2",
-            "-c",
-            str(connections),
-            "-d",
-            f"{seconds}s",
-            "-H",
-            header,
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if non2xx:
-        raise SystemExit(f"{non2xx.group(1)} requests failed:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-
-async def run_aiohttp(url: str, header: str, seconds: int, connections: int) -> float:
+async def run_aiohttp(url: str, headers: dict[str, str], seconds: int, connections: int) -> float:
     done = 0
     deadline = time.monotonic() + seconds
-    name, value = header.split(": ", 1)
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal done
         while time.monotonic() < deadline:
-            async with session.get(url, headers={name: value}) as r:
+            async with session.get(url, headers=headers) as r:
                 await r.read()
                 if r.status != 200:
-                    raise SystemExit(f"request failed: {r.status}")
+                    raise BenchError(f"request failed: {r.status}")
             done += 1
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as s:
@@ -115,34 +56,31 @@ def measure(cache_ttl: str, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as work:
         users = Path(work) / "htpasswd"
         users.write_text(f"{USER}:{hash_password(PASSWORD, rounds=args.cost)}\n")
-        port = free_port()
-        config = Path(work) / "config.yml"
-        config.write_text(
-            "version: 0.1\nlog: {level: warn, accesslog: {disabled: true}}\n"
-            f"storage: {{filesystem: {{rootdirectory: {work}/data}}}}\n"
-            f"http: {{addr: '127.0.0.1:{port}', secret: bench}}\n"
-            f"auth: {{htpasswd: {{realm: bench, path: {users}, cachettl: {cache_ttl}}}}}\n"
-        )
-        server = subprocess.Popen(
-            [sys.executable, "-m", "dockyard", "serve", str(config), "--workers", str(args.workers)]
+        server = DockyardProcess.launch(
+            Path(work),
+            workers=args.workers,
+            log={"level": "warn", "accesslog": {"disabled": True}},
+            auth={"htpasswd": {"realm": "bench", "path": str(users), "cachettl": cache_ttl}},
         )
         try:
-            base = f"http://127.0.0.1:{port}"
-            for _ in range(200):
-                try:
-                    requests.get(base + "/v2/", timeout=1)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.05)
-            path = push_image(base + "/v2", (USER, PASSWORD))
+            server.session.auth = (USER, PASSWORD)
+            server.push_image("bench/app", "latest", layers=[])
+            url = server.v2("bench/app/manifests/latest")
             token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-            header = f"Authorization: Basic {token}"
+            headers = {"Authorization": f"Basic {token}", "Accept": OCI_MANIFEST}
             if shutil.which("wrk"):
-                return run_wrk(base + path, header, args.seconds, args.connections)
-            return asyncio.run(run_aiohttp(base + path, header, args.seconds, args.connections))
+                rate, _ = wrk(
+                    url,
+                    headers,
+                    threads=2,
+                    connections=args.connections,
+                    seconds=args.seconds,
+                    script=Path(work) / "wrk.lua",
+                )
+                return rate
+            return asyncio.run(run_aiohttp(url, headers, args.seconds, args.connections))
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
 
 
 def main() -> int:
@@ -152,8 +90,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cost", type=int, default=10, help="bcrypt cost of the user's hash")
     args = parser.parse_args()
-    with_cache = measure("5m", args)
-    without = measure("0", args)
+    try:
+        with_cache = measure("5m", args)
+        without = measure("0", args)
+    except BenchError as e:
+        print(f"auth.py: {e}", file=sys.stderr)
+        return 1
     tool = "wrk" if shutil.which("wrk") else "aiohttp"
     print(
         f"authenticated GET manifest, {args.connections} connections, {args.workers} workers,"

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,20 +21,10 @@ from pathlib import Path
 
 import requests
 
-MiB = 1024 * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the bench package
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+from bench.suite import MiB
+from harness.dockyard import DockyardProcess, memory_kib
 
 
 def stream(size: int, digest: hashlib._Hash | None = None) -> Iterator[bytes]:
@@ -58,25 +46,14 @@ def main() -> int:
     size = int(args.size_gib * 1024 * MiB)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
-        port = free_port()
-        config = Path(work) / "config.yml"
-        config.write_text(
-            "version: 0.1\nlog: {level: warn, accesslog: {disabled: true}}\n"
-            f"storage: {{filesystem: {{rootdirectory: {work}/data}}}}\n"
-            f"http: {{addr: '127.0.0.1:{port}', secret: bench}}\n"
+        server = DockyardProcess.launch(
+            Path(work), workers=1, log={"level": "warn", "accesslog": {"disabled": True}}
         )
-        server = subprocess.Popen(
-            [sys.executable, "-m", "dockyard", "serve", str(config), "--workers", "1"]
-        )
+        pid = server.proc.pid
         try:
-            base = f"http://127.0.0.1:{port}/v2/bench/blob"
-            for _ in range(200):
-                try:
-                    requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.05)
-            rss_before = status_kib(server.pid, "VmRSS")
+            base = server.v2("bench/blob")
+            requests.get(server.v2(""), timeout=30)  # answered once the server is ready
+            rss_before = memory_kib(pid, "VmRSS")
 
             hasher = hashlib.sha256()
             t0 = time.monotonic()
@@ -87,7 +64,7 @@ def main() -> int:
             r = requests.put(r.headers["Location"], params={"digest": digest})
             assert r.status_code == 201, r.text
             upload_s = time.monotonic() - t0
-            peak_upload = status_kib(server.pid, "VmHWM")
+            peak_upload = memory_kib(pid, "VmHWM")
 
             t0 = time.monotonic()
             got = hashlib.sha256()
@@ -96,11 +73,10 @@ def main() -> int:
                     got.update(chunk)
             download_s = time.monotonic() - t0
             assert "sha256:" + got.hexdigest() == digest
-            peak_all = status_kib(server.pid, "VmHWM")
-            rss_after = status_kib(server.pid, "VmRSS")
+            peak_all = memory_kib(pid, "VmHWM")
+            rss_after = memory_kib(pid, "VmRSS")
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop(timeout=60)
 
     gib = size / (1024 * MiB)
     print(f"blob: {gib:.2f} GiB")

@@ -1,421 +1,50 @@
-"""The workloads ``compare.py`` runs against both servers.
-
-A suite groups the measurements that share set-up (the 1 GiB blob is uploaded, then downloaded;
-an image is pushed, then pulled). ``compare.py`` starts both servers for each suite on fresh
-storage, restarts them before each measurement (so VmHWM covers that measurement only) and
-calls, for every round and each server in turn, :meth:`Suite.run`, which returns one value.
-"""
+"""The workload groups ``compare.py`` runs against both servers on the filesystem
+(docs/performance.md, "The workloads"); ``bench.rgw`` reuses some of them on S3."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
-import itertools
 import json
 import os
 import random
 import re
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-from servers import BenchError, Server
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-MANIFEST_ACCEPT = ", ".join(
-    [
-        OCI_MANIFEST,
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    ]
+from bench.clients import (
+    MANIFEST_ACCEPT,
+    ab_head,
+    curl_download,
+    curl_upload,
+    expect,
+    request,
+    run_tool,
+    upload_bytes,
+    wrk,
 )
+from bench.content import (
+    Filler,
+    Layout,
+    delete_from_store,
+    make_layout,
+    shuffled_tags,
+    write_catalog_store,
+)
+from bench.machine import fstype
+from bench.servers import BenchError, Server
+from bench.suite import GiB, Metric, MiB, Params, Suite, remove_tree, settle, size_text
+from harness.client import OCI_MANIFEST, sha256
+from harness.workloads import oci_manifest
+
 BENCH_USER, BENCH_PASSWORD = "bench", "bench-password"
-V2 = "docker/registry/v2"
-
-
-@dataclass(frozen=True)
-class Params:
-    quick: bool
-    rounds: int
-    blob_bytes: int
-    large_layers: int
-    large_layer_bytes: int
-    small_layers: int
-    small_layer_min: int
-    small_layer_max: int
-    http_seconds: int
-    connections: int
-    wrk_threads: int
-    big_bytes: int  # 0: skipped
-    big_rounds: int
-    catalog_repos: int
-    big_tags: int
-    list_requests: int
-    restart_each: bool = True  # restart the servers before each workload (fresh VmHWM)
-    catalog_tmpfs: bool = True  # the catalog stores on /dev/shm (see CatalogSuite.prepare)
-
-    @classmethod
-    def full(
-        cls,
-        rounds: int,
-        big_gib: float,
-        big_rounds: int,
-        wrk_threads: int,
-        catalog_tmpfs: bool,
-        seconds: int = 10,
-    ) -> Params:
-        return cls(
-            quick=False,
-            rounds=rounds,
-            blob_bytes=1 * GiB,
-            large_layers=4,
-            large_layer_bytes=256 * MiB,
-            small_layers=64,
-            small_layer_min=16 * KiB,
-            small_layer_max=64 * KiB,
-            http_seconds=seconds,
-            connections=32,
-            wrk_threads=wrk_threads,
-            big_bytes=int(big_gib * GiB),
-            big_rounds=big_rounds,
-            catalog_repos=10_000,
-            big_tags=100_000,
-            list_requests=3,
-            catalog_tmpfs=catalog_tmpfs,
-        )
-
-    @classmethod
-    def smoke(cls, wrk_threads: int, catalog_tmpfs: bool) -> Params:
-        """``--quick``: the same code paths with tiny sizes, one round, no 16 GiB upload."""
-        return cls(
-            quick=True,
-            rounds=1,
-            blob_bytes=8 * MiB,
-            large_layers=4,
-            large_layer_bytes=2 * MiB,  # above 1 MiB: the same generator as the full run
-            small_layers=8,
-            small_layer_min=16 * KiB,
-            small_layer_max=64 * KiB,
-            http_seconds=1,
-            connections=32,
-            wrk_threads=wrk_threads,
-            big_bytes=0,
-            big_rounds=1,
-            catalog_repos=200,
-            big_tags=1_000,
-            list_requests=1,
-            restart_each=False,  # Dockyard takes a second or two to start: keep under a minute
-            catalog_tmpfs=catalog_tmpfs,
-        )
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    title: str
-    unit: str
-    higher_is_better: bool
-    target: float | None = None  # wanted speed-up (Dockyard over registry:2)
-    target_text: str = "—"
-    memory_limit_mb: float | None = None  # wanted peak RSS of Dockyard (MB = 10^6 bytes)
-    timeline: bool = False  # keep the memory samples to show whether RSS stays flat
-
-
-def size_text(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= size and n % size == 0:
-            return f"{n // size} {unit}"
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-# -- clients ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Response:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-
-def request(
-    server: Server,
-    method: str,
-    url: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    conn: http.client.HTTPConnection | None = None,
-) -> Response:
-    """One HTTP request (on ``conn`` when given, which is kept open)."""
-    parts = urlsplit(urljoin(server.url, url))
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    all_headers = dict(headers or {})
-    if server.authorization:
-        all_headers["Authorization"] = server.authorization
-    own = conn is None
-    if conn is None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
-    try:
-        conn.request(method, path, body=body, headers=all_headers)
-        r = conn.getresponse()
-        return Response(r.status, r.headers, r.read())
-    finally:
-        if own:
-            conn.close()
-
-
-def expect(r: Response, status: int, what: str) -> Response:
-    if r.status != status:
-        raise BenchError(f"{what}: HTTP {r.status} (wanted {status}): {r.body[:300]!r}")
-    return r
-
-
-def start_upload(server: Server, repo: str) -> str:
-    """POST an upload session; the absolute URL to PUT to (with ``&digest=`` still missing)."""
-    r = expect(request(server, "POST", f"/v2/{repo}/blobs/uploads/"), 202, f"POST upload {repo}")
-    location = urljoin(server.url, r.headers["Location"])
-    return location + ("&" if "?" in location else "?")
-
-
-def upload_bytes(server: Server, repo: str, data: bytes) -> str:
-    """POST + PUT with the whole blob (registry:2 2.8 answers a POST ?digest= with 202)."""
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    url = start_upload(server, repo) + f"digest={digest}"
-    headers = {"Content-Type": "application/octet-stream"}
-    expect(request(server, "PUT", url, data, headers), 201, f"PUT blob {repo}")
-    return digest
-
-
-def run_tool(args: list[str], what: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what}: no result after {timeout:.0f}s") from None
-    if result.returncode != 0:
-        raise BenchError(
-            f"{what}: {args[0]} exited with {result.returncode}: "
-            f"{(result.stderr or result.stdout).strip()[-600:]}"
-        )
-    return result
-
-
-def curl_upload(server: Server, repo: str, path: Path, digest: str, size: int) -> float:
-    """POST, then ``curl -T file -X PUT <Location>&digest=``; seconds from POST to the 201."""
-    t0 = time.monotonic()
-    url = start_upload(server, repo) + f"digest={digest}"
-    args = ["curl", "-sS", "-T", str(path), "-X", "PUT", "-o", "/dev/null"]
-    args += ["-H", "Content-Type: application/octet-stream"]
-    if server.authorization:
-        args += ["-H", f"Authorization: {server.authorization}"]
-    args += ["-w", "%{http_code} %{size_upload}", url]
-    out = run_tool(args, f"curl PUT {size_text(size)}", timeout=3600).stdout.split()
-    elapsed = time.monotonic() - t0
-    if out[0] != "201" or int(float(out[1])) != size:
-        raise BenchError(f"curl PUT: HTTP {out[0]}, {out[1]} of {size} bytes sent")
-    return elapsed
-
-
-def curl_download(server: Server, repo: str, digest: str, size: int) -> float:
-    args = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}"]
-    if server.authorization:
-        args += ["-H", f"Authorization: {server.authorization}"]
-    args.append(f"{server.url}/v2/{repo}/blobs/{digest}")
-    code, got, seconds = run_tool(args, "curl GET blob", timeout=3600).stdout.split()
-    if code != "200" or int(float(got)) != size:
-        raise BenchError(f"curl GET: HTTP {code}, {got} of {size} bytes")
-    return float(seconds)
-
-
-# -- content ------------------------------------------------------------------------------------
-
-
-class Filler:
-    """Pseudo-random content, fast: a 16 MiB pool of random bytes, every MiB of output made
-    unique by a 32-byte header derived from a nonce (nothing in the path compresses or dedups)."""
-
-    def __init__(self) -> None:
-        self.pool = [os.urandom(MiB) for _ in range(16)]
-
-    def chunks(self, size: int, nonce: bytes) -> Iterator[bytes]:
-        i = 0
-        while size > 0:
-            head = hashlib.sha256(nonce + i.to_bytes(8, "big")).digest()
-            chunk = (head + self.pool[i % 16][len(head) :])[:size]
-            yield chunk
-            size -= len(chunk)
-            i += 1
-
-
-@dataclass
-class Layout:
-    path: Path
-    tag: str
-    blob_bytes: int  # layers and config
-    layers: int
-
-
-def _put_blob(blobs: Path, data: bytes) -> dict[str, object]:
-    digest = hashlib.sha256(data).hexdigest()
-    (blobs / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
-
-
-def _gzip_layer(blobs: Path, chunks: Iterator[bytes]) -> tuple[dict[str, object], str]:
-    """A real gzip stream (stored blocks: level 0) so skopeo pushes it as it is."""
-    comp = zlib.compressobj(0, zlib.DEFLATED, 31)
-    packed, raw, size = hashlib.sha256(), hashlib.sha256(), 0
-    tmp = blobs / ".partial"
-    with open(tmp, "wb") as f:
-        for chunk in itertools.chain(chunks, [None]):  # None: the end
-            if chunk is None:
-                out = comp.flush()
-            else:
-                raw.update(chunk)
-                out = comp.compress(chunk)
-            packed.update(out)
-            f.write(out)
-            size += len(out)
-    tmp.rename(blobs / packed.hexdigest())
-    descriptor = {"mediaType": OCI_LAYER, "digest": f"sha256:{packed.hexdigest()}", "size": size}
-    return descriptor, f"sha256:{raw.hexdigest()}"
-
-
-def make_layout(path: Path, layer_sizes: list[int], filler: Filler, nonce: bytes) -> Layout:
-    """An OCI image layout (``oci:PATH:bench``) with fresh layers of the given sizes."""
-    blobs = path / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    layers, diff_ids = [], []
-    for i, size in enumerate(layer_sizes):
-        if size <= MiB:
-            data = hashlib.sha256(nonce + bytes([i % 256])).digest() + os.urandom(size)
-            chunks: Iterator[bytes] = iter([data])
-        else:
-            chunks = filler.chunks(size, nonce + i.to_bytes(4, "big"))
-        descriptor, diff_id = _gzip_layer(blobs, chunks)
-        layers.append(descriptor)
-        diff_ids.append(diff_id)
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": [f"NONCE={nonce.hex()}"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }
-    ).encode()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, **_put_blob(blobs, config)},
-        "layers": layers,
-    }
-    body = json.dumps(manifest).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                **_put_blob(blobs, body),
-                "annotations": {"org.opencontainers.image.ref.name": "bench"},
-            }
-        ],
-    }
-    (path / "index.json").write_text(json.dumps(index))
-    (path / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    total = sum(int(layer["size"]) for layer in layers) + len(config)  # type: ignore[call-overload]
-    return Layout(path, "bench", total, len(layers))
-
-
-def delete_from_store(root: Path, repo: str, digest: str | None) -> None:
-    """Free disk space behind a server's back: the blob's data and the repository."""
-    if digest:
-        hexa = digest.removeprefix("sha256:")
-        shutil.rmtree(root / V2 / "blobs" / "sha256" / hexa[:2] / hexa, ignore_errors=True)
-    shutil.rmtree(root / V2 / "repositories" / repo, ignore_errors=True)
-
-
-def remove_tree(path: Path) -> None:
-    """``rm -rf`` (much faster than shutil.rmtree on a store of many small files)."""
-    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
-
-
-def settle() -> None:
-    """Write dirty pages back, so one run's writeback does not slow the next one down."""
-    os.sync()
-
-
-# -- suites -------------------------------------------------------------------------------------
-
-
-class Suite:
-    key = ""
-    title = ""
-    metrics: list[Metric]
-
-    def __init__(self, params: Params, work: Path) -> None:
-        self.params = params
-        self.work = work
-        self.notes: list[str] = []
-
-    @property
-    def htpasswd(self) -> Path | None:
-        """The htpasswd file both servers use in this suite (None: no authentication)."""
-        return None
-
-    @property
-    def authorization(self) -> str | None:
-        return None
-
-    @property
-    def extra_config(self) -> dict[str, Any]:
-        """Configuration both servers get on top of the common one."""
-        return {}
-
-    def rounds(self, metric: Metric) -> int:
-        return self.params.rounds
-
-    def storage(self, slug: str) -> Path:
-        """Where a server keeps its data in this suite."""
-        return self.work / slug / "data"
-
-    def prepare(self) -> None:
-        """Client-side preparation, once, before the servers start (not measured)."""
-
-    def populate(self, root: Path) -> None:
-        """Write a server's storage directly, before it starts (not measured)."""
-
-    def setup(self, server: Server) -> None:
-        """Through the API, after start-up, before the first measurement (not measured)."""
-
-    def before_round(self, metric: Metric, round_no: int) -> None:
-        """Client-side preparation shared by both servers in a round (not measured)."""
-
-    def run(self, metric: Metric, server: Server, round_no: int) -> float:
-        raise NotImplementedError
-
-    def after_run(self, metric: Metric, server: Server, round_no: int) -> None:
-        """Clean-up after one measured run (not measured)."""
-
-    def cleanup(self) -> None:
-        remove_tree(self.work)
+SUITE_KEYS = ["blob", "large", "small", "requests", "auth", "big", "catalog"]
 
 
 class BlobSuite(Suite):
@@ -587,24 +216,9 @@ class RequestsSuite(Suite):
     def setup(self, server: Server) -> None:
         config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode()
         layer = os.urandom(1024)
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": OCI_CONFIG,
-                    "digest": upload_bytes(server, self.repo, config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {
-                        "mediaType": OCI_LAYER,
-                        "digest": upload_bytes(server, self.repo, layer),
-                        "size": len(layer),
-                    }
-                ],
-            }
-        ).encode()
+        upload_bytes(server, self.repo, config)
+        upload_bytes(server, self.repo, layer)
+        manifest = oci_manifest(config, [layer])
         for tag in ["latest", *(f"v{i}" for i in range(1, 10))]:
             r = request(
                 server,
@@ -618,10 +232,7 @@ class RequestsSuite(Suite):
             server, "HEAD", f"/v2/{self.repo}/manifests/latest", headers={"Accept": MANIFEST_ACCEPT}
         )
         expect(r, 200, "HEAD manifest")
-        if (
-            r.headers.get("Docker-Content-Digest")
-            != "sha256:" + hashlib.sha256(manifest).hexdigest()
-        ):
+        if r.headers.get("Docker-Content-Digest") != sha256(manifest):
             raise BenchError(f"HEAD manifest: digest {r.headers.get('Docker-Content-Digest')}")
         tags = json.loads(
             expect(request(server, "GET", f"/v2/{self.repo}/tags/list"), 200, "tags").body
@@ -642,50 +253,33 @@ class RequestsSuite(Suite):
         return headers
 
     def _wrk(self, server: Server, url: str) -> float:
-        script = self.work / "wrk.lua"
-        lines = ['wrk.method = "GET"']
-        lines += [
-            f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
-            for k, v in self._headers(server).items()
-        ]
-        script.write_text("\n".join(lines) + "\n")
         p = self.params
-        args = ["wrk", "-t", str(p.wrk_threads), "-c", str(p.connections)]
-        args += ["-d", f"{p.http_seconds}s", "--timeout", "10s", "-s", str(script), url]
-        out = run_tool(args, "wrk", timeout=p.http_seconds + 60).stdout
-        rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-        if rate is None:
-            raise BenchError(f"wrk printed no rate:\n{out}")
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        if non2xx:
-            raise BenchError(f"wrk: {non2xx.group(1)} responses were not 2xx/3xx")
-        errors = re.search(r"Socket errors: (.*)", out)
+        rate, errors = wrk(
+            url,
+            self._headers(server),
+            threads=p.wrk_threads,
+            connections=p.connections,
+            seconds=p.http_seconds,
+            script=self.work / "wrk.lua",
+        )
         if errors:
-            self.notes.append(
-                f"{server.name}, wrk {urlsplit(url).path}: socket errors {errors.group(1)}"
-            )
-        return float(rate.group(1))
+            self.notes.append(f"{server.name}, wrk {urlsplit(url).path}: socket errors {errors}")
+        return rate
 
     def _ab_head(self, server: Server, url: str) -> float:
-        # wrk 4.1 cannot do HEAD (it waits for the body Content-Length announces: wrk#198), so
-        # HEAD goes through ApacheBench with keep-alive, the same connections and duration.
+        # wrk 4.1 cannot do HEAD, so HEAD goes through ApacheBench with keep-alive, the same
+        # connections and duration.
         p = self.params
-        args = ["ab", "-q", "-r", "-k", "-i", "-c", str(p.connections), "-t", str(p.http_seconds)]
-        args += ["-n", "50000000", "-s", "10"]
-        for k, v in self._headers(server).items():
-            args += ["-H", f"{k}: {v}"]
-        out = run_tool([*args, url], "ab", timeout=p.http_seconds + 60).stdout
-        rate = re.search(r"Requests per second:\s+([\d.]+)", out)
-        complete = re.search(r"Complete requests:\s+(\d+)", out)
-        if rate is None or complete is None or int(complete.group(1)) == 0:
-            raise BenchError(f"ab: no completed requests:\n{out[-800:]}")
-        non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
-        if non2xx:
-            raise BenchError(f"ab: {non2xx.group(1)} responses were not 2xx")
-        failed = re.search(r"Failed requests:\s+(\d+)", out)
-        if failed and int(failed.group(1)):
-            self.notes.append(f"{server.name}, ab HEAD: {failed.group(1)} failed requests")
-        return float(rate.group(1))
+        rate, failed = ab_head(
+            url,
+            self._headers(server),
+            connections=p.connections,
+            seconds=p.http_seconds,
+            most=p.head_requests,
+        )
+        if failed:
+            self.notes.append(f"{server.name}, ab HEAD: {failed} failed requests")
+        return rate
 
 
 class BigUploadSuite(Suite):
@@ -768,7 +362,7 @@ class CatalogSuite(Suite):
             st = os.statvfs(shm)
             if st.f_bavail * st.f_frsize > 8 * GiB:
                 self.store_base = Path(tempfile.mkdtemp(prefix="dockyard-bench-", dir=shm))
-        self.notes.append(f"catalog stores in {self.store_base} ({_fstype(self.store_base)})")
+        self.notes.append(f"catalog stores in {self.store_base} ({fstype(self.store_base)})")
 
     def storage(self, slug: str) -> Path:
         return self.store_base / slug
@@ -784,48 +378,10 @@ class CatalogSuite(Suite):
         return {"catalog": {"maxentries": 10_000}}
 
     def populate(self, root: Path) -> None:
-        """The store, written with plain system calls (it is a few hundred thousand entries)."""
         t0 = time.monotonic()
-        base = str(root / V2)
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode()
-        layer = b"\x1f\x8b" + os.urandom(62)
-        blobs = [_write_blob(base, config), _write_blob(base, layer)]
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": blobs[0], "size": len(config)},
-                "layers": [{"mediaType": OCI_LAYER, "digest": blobs[1], "size": len(layer)}],
-            }
-        ).encode()
-        digest = _write_blob(base, manifest)
-        hexa = digest.removeprefix("sha256:")
-        link = digest.encode()
-        names = [f"org-{i // 100:03d}/repo-{i:05d}" for i in range(self.params.catalog_repos)]
-        mkdir = os.mkdir
-        for name in [*names, self.big_repo]:
-            repo = f"{base}/repositories/{name}"
-            os.makedirs(f"{repo}/_layers/sha256")
-            for blob in blobs:
-                mkdir(f"{repo}/_layers/sha256/{blob.removeprefix('sha256:')}")
-                _write(f"{repo}/_layers/sha256/{blob.removeprefix('sha256:')}/link", blob.encode())
-            os.makedirs(f"{repo}/_manifests/revisions/sha256/{hexa}")
-            _write(f"{repo}/_manifests/revisions/sha256/{hexa}/link", link)
-            mkdir(f"{repo}/_manifests/tags")
-            tags = ["latest"]
-            if name == self.big_repo:
-                # shuffled, so neither server finds them in order on disk
-                tags = [f"t-{i:06d}" for i in range(self.params.big_tags)]
-                random.Random(0).shuffle(tags)
-            for tag in tags:
-                tag_dir = f"{repo}/_manifests/tags/{tag}"
-                mkdir(tag_dir)
-                mkdir(f"{tag_dir}/current")
-                _write(f"{tag_dir}/current/link", link)
-                mkdir(f"{tag_dir}/index")
-                mkdir(f"{tag_dir}/index/sha256")
-                mkdir(f"{tag_dir}/index/sha256/{hexa}")
-                _write(f"{tag_dir}/index/sha256/{hexa}/link", link)
+        repos = [f"org-{i // 100:03d}/repo-{i:05d}" for i in range(self.params.catalog_repos)]
+        tags = {self.big_repo: shuffled_tags(self.params.big_tags)}
+        write_catalog_store(root, [*repos, self.big_repo], tags)
         self.notes.append(f"{root}: store written in {time.monotonic() - t0:.0f} s")
 
     def run(self, metric: Metric, server: Server, round_no: int) -> float:
@@ -864,33 +420,13 @@ class CatalogSuite(Suite):
             conn.close()
 
 
-def _fstype(path: Path) -> str:
-    """The file system type of the mount holding ``path`` (from /proc/mounts)."""
-    best, fstype = "", "?"
-    resolved = str(path.resolve())
-    with contextlib.suppress(OSError), open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            mount = fields[1]
-            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) > len(best):
-                best, fstype = mount, fields[2]
-    return fstype
-
-
-def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _write_blob(base: str, data: bytes) -> str:
-    hexa = hashlib.sha256(data).hexdigest()
-    os.makedirs(f"{base}/blobs/sha256/{hexa[:2]}/{hexa}", exist_ok=True)
-    _write(f"{base}/blobs/sha256/{hexa[:2]}/{hexa}/data", data)
-    return f"sha256:{hexa}"
+def large_skopeo_suite(
+    params: Params, work: Path, cls: type[SkopeoSuite] = SkopeoSuite
+) -> SkopeoSuite:
+    """skopeo push and pull of the 4 x 256 MiB image (filesystem and S3)."""
+    label = f"{params.large_layers} x {size_text(params.large_layer_bytes)} layers"
+    layers = [params.large_layer_bytes] * params.large_layers
+    return cls(params, work / "large", "large", layers, label, "large")
 
 
 def suites(params: Params, work: Path, only: set[str] | None) -> list[Suite]:
@@ -899,17 +435,9 @@ def suites(params: Params, work: Path, only: set[str] | None) -> list[Suite]:
         rng.randint(params.small_layer_min, params.small_layer_max)
         for _ in range(params.small_layers)
     ]
-    large_label = f"{params.large_layers} x {size_text(params.large_layer_bytes)} layers"
     all_suites: list[Suite] = [
         BlobSuite(params, work / "blob"),
-        SkopeoSuite(
-            params,
-            work / "large",
-            "large",
-            [params.large_layer_bytes] * params.large_layers,
-            large_label,
-            "large",
-        ),
+        large_skopeo_suite(params, work),
         SkopeoSuite(
             params,
             work / "small",
@@ -928,6 +456,3 @@ def suites(params: Params, work: Path, only: set[str] | None) -> list[Suite]:
     if only:
         all_suites = [s for s in all_suites if s.key in only]
     return all_suites
-
-
-SUITE_KEYS = ["blob", "large", "small", "requests", "auth", "big", "catalog"]

@@ -4,6 +4,7 @@ bearer tokens from an external issuer, and the built-in token server with access
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dockyard.auth.htpasswd import hash_password
-from harness import Server, ServerFactory, assert_error, session_from, sha256
+from harness import DockyardProcess, Server, ServerFactory, assert_error, session_from, sha256
 from harness.certs import sign_token, token_auth, token_signer
+from harness.workers import spread_over_workers
 
 
 def add_user(path: Path, user: str, password: str) -> None:
@@ -514,8 +516,22 @@ def test_refresh_tokens_and_oauth2_post(token_server: Server, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_tokens_work_on_every_worker_and_after_restart(token_server: Server) -> None:
+    """The built-in token server's signing key is made once, before the workers fork, and kept
+    (in the data directory, or at auth.token.server.key): a token issued before a restart is
+    accepted by every worker, before the restart and after it."""
     s = token_server
-    bob = token_for(s, ("bob", "bobpw"), "repository:team-a/app:pull")
-    for _ in range(8):
-        r = requests.get(s.v2("team-a/app/tags/list"), headers={**bob, "Connection": "close"})
-        assert r.status_code in (200, 404)
+    assert isinstance(s, DockyardProcess)  # two workers: a process of its own
+    bob = token_for(s, ("bob", "bobpw"), "repository:team-a/app:pull,push")
+    s.session.headers.update(bob)
+    s.push_image("team-a/app", "v1")
+
+    def accepted_by_every_worker() -> None:
+        for conn in spread_over_workers(s, 2):
+            status, body = conn.get("/v2/team-a/app/tags/list", bob)
+            conn.close()
+            assert status == 200, body
+            assert json.loads(body) == {"name": "team-a/app", "tags": ["v1"]}
+
+    accepted_by_every_worker()
+    s.restart()
+    accepted_by_every_worker()

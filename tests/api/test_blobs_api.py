@@ -131,7 +131,9 @@ def test_delete_disabled_is_405_unsupported(start_server: ServerFactory) -> None
     assert requests.head(s.v2(f"x/blobs/{digest}")).status_code == 200
 
 
-def test_large_blob_roundtrip_uses_sendfile_path(server: Server, repo: str) -> None:
+def test_large_blob_roundtrip_and_tail_range(server: Server, repo: str) -> None:
+    """24 MiB in one POST, read back whole and by a suffix range (that blob GETs use sendfile
+    on a filesystem is test_sendfile.py's to check; this runs on S3 too)."""
     data = os.urandom(24 * 1024 * 1024 + 3)
     digest = sha256(data)
     r = requests.post(server.v2(f"{repo}/blobs/uploads/"), params={"digest": digest}, data=data)

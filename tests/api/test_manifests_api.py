@@ -276,11 +276,13 @@ def test_retag_moves_the_tag(server: Server, repo: str) -> None:
 def test_delete_by_digest_removes_its_tags(server: Server, repo: str) -> None:
     digest, _ = server.push_image(repo, "a")
     _other, _ = server.push_image(repo, "keep")
-    requests.put(
+    r = requests.put(
         server.v2(f"{repo}/manifests/b"),
         data=get(server, repo, "a").content,
         headers={"Content-Type": OCI_MANIFEST},
     )
+    assert r.status_code == 201, r.text
+    assert get(server, repo, "b").headers["Docker-Content-Digest"] == digest  # two tags on it
     r = requests.delete(server.v2(f"{repo}/manifests/{digest}"))
     assert r.status_code == 202
     assert_error(get(server, repo, digest), 404, "MANIFEST_UNKNOWN")
@@ -306,3 +308,15 @@ def test_delete_disabled(start_server: ServerFactory) -> None:
     for ref in ("v1", digest):
         assert_error(requests.delete(s.v2(f"x/manifests/{ref}")), 405, "UNSUPPORTED")
     assert requests.get(s.v2("x/manifests/v1")).status_code == 200
+
+
+def test_a_tag_with_a_trailing_newline_is_refused(server: Server, repo: str) -> None:
+    """``$`` in a Python regex also matches before a final newline: ``v2%0A`` once became a tag
+    ``"v2\\n"`` in the tag list."""
+    _, manifest = server.push_image(repo, None)
+    body = json.dumps(manifest).encode()
+    r = server.session.put(
+        server.v2(f"{repo}/manifests/v2%0A"), data=body, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert_error(r, 400, "TAG_INVALID")
+    assert server.session.get(server.v2(f"{repo}/tags/list")).json().get("tags") in (None, [])

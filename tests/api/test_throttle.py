@@ -2,7 +2,8 @@
 
 Clients come from several addresses by binding their sockets to 127.0.0.2, 127.0.0.3, ... (all
 of 127.0.0.0/8 is local on Linux); the servers listen on 127.0.0.1. Which worker serves a
-connection is read from /proc, so tests that need several workers check that they got them."""
+connection is read from /proc (harness/workers.py), so tests that need several workers check
+that they got them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import requests
 
 from dockyard.auth.htpasswd import hash_password
 from harness import Server, ServerFactory, assert_error, session_from
+from harness.workers import Connection, spread_over_workers, worker_of, workers_of
 
 ALICE = ("alice", "secret")
 LOGIN = {"attempts": 3, "addressattempts": 100, "window": "10s", "lockout": "30s"}
@@ -48,93 +50,6 @@ def users(tmp_path: Path) -> Path:
 def htpasswd_server(start: ServerFactory, users: Path, **options: Any) -> Server:
     http = options.pop("http", limits())
     return start(http=http, auth={"htpasswd": {"realm": "R", "path": str(users)}}, **options)
-
-
-# -- which worker serves a connection ---------------------------------------------------------
-
-
-def _workers(server: Server) -> list[int]:
-    pid = server.proc.pid
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _sockets(pid: int) -> set[str]:
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            found.add(link[8:-1])
-    return found
-
-
-def _server_side_inode(server_port: int, client_port: int) -> str | None:
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if int(local.rsplit(":", 1)[1], 16) == server_port and (
-                int(remote.rsplit(":", 1)[1], 16) == client_port
-            ):
-                return fields[9]
-    return None
-
-
-def worker_of(server: Server, sock: socket.socket) -> int:
-    """The pid of the worker that accepted the connection ``sock`` is the client end of."""
-    client_port = sock.getsockname()[1]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        inode = _server_side_inode(server.port, client_port)
-        for pid in _workers(server):
-            if inode is not None and inode in _sockets(pid):
-                return pid
-        time.sleep(0.02)
-    raise AssertionError("no worker holds the connection")
-
-
-class Connection:
-    """One keep-alive HTTP connection, from ``source``."""
-
-    def __init__(self, server: Server, source: str = "127.0.0.1") -> None:
-        self.http = http.client.HTTPConnection(
-            "127.0.0.1", server.port, timeout=10, source_address=(source, 0)
-        )
-        self.http.connect()
-        assert self.http.sock is not None
-        self.sock: socket.socket = self.http.sock
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        self.http.request("GET", path, headers=headers or {})
-        response = self.http.getresponse()
-        return response.status, response.read()
-
-    def served(self) -> bool:
-        return self.get("/v2/")[0] == 200
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def spread_over_workers(server: Server, count: int) -> list[Connection]:
-    """``count`` served connections, each on another worker (the kernel picks: keep trying,
-    closing each spare before the next, so at most ``count`` + 1 are open at once)."""
-    chosen: dict[int, Connection] = {}
-    for _ in range(200):
-        conn = Connection(server)
-        pid = worker_of(server, conn.sock)
-        if pid in chosen:
-            conn.close()
-            time.sleep(0.02)
-            continue
-        assert conn.get("/debug/health")[0] == 200
-        chosen[pid] = conn
-        if len(chosen) == count:
-            return list(chosen.values())
-    raise AssertionError("the kernel never handed connections to enough workers")
 
 
 # -- failed logins ---------------------------------------------------------------------------
@@ -383,7 +298,7 @@ def test_a_restarted_worker_forgets_the_connections_it_held(
     for conn in pair:
         conn.close()
     deadline = time.monotonic() + 15
-    while victim in _workers(s) or len(_workers(s)) < 2:
+    while victim in workers_of(s) or len(workers_of(s)) < 2:
         assert time.monotonic() < deadline, s.log()
         time.sleep(0.1)
     while True:  # the replacement listens once it has zeroed its column

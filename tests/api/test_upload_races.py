@@ -12,17 +12,19 @@ the racing requests land on different processes.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
 from harness import S3Endpoint, Server, ServerFactory, sha256
+from harness.workers import spread_over_workers
 
 ROUNDS = 3
 HELD_BODY = b"X" * 100
@@ -103,26 +105,33 @@ def fsck_clean(server: Server) -> None:
 
 
 def race_commit_against_held_patch(
-    patcher: Server, committer: Server, name: str, data: bytes
+    patcher: Server, committer: Server, name: str, data: bytes, locks: bool = True
 ) -> None:
     """The attack: the upload holds ``data``; a PATCH is held open on one server while the
-    upload is completed on another; then the PATCH body arrives."""
+    upload is completed on another; then the PATCH body arrives.
+
+    Either the commit wins (201) and the PATCH, too late, is refused (400/404/416), or (with
+    upload locks) the commit is refused while the PATCH is in flight (400) and the PATCH then
+    lands (202). Without locks nothing holds the commit back: it wins. Never a 5xx."""
     location = patch(patcher, start(patcher, name), data)
     held = HeldRequest(patcher, "PATCH", location, len(HELD_BODY))
     settle()
     digest = sha256(data)
     r = committer.session.put(location, params={"digest": digest})
-    # Either the commit wins (201) or it is refused while the PATCH is in flight (400); the
-    # PATCH then either lands in the upload (202) or is refused (400/404/416). Never a 5xx.
-    assert r.status_code in (201, 400), (r.status_code, r.text)
+    assert r.status_code in ((201, 400) if locks else (201,)), (r.status_code, r.text)
     status = held.finish(HELD_BODY)
-    assert status in (202, 400, 404, 416), status
-    if r.status_code == 400:
+    if r.status_code == 201:
+        assert status in (400, 404, 416), f"a PATCH answered {status} after the commit"
+    else:
         assert r.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+        assert status == 202, f"the PATCH that held the commit back answered {status}"
 
 
 def run_attack_rounds(
-    servers: list[Server], blobs: dict[str, tuple[str, bytes]], new_blob_repo: str
+    servers: list[Server],
+    blobs: dict[str, tuple[str, bytes]],
+    new_blob_repo: str,
+    locks: bool = True,
 ) -> None:
     victim = "victim/app"
     secret = os.urandom(100_000)
@@ -131,9 +140,9 @@ def run_attack_rounds(
     for i in range(ROUNDS):
         patcher, committer = servers[i % len(servers)], servers[(i + 1) % len(servers)]
         # An existing blob (another repository's), then a brand-new one.
-        race_commit_against_held_patch(patcher, committer, "attacker/app", secret)
+        race_commit_against_held_patch(patcher, committer, "attacker/app", secret, locks)
         fresh = os.urandom(64_000)
-        race_commit_against_held_patch(patcher, committer, new_blob_repo, fresh)
+        race_commit_against_held_patch(patcher, committer, new_blob_repo, fresh, locks)
         r = patcher.session.head(patcher.v2(f"{new_blob_repo}/blobs/{sha256(fresh)}"))
         if r.status_code == 200:
             blobs[sha256(fresh)] = (new_blob_repo, fresh)
@@ -168,10 +177,12 @@ def patch_against_delete(server: Server, name: str) -> None:
     settle()
     r = server.session.delete(location)
     assert r.status_code in (204, 400), r.text
-    assert held.finish(HELD_BODY) in (202, 400, 404), "PATCH after DELETE"
-    if r.status_code == 204:
-        status = server.session.get(location).status_code
-        assert status == 404
+    status = held.finish(HELD_BODY)
+    if r.status_code == 204:  # cancelled under the PATCH: its bytes went nowhere
+        assert status in (400, 404), f"PATCH after DELETE answered {status}"
+        assert server.session.get(location).status_code == 404
+    else:  # refused while the PATCH was in flight, which then landed
+        assert status == 202, f"the PATCH that held the DELETE back answered {status}"
 
 
 @pytest.mark.slow
@@ -205,7 +216,7 @@ def test_racing_requests_across_two_instances_on_s3_without_locks(
     while the PATCH is in flight, and the chunk/claim/seal design alone keeps blobs intact."""
     servers = [start_server(workers=2, storage=s3_storage) for _ in range(2)]
     blobs: dict[str, tuple[str, bytes]] = {}
-    run_attack_rounds(servers, blobs, "attacker/new")
+    run_attack_rounds(servers, blobs, "attacker/new", locks=False)
     for i in range(2):
         concurrent_patches(servers[i], f"pp/app{i}", blobs)
         patch_against_delete(servers[i], f"pd/app{i}")
@@ -224,13 +235,18 @@ def test_a_second_request_on_a_busy_session_is_refused_at_once(
     location = patch(server, start(server, "busy/app"), data)
     held = HeldRequest(server, "PATCH", location, len(HELD_BODY))
     settle()
-    for _ in range(3):  # whichever worker takes them
-        r = server.session.put(location, params={"digest": sha256(data)})
-        assert r.status_code == 400, r.text
-        assert r.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
-        assert "in progress" in r.json()["errors"][0]["message"]
-        r = server.session.patch(location, data=b"more")
-        assert r.status_code == 400, r.text
+    parts = urlsplit(location)
+    target = f"{parts.path}?{parts.query}"
+    for worker in spread_over_workers(server, 3):  # each worker, the held PATCH's one too
+        started = time.monotonic()
+        status, _, body = worker.request("PUT", f"{target}&{urlencode({'digest': sha256(data)})}")
+        assert status == 400, body
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "BLOB_UPLOAD_INVALID" and "in progress" in error["message"]
+        status, _, body = worker.request("PATCH", target, b"more")
+        assert status == 400, body
+        assert time.monotonic() - started < 5  # refused, not kept waiting for the lock
+        worker.close()
     assert held.finish(HELD_BODY) == 202
     r = server.session.put(location, params={"digest": sha256(data + HELD_BODY)})
     assert r.status_code == 201, r.text

@@ -6,12 +6,14 @@ import hashlib
 import itertools
 import os
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
 
-from harness import Server, ServerFactory, assert_error, sha256
+from harness import BucketStore, Server, ServerFactory, assert_error, sha256
+from harness.store import store_of
+from harness.workers import spread_over_workers
 
 
 def start(server: Server, repo: str, **params: str) -> requests.Response:
@@ -46,14 +48,19 @@ def test_monolithic_post(server: Server, repo: str) -> None:
 
 
 def test_monolithic_post_with_wrong_digest_leaves_nothing(server: Server, repo: str) -> None:
+    """Neither blob is served, and nothing of the upload is left in storage (on the disk or in
+    the bucket, whichever the server uses)."""
     wrong = sha256(b"something else")
     r = requests.post(
         server.v2(f"{repo}/blobs/uploads/"), params={"digest": wrong}, data=b"content"
     )
     assert_error(r, 400, "DIGEST_INVALID")
-    assert requests.head(server.v2(f"{repo}/blobs/{wrong}")).status_code == 404
-    uploads = server.root / "docker/registry/v2/repositories" / repo / "_uploads"
-    assert not uploads.exists() or not list(uploads.iterdir())
+    for digest in (wrong, sha256(b"content")):
+        assert requests.head(server.v2(f"{repo}/blobs/{digest}")).status_code == 404
+    store = store_of(server.config_path)
+    assert store.uploads(repo) == []
+    if isinstance(store, BucketStore):
+        assert not [k for k in store.multipart_uploads() if f"/repositories/{repo}/" in k]
 
 
 def test_monolithic_put(server: Server, repo: str) -> None:
@@ -284,17 +291,27 @@ def test_upload_continues_on_another_instance_after_restart(
 
 @pytest.mark.slow
 def test_workers_share_a_generated_secret(start_server: ServerFactory) -> None:
-    """Without http.secret, every worker of one server accepts the others' upload URLs."""
+    """Without http.secret, every worker of one server accepts the others' upload URLs: the
+    upload is started on one worker and each chunk goes to the other one than the last."""
     s = start_server(workers=2, http={"secret": ""})
     assert "No HTTP secret provided" in s.log()
     data = os.urandom(64 * 1024)
-    loc = requests.post(s.v2("x/blobs/uploads/")).headers["Location"]
-    for i in range(0, len(data), 4096):  # new connection each time: both workers see chunks
-        r = requests.patch(
-            loc,
-            data=data[i : i + 4096],
-            headers={"Content-Range": f"{i}-{i + 4095}", "Connection": "close"},
+    workers = spread_over_workers(s, 2)
+
+    def target(location: str) -> str:
+        parts = urlsplit(location)
+        return f"{parts.path}?{parts.query}"
+
+    status, headers, body = workers[0].request("POST", "/v2/x/blobs/uploads/", b"")
+    assert status == 202, body
+    for n, i in enumerate(range(0, len(data), 4096)):
+        chunk = {"Content-Range": f"{i}-{i + 4095}", "Content-Type": "application/octet-stream"}
+        status, headers, body = workers[(n + 1) % 2].request(
+            "PATCH", target(headers["Location"]), data[i : i + 4096], chunk
         )
-        assert r.status_code == 202, r.text
-        loc = r.headers["Location"]
-    assert requests.put(loc, params={"digest": sha256(data)}).status_code == 201
+        assert status == 202, body
+    put = target(headers["Location"]) + "&" + urlencode({"digest": sha256(data)})
+    status, _, body = workers[0].request("PUT", put, b"")
+    assert status == 201, body
+    for conn in workers:
+        conn.close()

@@ -87,7 +87,12 @@ class CapabilityCases(ContractBase):
             return
         run(go())
 
-    def test_concurrent_move_new_has_one_winner(self, store: Store) -> None:
+    def test_concurrent_move_new_lands_one_whole_source(self, store: Store) -> None:
+        """Movers racing to one destination: at least one succeeds and the destination holds
+        one source whole; where the backend makes the moves exclusive (``exclusive_moves``),
+        exactly one succeeds and it is the winner's bytes (moto and Ceph RGW before Squid
+        ignore If-None-Match on copies: S3Driver.move_new says why that is harmless)."""
+
         async def go() -> None:
             for i in range(6):
                 await store.write(f"/c/src{i}", bytes([i]) * 1000)

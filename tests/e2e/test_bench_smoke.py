@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from harness import need_binaries
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compare_quick_runs_against_both_servers(tmp_path: Path) -> None:
-    missing = [
-        b
-        for b in ("docker-registry", "skopeo", "wrk", "ab", "htpasswd", "curl")
-        if shutil.which(b) is None
-    ]
-    if missing:
-        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    need_binaries("docker-registry", "skopeo", "wrk", "ab", "htpasswd", "curl")
     report = tmp_path / "report.md"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench/compare.py"), "--quick", "--output", str(report)],

@@ -31,6 +31,20 @@ def pattern_stream(size: int, digest: hashlib._Hash) -> Iterator[bytes]:
         yield chunk
 
 
+class Sized:
+    """A streamed body of known length: requests sends it with ``Content-Length`` (a bare
+    generator goes chunked), as a monolithic upload does."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        return pattern_stream(self.size, hashlib.sha256())
+
+
 def expected_digest(size: int) -> str:
     h = hashlib.sha256()
     for _ in pattern_stream(size, h):
@@ -54,6 +68,13 @@ def test_one_gib_upload_and_download_keep_memory_flat(start_server: ServerFactor
     assert r.status_code == 201, r.text
     after_upload = memory_kib(pid, "VmHWM") * 1024
 
+    # the monolithic way: POST, then the whole blob in the PUT ?digest= (Content-Length)
+    loc = requests.post(s.v2("mem/put/blobs/uploads/")).headers["Location"]
+    r = requests.put(loc, params={"digest": digest}, data=Sized(GiB))
+    assert r.status_code == 201, r.text
+    assert r.request.headers["Content-Length"] == str(GiB)
+    after_monolithic = memory_kib(pid, "VmHWM") * 1024
+
     # pull it back through sendfile, hashing on the client
     h = hashlib.sha256()
     with requests.get(s.v2(f"mem/blobs/{digest}"), stream=True) as r:
@@ -65,7 +86,9 @@ def test_one_gib_upload_and_download_keep_memory_flat(start_server: ServerFactor
 
     print(
         f"peak RSS before {before >> 20} MiB, after 1 GiB upload {after_upload >> 20} MiB, "
+        f"after a 1 GiB monolithic PUT {after_monolithic >> 20} MiB, "
         f"after download {after_download >> 20} MiB"
     )
     assert after_upload - before < LIMIT
+    assert after_monolithic - before < LIMIT
     assert after_download - before < LIMIT

@@ -12,6 +12,7 @@
 - ``harness.store``: registry:2's storage layout as a test sees it, on disk or in a bucket
 - ``harness.workloads``: the push/pull/delete load the garbage collection tests run
 - ``harness.shared``: daemons shared by every process of a pytest-xdist session
+- ``harness.workers``: which worker of a server serves a connection; connections on each one
 - ``harness.plugin``: the pytest fixtures and tiers (loaded by tests/conftest.py)
 
 Tests import what they use from here (``from harness import start_moto``) or from the module.

@@ -5,6 +5,7 @@ Two ways to run it, with the same interface (``RegistryClient`` plus ``root``, `
 
 - ``DockyardProcess``: ``dockyard serve`` in a process of its own, with N workers — for what
   only a real process shows (workers sharing a port, signals, restarts, memory, kill -9);
+  ``restart()`` stops it and starts it again on the same configuration, data and port;
 - ``InProcessDockyard``: the same serving code (``dockyard.worker.serve_worker``) in a thread
   of the test process, started in milliseconds — for everything else.
 
@@ -80,6 +81,9 @@ class DockyardProcess(RegistryClient):
     config_path: Path
     log_path: Path
     proc: subprocess.Popen[bytes]
+    #: what started it (``restart`` runs it again)
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     session: requests.Session = field(default_factory=requests.Session)
     scheme: str = "http"
 
@@ -96,6 +100,25 @@ class DockyardProcess(RegistryClient):
                 self.proc.wait()
         self.session.close()
         return self.proc.returncode
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (with ``sig``) and start it again as it was started: the same
+        command, configuration, data and port; return once the port accepts connections."""
+        self.stop(sig)
+        self.proc = self._spawn(self.command, self.env, self.log_path)
+        self.session = requests.Session()
+        try:
+            wait_for_port(self.port, self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"server did not start again:\n{self.log()}") from None
+
+    @staticmethod
+    def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+            )
 
     @classmethod
     def launch(
@@ -118,16 +141,15 @@ class DockyardProcess(RegistryClient):
         log_path = work / "server.log"
         command = [sys.executable, "-m", "dockyard", "serve", str(config_path)]
         command += ["--workers", str(workers), *(args or [])]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
+        proc = cls._spawn(command, env or {}, log_path)
         server = cls(
             port=port,
             root=root,
             config_path=config_path,
             log_path=log_path,
             proc=proc,
+            command=command,
+            env=env or {},
             scheme="https" if overrides.get("http", {}).get("tls") else "http",
         )
         try:

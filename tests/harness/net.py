@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import subprocess
 import time
@@ -17,17 +18,37 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0
+    port: int,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 20.0,
+    path: str | None = None,
 ) -> None:
-    """Until something accepts connections on ``port``; fails early if ``proc`` exits."""
+    """Until something accepts connections on ``port`` or, with ``path``, until an HTTP
+    ``GET path`` there is answered with a status below 500 (a server that listens before its
+    workers are ready); fails early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        if _answers(port, path):
             return
         time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+    what = f"GET {path} answered" if path else "listening"
+    raise TimeoutError(f"nothing {what} on {port} after {timeout}s")
+
+
+def _answers(port: int, path: str | None) -> bool:
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        if path is None:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return True
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status < 500
+        finally:
+            conn.close()
+    return False
 
 
 class Loopback:

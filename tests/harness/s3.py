@@ -28,12 +28,13 @@ moto, boto3 and redis are imported lazily: collecting the other tests stays fast
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -181,10 +182,14 @@ def _rgw_logs(directory: Path, script_log: Path) -> str:
     return "\n".join(parts)
 
 
-def launch_rgw(directory: Path, timeout: float = 180.0) -> dict[str, Any]:
+def launch_rgw(
+    directory: Path, timeout: float = 180.0, ceph_args: Sequence[str] = ()
+) -> dict[str, Any]:
     """Start Ceph RGW with its state in ``directory`` (or a short directory of its own when
     that path is too long for the daemons' sockets) and return its state for
-    ``harness.shared.shared_daemon``: the endpoint's fields and the command that stops it."""
+    ``harness.shared.shared_daemon``: the endpoint's fields, the ``directory`` used and the
+    command that stops it. ``ceph_args``: Ceph options on top of ``rgw-up.sh``'s ceph.conf,
+    passed to every daemon in ``CEPH_ARGS`` (the benchmark's larger in-memory OSD)."""
     missing = sorted({pkg for binary, pkg in RGW_BINARIES.items() if shutil.which(binary) is None})
     if missing:
         pytest.skip(f"Ceph RGW is not installed (Debian packages {' '.join(missing)})")
@@ -196,6 +201,7 @@ def launch_rgw(directory: Path, timeout: float = 180.0) -> dict[str, Any]:
         rgw_port = free_port()
     stop_command = [str(RGW_DIR / "rgw-down.sh"), str(directory)]
     log_path = directory / "rgw-up.log"
+    env = {**os.environ, "CEPH_ARGS": " ".join(ceph_args)} if ceph_args else None
     started = time.monotonic()
     with open(log_path, "wb") as log:  # a file, not a pipe: the daemons could hold a pipe open
         try:
@@ -204,12 +210,16 @@ def launch_rgw(directory: Path, timeout: float = 180.0) -> dict[str, Any]:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=env,
                 timeout=timeout,
                 check=False,
             )
             failed = f"exited with {result.returncode}" if result.returncode else ""
         except subprocess.TimeoutExpired:
             failed = f"did not finish in {timeout:.0f} s"
+        except BaseException:  # interrupted (Ctrl-C): stop whatever has started
+            subprocess.run(stop_command, capture_output=True, timeout=60, check=False)
+            raise
     if failed:
         logs = _rgw_logs(directory, log_path)
         subprocess.run(stop_command, capture_output=True, timeout=60, check=False)
@@ -220,5 +230,6 @@ def launch_rgw(directory: Path, timeout: float = 180.0) -> dict[str, Any]:
         "secret_key": RGW_SECRET_KEY,
         "kind": "rgw",
         "started_in": time.monotonic() - started,
+        "directory": str(directory),
         "stop_command": stop_command,
     }

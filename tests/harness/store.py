@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from harness.oci import referenced
 from harness.s3 import S3Endpoint
 from harness.skopeo import Push
@@ -107,13 +109,10 @@ class DiskStore(Store):
         hexa = digest.removeprefix("sha256:")
         return self.v2 / "repositories" / repo / "_layers" / "sha256" / hexa / "link"
 
-    def uploads(self) -> list[Path]:
-        """Files of uploads (``_uploads/``) in any repository."""
-        return [
-            p
-            for p in (self.v2 / "repositories").rglob("*")
-            if "_uploads" in p.parts and p.is_file()
-        ]
+    def uploads(self, repo: str | None = None) -> list[Path]:
+        """Files of uploads (``_uploads/``) in ``repo``, or in any repository."""
+        base = self.v2 / "repositories" / (f"{repo}/_uploads" if repo else "")
+        return [p for p in base.rglob("*") if "_uploads" in p.parts and p.is_file()]
 
     def leftovers(self) -> list[Path]:
         """Anything under the v2 root named like a collection's or a write's temporary file
@@ -209,6 +208,15 @@ class BucketStore(Store):
     def read_blob(self, digest: str) -> bytes:
         return self.get(self.blob_key(digest))
 
+    def uploads(self, repo: str | None = None) -> list[str]:
+        """Keys of uploads (``_uploads/``) in ``repo``, or in any repository."""
+        prefix = f"{self.v2}/repositories/" + (f"{repo}/_uploads/" if repo else "")
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return [key for key in keys if "/_uploads/" in key]
+
     def multipart_uploads(self) -> list[str]:
         """Keys of S3 multipart uploads in progress."""
         return [
@@ -223,3 +231,19 @@ class BucketStore(Store):
         """Any key in the bucket named like a collection's or a write's temporary object
         (``.gc-``, ``.tmp-``)."""
         return [k for k in self.objects() if ".gc-" in k or ".tmp-" in k]
+
+
+def store_of(config_path: Path) -> DiskStore | BucketStore:
+    """The store a server keeps its data in, read from the configuration it was started with:
+    its data directory, or its S3 bucket (under its ``rootdirectory``)."""
+    storage = yaml.safe_load(config_path.read_text())["storage"]
+    if "s3" in storage:
+        s3 = storage["s3"]
+        endpoint = S3Endpoint(
+            url=s3["regionendpoint"],
+            access_key=s3["accesskey"],
+            secret_key=s3["secretkey"],
+            region=s3.get("region", "us-east-1"),
+        )
+        return BucketStore(endpoint, s3["bucket"], s3.get("rootdirectory", "/"))
+    return DiskStore(Path(storage["filesystem"]["rootdirectory"]))

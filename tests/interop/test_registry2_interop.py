@@ -26,6 +26,7 @@ from harness import (
     OciLayout,
     Push,
     Registry2Factory,
+    Server,
     ServerFactory,
     check_catalog_and_tags,
     check_manifest_served,
@@ -176,4 +177,16 @@ def test_skopeo_roundtrip_on_dockyard(
     verify_pushes(dockyard, digests, oci_layout.blobs, tmp_path)
     check_catalog_and_tags(dockyard, expected_tags(PUSHES), sorted_by_server=True)
     # A second push of the same content uploads nothing new and keeps the digests.
+    started = uploads_started(dockyard)
+    assert started > 0
     assert push_all(dockyard, oci_layout, PUSHES, tmp_path / "again") == digests
+    assert uploads_started(dockyard) == started
+
+
+def uploads_started(server: Server) -> int:
+    """How many blob uploads the server's access log shows started (``POST .../uploads/``)."""
+    return sum(
+        1
+        for line in server.log().splitlines()
+        if "msg=request" in line and "method=POST" in line and "/blobs/uploads/" in line
+    )

@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_model import digest_of, upload
@@ -71,30 +72,53 @@ def test_storage_fills_the_cache_and_answers_come_from_it(tmp_path: Path, redis_
     asyncio.run(go())
 
 
-def test_deletions_forget_first(tmp_path: Path, redis_db: str) -> None:
+def test_deletions_forget_first(
+    tmp_path: Path, redis_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlink and a collection's removals drop the cache entry before they touch storage:
+    whenever storage is asked to delete or move anything of the blob, Redis no longer answers
+    for it."""
     registry = cached_registry(tmp_path, redis_db, ttl=3600)
+    cache = registry.blobs.cache
+    watched: list[Digest] = []
+    answered: list[tuple[str, int | None]] = []  # (operation, what the cache said meanwhile)
+    for operation in ("delete", "delete_if_present", "move"):
+
+        async def watch(*args: Any, _operation: str = operation, **kwargs: Any) -> Any:
+            for digest in watched:
+                if any(digest.hex in str(arg) for arg in args):
+                    answered.append((_operation, await cache.linked_size("app", digest)))
+            return await getattr(Store, _operation)(registry.storage, *args, **kwargs)
+
+        monkeypatch.setattr(registry.storage, operation, watch)
 
     async def go() -> None:
         d = await upload(registry, "app", b"to be unlinked")
         blobs = registry.repository("app").blobs
         await blobs.stat(d)
+        assert await cache.linked_size("app", d) is not None
+        watched.append(d)
         await blobs.unlink(d)
+        assert answered and all(size is None for _, size in answered), answered
         with pytest.raises(RegistryError):
             await blobs.stat(d)
 
         # Garbage collection: an unreferenced, old blob is swept and forgotten.
         kept = await upload(registry, "app", b"swept by gc")
         await blobs.stat(kept)
+        assert await cache.linked_size("app", kept) is not None
         await registry.storage.touch(layout.blob_data(kept))
         old = time.time() - 10 * 86400
         data = tmp_path / layout.blob_data(kept).lstrip("/")
         link = tmp_path / layout.layer_link("app", kept).lstrip("/")
         for path in (data, link):
             os.utime(path, (old, old))
+        watched[:], answered[:] = [kept], []
         report = await GarbageCollector(
             registry.storage, grace=60, touch_interval=15, cache=registry.blobs.cache
         ).run()
         assert report.blobs_removed >= 1
+        assert answered and all(size is None for _, size in answered), answered
         with pytest.raises(RegistryError):
             await blobs.stat(kept)
 

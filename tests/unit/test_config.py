@@ -218,7 +218,11 @@ def test_default_config() -> None:
             "host:port",
         ),
         ("version: 0.1\nstorage: {floppy: {}}\n", "storage.floppy", "unknown storage driver"),
-        ("version: 0.1\nstorage: {filesystem: {}}\nlog: {level: loud}\n", "log.level", ""),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\nlog: {level: loud}\n",
+            "log.level",
+            "'error', 'warn', 'info' or 'debug'",
+        ),
         (
             "version: 0.1\nstorage: {filesystem: {}, delete: {enabled: maybe}}\n",
             "storage.delete.enabled",
@@ -274,7 +278,7 @@ def test_default_config() -> None:
             "version: 0.1\nstorage: {filesystem: {}}\n"
             "auth: {token: {server: {htpasswd: /h, access: [{repository: x, actions: [fly]}]}}}\n",
             "auth.token.server.access.0.actions.0",
-            "",
+            "'pull', 'push', 'delete' or '*'",
         ),
         (
             "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {certificate: /c}}\n",
@@ -284,7 +288,7 @@ def test_default_config() -> None:
         (
             "version: 0.1\nstorage: {filesystem: {}}\nhttp: {tls: {minimumtls: tls9}}\n",
             "http.tls.minimumtls",
-            "",
+            "'tls1.2' or 'tls1.3'",
         ),
         (
             "version: 0.1\nstorage: {filesystem: {}}\n"

@@ -75,6 +75,7 @@ def test_valid_names(name: str) -> None:
         "a/../b",
         "a b",
         "_manifests",
+        "a/b\n",  # $ in a Python regex also matches before a final newline
     ],
 )
 def test_invalid_names(name: str) -> None:
@@ -83,11 +84,21 @@ def test_invalid_names(name: str) -> None:
     assert err.value.code is ErrorCode.NAME_INVALID
 
 
+COMPONENT = st.from_regex(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*", fullmatch=True)
+
+
 @pytest.mark.slow
-@given(st.from_regex(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*", fullmatch=True))
-def test_generated_component_names_are_valid(name: str) -> None:
-    if len(name) <= 255:
-        validate_name(name)
+@given(st.lists(COMPONENT, min_size=1, max_size=4).map("/".join), st.integers(0, 300))
+def test_generated_names_are_valid_up_to_the_length_limit(name: str, padding: int) -> None:
+    """Any name the grammar allows is accepted (and returned) up to 255 characters, and refused
+    as NAME_INVALID beyond: ``padding`` letters lengthen the last component, which stays valid."""
+    name += "a" * padding
+    if len(name) <= 255:  # registry:2's limit
+        assert validate_name(name) == name
+    else:
+        with pytest.raises(RegistryError) as err:
+            validate_name(name)
+        assert err.value.code is ErrorCode.NAME_INVALID
 
 
 @pytest.mark.parametrize("tag", ["latest", "v1.0", "_x", "A" * 128, "1-2_3.4"])
@@ -95,7 +106,7 @@ def test_valid_tags(tag: str) -> None:
     assert validate_tag(tag) == tag
 
 
-@pytest.mark.parametrize("tag", ["", ".x", "-x", "A" * 129, "a/b", "a:b", "a b"])
+@pytest.mark.parametrize("tag", ["", ".x", "-x", "A" * 129, "a/b", "a:b", "a b", "v2\n"])
 def test_invalid_tags(tag: str) -> None:
     with pytest.raises(RegistryError) as err:
         validate_tag(tag)

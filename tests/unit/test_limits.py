@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -184,17 +185,26 @@ def test_table_is_shared_with_forked_workers() -> None:
 def test_a_crashed_worker_cannot_leave_the_table_locked() -> None:
     table = FailureTable(slots=64)
     fork = multiprocessing.get_context("fork")
+    holding = fork.Event()
 
     def die_holding_the_lock() -> None:
         with table.locked():
+            holding.set()
             os._exit(1)
 
     child = fork.Process(target=die_holding_the_lock)
     child.start()
     child.join(10)
-    started = time.monotonic()
-    table.failure([Key("k", 3)], RULES, 0.0)  # would hang if the lock had survived its holder
-    assert time.monotonic() - started < 1
+    assert holding.is_set() and child.exitcode == 1  # it died inside the lock
+    # A lock that outlived its holder would block this for ever: give it a second.
+    done = threading.Event()
+
+    def fail_once() -> None:
+        table.failure([Key("k", 3)], RULES, 0.0)
+        done.set()
+
+    threading.Thread(target=fail_once, daemon=True).start()
+    assert done.wait(1), "the table is still locked by a worker that died holding it"
 
 
 # -- login --------------------------------------------------------------------------------------

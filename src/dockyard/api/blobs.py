@@ -22,7 +22,7 @@ from dockyard.registry.proxy import ProxiedRepository
 from dockyard.registry.repository import Repository
 
 # ASCII digits: \d also matches other scripts' digits.
-_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.IGNORECASE)
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)\Z", re.IGNORECASE)
 #: Beyond any blob: a position written with more digits than this is treated as this.
 _FAR = 10**18
 

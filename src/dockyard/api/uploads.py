@@ -24,7 +24,7 @@ from dockyard.registry.repository import Repository
 from dockyard.registry.uploads import ContentRange, UploadSession
 
 #: ASCII digits only, at most 18 of them: a byte offset, never a number int() chokes on
-_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?([0-9]{1,18})-([0-9]{1,18})$")
+_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?([0-9]{1,18})-([0-9]{1,18})\Z")
 
 
 def upload_headers(

@@ -29,8 +29,8 @@ from dockyard.errors import ConfigError
 
 log = logging.getLogger("dockyard.auth")
 
-_BCRYPT = re.compile(rb"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
-_USER = re.compile(r"^[^:\s]+$")
+_BCRYPT = re.compile(rb"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}\Z")
+_USER = re.compile(r"^[^:\s]+\Z")
 # Checked against when the user does not exist, so timing does not reveal which users exist
 # (a cost-10 hash of a random password nobody knows).
 _DUMMY_HASH = b"$2b$10$wYcs6r7FSltnjiawNgJpGe9GYeGvnyA6doiqe5jVaK/a2QqYtLJfa"

@@ -10,7 +10,7 @@ from typing import Any
 from dockyard.errors import ErrorCode, RegistryError
 
 # The grammar from the OCI image spec; only the algorithms below are accepted for content.
-_DIGEST_GRAMMAR = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_DIGEST_GRAMMAR = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
 
 #: algorithm -> length of its lowercase hex encoding
 SUPPORTED_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}

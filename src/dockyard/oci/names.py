@@ -7,8 +7,8 @@ import re
 from dockyard.errors import ErrorCode, RegistryError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+_NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}\Z")
 
 #: registry:2 caps the name at 255 characters (the spec counts the host too).
 MAX_NAME_LENGTH = 255
