@@ -5,6 +5,7 @@ Scripts, run as ``python bench/NAME.py``:
 - ``compare.py``: the side-by-side run (command line, then the runner and the report)
 - ``memory.py``: Dockyard's peak memory during a large upload and download
 - ``auth.py``: authenticated manifest GETs per second, with the bcrypt cache and without
+- ``proxy.py``: cold and warm pulls through the pull-through cache and registry:2's proxy mode
 
 The package behind ``compare.py``:
 

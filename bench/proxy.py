@@ -32,12 +32,12 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the bench package
 
-from harness.dockyard import DockyardProcess  # noqa: E402
-from harness.net import free_port  # noqa: E402
-from harness.registry2 import REGISTRY2, Registry2  # noqa: E402
+import bench  # noqa: F401  (puts the test harness on sys.path)
+from harness.dockyard import DockyardProcess
+from harness.net import free_port
+from harness.registry2 import REGISTRY2, Registry2
 
 MIB = 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

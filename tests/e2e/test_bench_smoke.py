@@ -55,3 +55,19 @@ def test_memory_and_auth_benchmarks_run(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "speed-up" in result.stdout
+
+
+def test_proxy_benchmark_pulls_through_both_caches(tmp_path: Path) -> None:
+    need_binaries("docker-registry", "curl")
+    report = tmp_path / "proxy.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/proxy.py"), "--quick", "--output", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [
+        line for line in report.read_text().splitlines() if line.startswith(("| cold", "| warm"))
+    ]
+    assert len(rows) == 2, report.read_text()
