@@ -7,6 +7,7 @@
 - ``harness.images``: test images, and a Debian base made once and kept
 - ``harness.oci``: OCI image layouts made by hand, for skopeo to push from
 - ``harness.skopeo``: skopeo pushes and pulls, compared with what a registry serves
+- ``harness.faulty_upstream``: an upstream registry that fails on demand, for the proxy's tests
 - ``harness.store``: registry:2's storage layout as a test sees it, on disk or in a bucket
 - ``harness.workloads``: the push/pull/delete load the garbage collection tests run
 - ``harness.shared``: daemons shared by every process of a pytest-xdist session
