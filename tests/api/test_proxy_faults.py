@@ -1,0 +1,297 @@
+"""The pull-through cache when its upstream misbehaves, and under concurrent pulls (issue 14).
+
+The upstream is a Dockyard in the test process behind ``harness.faulty_upstream``, which breaks
+the requests a test names and counts every request it sees; the proxy gives up on an upstream
+that sends nothing for ``TIMEOUT`` seconds. What must hold whatever the upstream does: a client
+never receives a whole blob that is wrong (its response fails, or ends short of its length),
+nothing partial or corrupt is cached, and the next pull once the upstream behaves is right.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from harness.client import OCI_MANIFEST, assert_error, sha256
+from harness.faulty_upstream import FaultyUpstream, faulty_upstream
+from harness.plugin import Server, ServerFactory
+from harness.store import DiskStore
+
+pytestmark = pytest.mark.filesystem  # looks for cached files in the proxy's data directory
+
+PREFIX = "hub"
+TIMEOUT = 1.0
+#: a blob of several of the proxy's 256 KiB reads (it streams all but the last to the client
+#: before the digest is checked), and one it holds back whole
+LARGE = 3_000_000
+SMALL = 1_000
+
+
+@dataclass
+class Image:
+    name: str  # on the upstream
+    tag: str
+    digest: str
+    blobs: dict[str, bytes] = field(default_factory=dict)  # config and layers
+
+    @property
+    def proxied(self) -> str:
+        return f"{PREFIX}/{self.name}"
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.blobs)[1:]
+
+
+def push(upstream: Server, name: str, sizes: list[int], tag: str = "1") -> Image:
+    digest, manifest = upstream.push_image(name, tag, [os.urandom(n) for n in sizes])
+    image = Image(name, tag, digest)
+    for blob in [manifest["config"], *manifest["layers"]]:
+        r = upstream.session.get(upstream.v2(f"{name}/blobs/{blob['digest']}"))
+        image.blobs[blob["digest"]] = r.content
+    return image
+
+
+def proxy_config(url: str) -> dict[str, Any]:
+    return {"upstreams": [{"prefix": PREFIX, "remoteurl": url, "timeout": TIMEOUT}]}
+
+
+@pytest.fixture
+def upstream(start_server: ServerFactory) -> Server:
+    return start_server()
+
+
+@pytest.fixture
+def faulty(upstream: Server) -> Iterator[FaultyUpstream]:
+    with faulty_upstream(upstream.url) as front:
+        yield front
+
+
+@pytest.fixture
+def mirror(start_server: ServerFactory, faulty: FaultyUpstream) -> Server:
+    return start_server(proxy=proxy_config(faulty.url))
+
+
+@dataclass
+class Pulled:
+    status: int
+    headers: Any
+    body: bytes
+    broke: bool  # reading the body raised: the connection ended before Content-Length
+    elapsed: float
+
+
+class _SmallWindow(HTTPAdapter):
+    """Connections with a small receive buffer: a client that does not read holds the server
+    back after 64 KiB (plus the server's own send buffer), not after the kernel's megabytes."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]
+        super().init_poolmanager(*args, **kwargs)
+
+
+def get(url: str, headers: dict[str, str] | None = None, pace: float = 0.0) -> Pulled:
+    """GET, reading the body to its end or until the connection fails; with ``pace``, slowly
+    (that many seconds per 64 KiB read, on a connection with a small receive window)."""
+    start = time.monotonic()
+    session = requests.Session()
+    if pace:
+        session.mount("http://", _SmallWindow())
+    r = session.get(url, headers=headers, stream=True, timeout=8)
+    body, broke = bytearray(), False
+    try:
+        for chunk in r.iter_content(65536):
+            body += chunk
+            time.sleep(pace)
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+        broke = True
+    r.close()
+    session.close()
+    return Pulled(r.status_code, r.headers, bytes(body), broke, time.monotonic() - start)
+
+
+def blob_url(mirror: Server, image: Image, digest: str) -> str:
+    return mirror.v2(f"{image.proxied}/blobs/{digest}")
+
+
+def assert_not_delivered(pulled: Pulled, blob: bytes) -> None:
+    """An error status, or a 200 whose body breaks off short: never the whole blob."""
+    if pulled.status == 200:
+        assert pulled.broke, "a 200 that ended normally"
+        assert len(pulled.body) < len(blob), len(pulled.body)
+        assert sha256(pulled.body) != sha256(blob)
+    else:
+        assert pulled.status in (502, 503), (pulled.status, pulled.body[:300])
+        assert pulled.body.startswith(b'{"errors"'), pulled.body[:300]
+
+
+def assert_not_cached(mirror: Server, image: Image, digest: str) -> None:
+    store = DiskStore(mirror.root)
+    assert not store.blob_path(digest).exists()
+    assert not store.layer_link(image.proxied, digest).exists()
+    incoming = mirror.root / "dockyard" / "proxy" / "incoming"
+    assert not incoming.exists() or not list(incoming.iterdir()), list(incoming.iterdir())
+    assert not store.leftovers()
+
+
+def assert_pulls_right(mirror: Server, image: Image, digest: str) -> None:
+    pulled = get(blob_url(mirror, image, digest))
+    assert pulled.status == 200 and not pulled.broke
+    assert pulled.body == image.blobs[digest]
+    assert DiskStore(mirror.root).read_blob(digest) == image.blobs[digest]
+
+
+# -- a blob that arrives broken --------------------------------------------------------------
+
+BROKEN = {
+    "cut": {"kind": "cut", "after": 0.5},  # connection reset halfway
+    "corrupt": {"kind": "corrupt"},  # one byte flipped, the length right
+    "short": {"kind": "short", "missing": 1},  # one byte short of Content-Length, then closed
+    "stall": {"kind": "hang", "after": 0.5},  # half, then nothing (the upstream timeout)
+}
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["small", "large"])
+@pytest.mark.parametrize("fault", list(BROKEN))
+def test_a_broken_blob_is_never_served_whole_nor_cached(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server, fault: str, size: int
+) -> None:
+    image = push(upstream, "library/app", [size])
+    layer = image.layers[0]
+    options = dict(BROKEN[fault])
+    if isinstance(options.get("after"), float):
+        options["after"] = int(size * options["after"])
+    faulty.inject(path="/blobs/", **options)
+    pulled = get(blob_url(mirror, image, layer))
+    assert_not_delivered(pulled, image.blobs[layer])
+    if size == SMALL:  # held back whole: nothing was sent when the fault showed, so an error
+        assert pulled.status in (502, 503)
+    assert pulled.elapsed < TIMEOUT + 3
+    assert_not_cached(mirror, image, layer)
+
+    faulty.clear()
+    assert_pulls_right(mirror, image, layer)
+    assert_pulls_right(mirror, image, layer)  # from the cache
+    assert faulty.count("GET", f"/blobs/{layer}") == 2
+
+
+def test_a_client_that_leaves_midway_still_fills_the_cache(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [LARGE])
+    layer = image.layers[0]
+    r = requests.get(blob_url(mirror, image, layer), stream=True, timeout=8)
+    assert r.status_code == 200
+    r.raw.read(100_000)
+    r.close()  # gone, a third of the way in
+    deadline = time.monotonic() + 10
+    while not DiskStore(mirror.root).layer_link(image.proxied, layer).exists():
+        assert time.monotonic() < deadline, "the fetch stopped with its client"
+        time.sleep(0.05)
+    assert_pulls_right(mirror, image, layer)
+    assert faulty.count("GET", f"/blobs/{layer}") == 1
+
+
+# -- the upstream answers an error, or nothing -------------------------------------------------
+
+ERRORS = {
+    "500": {"kind": "status", "status": 500},
+    "503": {"kind": "status", "status": 503},
+    "hang": {"kind": "hang"},  # accepts, never answers
+}
+
+
+@pytest.mark.parametrize("fault", list(ERRORS))
+def test_an_upstream_failure_on_an_uncached_blob_is_an_error_and_caches_nothing(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server, fault: str
+) -> None:
+    image = push(upstream, "library/app", [LARGE])
+    layer = image.layers[0]
+    faulty.inject(path="/blobs/", **ERRORS[fault])
+    pulled = get(blob_url(mirror, image, layer))
+    assert pulled.status == 503, pulled.body[:300]
+    assert b"UNAVAILABLE" in pulled.body
+    if fault == "hang":
+        assert TIMEOUT * 0.8 < pulled.elapsed < TIMEOUT + 2, pulled.elapsed
+    r = requests.head(blob_url(mirror, image, layer), timeout=8)
+    assert r.status_code == 503
+    assert_not_cached(mirror, image, layer)
+    faulty.clear()
+    assert_pulls_right(mirror, image, layer)
+
+
+@pytest.mark.parametrize("fault", list(ERRORS))
+def test_a_cached_tag_is_served_stale_while_the_upstream_fails(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server, fault: str
+) -> None:
+    image = push(upstream, "library/app", [SMALL])
+    other = push(upstream, "library/other", [SMALL])
+    manifest_url = mirror.v2(f"{image.proxied}/manifests/1")
+    r = requests.get(manifest_url, headers={"Accept": OCI_MANIFEST}, timeout=8)
+    assert r.status_code == 200 and "Cache-Status" not in r.headers
+    faulty.inject(**ERRORS[fault])
+
+    start = time.monotonic()
+    r = requests.get(manifest_url, headers={"Accept": OCI_MANIFEST}, timeout=8)
+    elapsed = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    assert r.headers["Docker-Content-Digest"] == image.digest
+    assert sha256(r.content) == image.digest
+    assert "stale" in r.headers["Cache-Status"]
+    assert r.headers["Warning"].startswith("110 ")
+    if fault == "hang":
+        assert TIMEOUT * 0.8 < elapsed < TIMEOUT + 2, elapsed
+    r = requests.get(mirror.v2(f"{image.proxied}/tags/list"), timeout=8)
+    assert r.status_code == 200 and r.json()["tags"] == ["1"]
+    assert "stale" in r.headers["Cache-Status"]
+    # nothing cached to fall back on
+    start = time.monotonic()
+    r = requests.get(mirror.v2(f"{other.proxied}/manifests/1"), timeout=8)
+    assert_error(r, 503, "UNAVAILABLE")
+    if fault == "hang":
+        assert time.monotonic() - start < TIMEOUT + 2
+
+    faulty.clear()
+    r = requests.get(mirror.v2(f"{other.proxied}/manifests/1"), timeout=8)
+    assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == other.digest
+    r = requests.get(manifest_url, headers={"Accept": OCI_MANIFEST}, timeout=8)
+    assert r.status_code == 200 and "Cache-Status" not in r.headers
+
+
+def test_429_is_honoured_without_asking_again_during_retry_after(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [SMALL])
+    other = push(upstream, "library/other", [SMALL])
+    manifest_url = mirror.v2(f"{image.proxied}/manifests/1")
+    assert requests.get(manifest_url, timeout=8).status_code == 200
+    faulty.inject("status", status=429, headers={"Retry-After": "3"})
+    faulty.reset_counts()
+    throttled = time.monotonic()
+    for _ in range(5):
+        r = requests.get(manifest_url, timeout=8)
+        assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == image.digest
+        assert "stale" in r.headers["Cache-Status"] and "Warning" in r.headers
+        r = requests.get(mirror.v2(f"{image.proxied}/tags/list"), timeout=8)
+        assert r.status_code == 200 and "stale" in r.headers["Cache-Status"]
+    for path in ("manifests/1", f"blobs/{other.layers[0]}", "tags/list"):
+        r = requests.get(mirror.v2(f"{other.proxied}/{path}"), timeout=8)
+        assert_error(r, 429, "TOOMANYREQUESTS")
+        assert 1 <= int(r.headers["Retry-After"]) <= 3
+    assert time.monotonic() - throttled < 3, "too slow to test Retry-After"
+    assert faulty.counts() == {"HEAD /v2/library/app/manifests/1": 1}
+
+    faulty.clear()
+    time.sleep(max(0.0, throttled + 3.2 - time.monotonic()))
+    r = requests.get(mirror.v2(f"{other.proxied}/manifests/1"), timeout=8)
+    assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == other.digest
+    r = requests.get(manifest_url, timeout=8)
+    assert r.status_code == 200 and "Cache-Status" not in r.headers
