@@ -183,6 +183,48 @@ def test_a_broken_blob_is_never_served_whole_nor_cached(
     assert faulty.count("GET", f"/blobs/{layer}") == 2
 
 
+def test_a_slow_client_hears_of_the_failure_too(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    """A client that reads slower than the upstream sends: the queue between them is full
+    when the upstream breaks off, and the failure must still reach the client at once."""
+    size = 12_000_000  # more than the kernel's buffers hold
+    image = push(upstream, "library/app", [size])
+    layer = image.layers[0]
+    faulty.inject("cut", "/blobs/", after=size - 1_000_000)
+    pulled = get(blob_url(mirror, image, layer), pace=0.02)
+    assert_not_delivered(pulled, image.blobs[layer])
+    assert pulled.elapsed < 5, pulled.elapsed
+    assert_not_cached(mirror, image, layer)
+    faulty.clear()
+    assert_pulls_right(mirror, image, layer)
+
+
+def test_a_client_that_stops_reading_does_not_hold_up_the_others(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    """The first client's pace holds the fetch back; one that stops reading altogether (but
+    keeps its connection) must not keep the blob from every other client for ever."""
+    size = 12_000_000
+    image = push(upstream, "library/app", [size])
+    layer = image.layers[0]
+    stalled = requests.Session()
+    stalled.mount("http://", _SmallWindow())
+    r = stalled.get(blob_url(mirror, image, layer), stream=True, timeout=8)
+    assert r.status_code == 200
+    try:
+        pulled = get(blob_url(mirror, image, layer))
+        assert pulled.status == 200 and pulled.body == image.blobs[layer]
+        assert pulled.elapsed < TIMEOUT + 5, pulled.elapsed
+        with pytest.raises((requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+            for _ in r.iter_content(65536):  # dropped: its response ends short
+                pass
+    finally:
+        r.close()
+        stalled.close()
+    assert faulty.count("GET", f"/blobs/{layer}") == 1
+
+
 def test_a_client_that_leaves_midway_still_fills_the_cache(
     upstream: Server, faulty: FaultyUpstream, mirror: Server
 ) -> None:

@@ -376,9 +376,10 @@ class BlobFetch:
 
     A task reads the upstream and writes a private file; the first client reads along through a
     bounded queue (its pace holds the fetch back, so memory stays bounded). If the client goes
-    away the fetch carries on without it. The last chunk reaches the client only after the
-    digest is verified; then the file is published under ``blobs/`` (never replacing a blob)
-    and linked in the repository."""
+    away, or takes nothing for the upstream's ``timeout`` (its response is then cut short), the
+    fetch carries on without it: a stalled client must not hold the blob back from the others.
+    The last chunk reaches the client only after the digest is verified; then the file is
+    published under ``blobs/`` (never replacing a blob) and linked in the repository."""
 
     _END = b""
 
@@ -434,9 +435,29 @@ class BlobFetch:
         while not self._queue.empty():
             self._queue.get_nowait()
 
-    async def _give(self, item: bytes | BaseException) -> None:
+    async def _give(self, item: bytes) -> None:
+        if not self._listening:
+            return
+        try:
+            async with asyncio.timeout(self.repo.upstream.timeout or None):
+                await self._queue.put(item)
+        except TimeoutError:
+            log.warning(
+                "fetching %s for %s: the client took nothing for %g s; going on without it",
+                self.digest,
+                self.repo.route.local_name,
+                self.repo.upstream.timeout,
+            )
+            self._tell(RegistryError(ErrorCode.UNAVAILABLE, "the client stopped reading the blob"))
+
+    def _tell(self, error: RegistryError) -> None:
+        """Make ``error`` the next thing the client takes (what is queued before it is of no
+        use now), and feed it nothing more."""
         if self._listening:
-            await self._queue.put(item)
+            self._listening = False
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queue.put_nowait(error)
 
     async def _fill(self) -> None:
         repo, digest = self.repo, self.digest
@@ -480,9 +501,7 @@ class BlobFetch:
             with contextlib.suppress(Exception):
                 await asyncio.shield(storage.delete_if_present(incoming))
             log.warning("fetching %s for %s failed: %s", digest, repo.route.local_name, error)
-            if self._listening:
-                with contextlib.suppress(asyncio.QueueFull):
-                    self._queue.put_nowait(error)
+            self._tell(error)  # even if the queue is full: a slow client must hear of it
             if not self.done.done():
                 self.done.set_exception(error)
                 self.done.exception()  # retrieved: nobody may be waiting
