@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,3 +339,62 @@ def test_429_is_honoured_without_asking_again_during_retry_after(
     assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == other.digest
     r = requests.get(manifest_url, timeout=8)
     assert r.status_code == 200 and "Cache-Status" not in r.headers
+
+
+# -- concurrent pulls ------------------------------------------------------------------------
+
+PULLERS = 20
+
+
+def pull_image(mirror: Server, image: Image) -> None:
+    r = requests.get(
+        mirror.v2(f"{image.proxied}/manifests/{image.tag}"),
+        headers={"Accept": OCI_MANIFEST},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["Docker-Content-Digest"] == image.digest == sha256(r.content)
+    for digest, content in image.blobs.items():
+        r = requests.get(blob_url(mirror, image, digest), timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.content == content
+
+
+def pull_together(mirrors: list[Server], image: Image) -> None:
+    """PULLERS clients pull the image at once, spread over ``mirrors``; each succeeds."""
+    barrier = threading.Barrier(PULLERS)
+
+    def puller(i: int) -> None:
+        barrier.wait()
+        pull_image(mirrors[i % len(mirrors)], image)
+
+    with ThreadPoolExecutor(PULLERS) as pool:
+        for future in [pool.submit(puller, i) for i in range(PULLERS)]:
+            future.result()
+
+
+def assert_fetched_once(faulty: FaultyUpstream, image: Image) -> None:
+    gets = faulty.counts("GET")
+    wanted = [f"/v2/{image.name}/manifests/{image.digest}"]
+    wanted += [f"/v2/{image.name}/blobs/{digest}" for digest in image.blobs]
+    assert {path: gets.get(path, 0) for path in wanted} == dict.fromkeys(wanted, 1), gets
+    assert set(gets) == set(wanted), gets  # nothing else (the tag is asked with HEAD)
+
+
+def test_concurrent_pulls_of_an_uncached_image_fetch_each_blob_once(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
+    faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
+    pull_together([mirror], image)
+    assert_fetched_once(faulty, image)
+
+
+def test_concurrent_pulls_across_two_workers_fetch_each_blob_once(
+    start_server: ServerFactory, upstream: Server, faulty: FaultyUpstream
+) -> None:
+    mirror = start_server(workers=2, proxy=proxy_config(faulty.url))
+    image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
+    faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
+    pull_together([mirror], image)
+    assert_fetched_once(faulty, image)

@@ -276,7 +276,27 @@ class ProxiedRepository:
     async def _fetch_manifest(
         self, reference: str, digest: Digest, tags: list[str]
     ) -> StoredManifest:
-        """Fetch by digest (a tag only if the upstream names no digest), verify, store."""
+        """The manifest, fetched once however many ask for it at the same time (the others
+        wait for it, as for a blob), and tagged."""
+        while True:
+            async with self.cache.fetch_locks.try_hold(digest) as taken:
+                try:
+                    stored = await self.local.manifests.get(digest)
+                except RegistryError as exc:
+                    if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
+                        raise
+                    if taken:
+                        return await self._fetch_manifest_now(reference, digest, tags)
+                else:
+                    for tag in tags:
+                        await self.local.tags.tag(tag, digest)
+                    return stored
+            await asyncio.sleep(WAIT_POLL)  # another request is fetching it: wait for it
+
+    async def _fetch_manifest_now(
+        self, reference: str, digest: Digest, tags: list[str]
+    ) -> StoredManifest:
+        """Fetch by digest, verify, store."""
         body, content_type = await self._get_manifest_body(str(digest))
         if body is None:
             raise manifest_unknown(reference)
