@@ -24,8 +24,10 @@ from requests.adapters import HTTPAdapter
 
 from harness.client import OCI_MANIFEST, assert_error, sha256
 from harness.faulty_upstream import FaultyUpstream, faulty_upstream
-from harness.plugin import Server, ServerFactory
-from harness.store import DiskStore
+from harness.plugin import BucketFactory, Server, ServerFactory
+from harness.redis import flush_redis
+from harness.s3 import S3Endpoint
+from harness.store import BucketStore, DiskStore
 
 pytestmark = pytest.mark.filesystem  # looks for cached files in the proxy's data directory
 
@@ -62,8 +64,8 @@ def push(upstream: Server, name: str, sizes: list[int], tag: str = "1") -> Image
     return image
 
 
-def proxy_config(url: str) -> dict[str, Any]:
-    return {"upstreams": [{"prefix": PREFIX, "remoteurl": url, "timeout": TIMEOUT}]}
+def proxy_config(url: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+    return {"upstreams": [{"prefix": PREFIX, "remoteurl": url, "timeout": timeout}]}
 
 
 @pytest.fixture
@@ -344,6 +346,9 @@ def test_429_is_honoured_without_asking_again_during_retry_after(
 # -- concurrent pulls ------------------------------------------------------------------------
 
 PULLERS = 20
+#: the upstream timeout here: everything but the second worker shares the test process, where
+#: twenty clients and three servers can keep the upstream from answering for a second or two
+PATIENT = 10.0
 
 
 def pull_image(mirror: Server, image: Image) -> None:
@@ -382,8 +387,9 @@ def assert_fetched_once(faulty: FaultyUpstream, image: Image) -> None:
 
 
 def test_concurrent_pulls_of_an_uncached_image_fetch_each_blob_once(
-    upstream: Server, faulty: FaultyUpstream, mirror: Server
+    start_server: ServerFactory, upstream: Server, faulty: FaultyUpstream
 ) -> None:
+    mirror = start_server(proxy=proxy_config(faulty.url, PATIENT))
     image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
     faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
     pull_together([mirror], image)
@@ -393,8 +399,124 @@ def test_concurrent_pulls_of_an_uncached_image_fetch_each_blob_once(
 def test_concurrent_pulls_across_two_workers_fetch_each_blob_once(
     start_server: ServerFactory, upstream: Server, faulty: FaultyUpstream
 ) -> None:
-    mirror = start_server(workers=2, proxy=proxy_config(faulty.url))
+    mirror = start_server(workers=2, proxy=proxy_config(faulty.url, PATIENT))
     image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
     faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
     pull_together([mirror], image)
     assert_fetched_once(faulty, image)
+
+
+@pytest.mark.parametrize("what", ["blobs", "manifests"])
+def test_concurrent_pulls_from_a_hung_upstream_all_fail_in_about_the_timeout(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server, what: str
+) -> None:
+    """Those waiting for another request's fetch share its failure: they do not queue up for
+    an attempt each, the last answered after one timeout per client before it."""
+    image = push(upstream, "library/app", [SMALL])
+    digest = image.layers[0] if what == "blobs" else image.digest
+    url = mirror.v2(f"{image.proxied}/{what}/{digest}")
+    faulty.inject("hang", f"/{what}/")
+    with ThreadPoolExecutor(5) as pool:
+        pulled = list(pool.map(lambda _: get(url), range(5)))
+    assert [p.status for p in pulled] == [503] * 5
+    assert max(p.elapsed for p in pulled) < TIMEOUT + 2, [p.elapsed for p in pulled]
+    assert faulty.count("GET", f"/{what}/") == 1
+    faulty.clear()
+    r = requests.get(url, headers={"Accept": OCI_MANIFEST}, timeout=8)
+    assert r.status_code == 200 and sha256(r.content) == digest
+
+
+# -- HEAD and ranges -------------------------------------------------------------------------
+
+
+def test_head_of_an_uncached_blob_answers_its_size_and_caches_nothing(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [LARGE])
+    layer = image.layers[0]
+    r = requests.head(blob_url(mirror, image, layer), timeout=8)
+    assert r.status_code == 200
+    assert r.headers["Content-Length"] == str(LARGE)
+    assert r.headers["Docker-Content-Digest"] == layer
+    assert not r.content
+    assert_not_cached(mirror, image, layer)
+    assert faulty.counts() == {f"HEAD /v2/library/app/blobs/{layer}": 1}
+    r = requests.head(blob_url(mirror, image, sha256(b"nowhere")), timeout=8)
+    assert r.status_code == 404
+
+
+def test_ranges_of_uncached_and_cached_blobs(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [LARGE])
+    layer = image.layers[0]
+    blob = image.blobs[layer]
+    url = blob_url(mirror, image, layer)
+    # uncached: served once the whole blob is fetched and verified (a range of a blob not
+    # verified yet could be wrong bytes)
+    r = requests.get(url, headers={"Range": "bytes=1000-1999"}, timeout=8)
+    assert r.status_code == 206, r.text
+    assert r.headers["Content-Range"] == f"bytes 1000-1999/{LARGE}"
+    assert r.headers["Content-Length"] == "1000"
+    assert r.content == blob[1000:2000]
+    assert DiskStore(mirror.root).read_blob(layer) == blob
+    # cached
+    cases = {
+        "bytes=-500": (blob[-500:], f"bytes {LARGE - 500}-{LARGE - 1}/{LARGE}"),
+        f"bytes={LARGE - 10}-": (blob[-10:], f"bytes {LARGE - 10}-{LARGE - 1}/{LARGE}"),
+        "bytes=0-0": (blob[:1], f"bytes 0-0/{LARGE}"),
+        f"bytes=5-{LARGE * 2}": (blob[5:], f"bytes 5-{LARGE - 1}/{LARGE}"),
+    }
+    for header, (content, content_range) in cases.items():
+        r = requests.get(url, headers={"Range": header}, timeout=8)
+        assert r.status_code == 206, (header, r.text)
+        assert r.headers["Content-Range"] == content_range
+        assert r.content == content
+    r = requests.get(url, headers={"Range": f"bytes={LARGE}-"}, timeout=8)
+    assert_error(r, 416, "RANGE_INVALID")
+    assert r.headers["Content-Range"] == f"bytes */{LARGE}"
+    r = requests.head(url, timeout=8)
+    assert r.status_code == 200 and r.headers["Content-Length"] == str(LARGE)
+    assert faulty.count("GET", "/blobs/") == 1
+    assert faulty.count("HEAD", "/blobs/") == 0
+
+
+def test_a_range_of_a_blob_that_arrives_broken_is_an_error(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [LARGE])
+    layer = image.layers[0]
+    faulty.inject("corrupt", "/blobs/", after=LARGE - 1)
+    r = requests.get(blob_url(mirror, image, layer), headers={"Range": "bytes=0-99"}, timeout=8)
+    assert_error(r, 502, "BLOB_UNKNOWN")
+    assert_not_cached(mirror, image, layer)
+    faulty.clear()
+    r = requests.get(blob_url(mirror, image, layer), headers={"Range": "bytes=0-99"}, timeout=8)
+    assert r.status_code == 206 and r.content == image.blobs[layer][:100]
+
+
+@pytest.mark.slow
+def test_concurrent_pulls_across_two_instances_on_s3_and_redis_fetch_each_blob_once(
+    start_server: ServerFactory,
+    upstream: Server,
+    faulty: FaultyUpstream,
+    moto_s3: S3Endpoint,
+    s3_bucket_factory: BucketFactory,
+    redis_addr: str,
+) -> None:
+    """Two instances sharing a bucket: no flock between them, the fetch lock is a Redis key."""
+    flush_redis(redis_addr)
+    bucket = s3_bucket_factory(moto_s3)
+    storage = {"s3": moto_s3.storage_config(bucket), "redirect": {"disable": True}}
+    mirrors = [
+        start_server(
+            storage=storage, redis={"addr": redis_addr}, proxy=proxy_config(faulty.url, PATIENT)
+        )
+        for _ in range(2)
+    ]
+    image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
+    faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
+    pull_together(mirrors, image)
+    assert_fetched_once(faulty, image)
+    stored = BucketStore(moto_s3, bucket).stored_blobs()
+    assert {d: stored.get(d) for d in image.blobs} == {d: len(b) for d, b in image.blobs.items()}

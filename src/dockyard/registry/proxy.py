@@ -161,6 +161,37 @@ class PullThroughCache:
         self.fetch_locks = FetchLocks(registry.storage, redis)
         #: fetches still filling the cache after their client left
         self._fills: set[asyncio.Task[None]] = set()
+        #: fetches under way in this process: requests asking for the same meanwhile wait for
+        #: the outcome and share a failure, rather than queue up for an attempt each (one
+        #: upstream timeout per request before them, when the upstream hangs)
+        self._underway: dict[tuple[str, str, Digest], asyncio.Future[None]] = {}
+
+    async def join(self, key: tuple[str, str, Digest]) -> bool:
+        """Wait for this process's fetch of ``key`` (kind, repository, digest) if one is under
+        way: True once it succeeded, its exception if it failed; False if there is none."""
+        future = self._underway.get(key)
+        if future is None:
+            return False
+        await asyncio.shield(future)
+        return True
+
+    def begin(self, key: tuple[str, str, Digest]) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self._underway[key] = future
+        return future
+
+    def end(
+        self, key: tuple[str, str, Digest], future: asyncio.Future[None], error: Exception | None
+    ) -> None:
+        if self._underway.get(key) is future:
+            del self._underway[key]
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+            future.exception()  # retrieved: nobody may be waiting
 
     def route(self, name: str, ns: str | None = None) -> Route | None:
         return self.router.route(name, ns)
@@ -169,6 +200,8 @@ class PullThroughCache:
         return ProxiedRepository(self, route)
 
     async def close(self) -> None:
+        for key, future in list(self._underway.items()):
+            self.end(key, future, RegistryError(ErrorCode.UNAVAILABLE, "the server is stopping"))
         for task in list(self._fills):
             task.cancel()
         await asyncio.gather(*self._fills, return_exceptions=True)
@@ -277,7 +310,37 @@ class ProxiedRepository:
         self, reference: str, digest: Digest, tags: list[str]
     ) -> StoredManifest:
         """The manifest, fetched once however many ask for it at the same time (the others
-        wait for it, as for a blob), and tagged."""
+        wait for it, as for a blob, and share its failure), and tagged."""
+        key = ("manifest", self.route.local_name, digest)
+        while await self.cache.join(key):
+            try:
+                stored = await self.local.manifests.get(digest)
+            except RegistryError as exc:
+                if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
+                    raise
+                continue
+            for tag in tags:
+                await self.local.tags.tag(tag, digest)
+            return stored
+        outcome = self.cache.begin(key)
+        try:
+            stored = await self._fetch_manifest_locked(reference, digest, tags)
+        except BaseException as exc:
+            shared = exc if isinstance(exc, RegistryError | UpstreamError) else None
+            self.cache.end(
+                key,
+                outcome,
+                shared
+                or UpstreamError(self.client.name, "unavailable", "the fetch was interrupted"),
+            )
+            raise
+        self.cache.end(key, outcome, None)
+        return stored
+
+    async def _fetch_manifest_locked(
+        self, reference: str, digest: Digest, tags: list[str]
+    ) -> StoredManifest:
+        """Fetch under the lock, or wait for the process that holds it."""
         while True:
             async with self.cache.fetch_locks.try_hold(digest) as taken:
                 try:
@@ -367,8 +430,36 @@ class ProxiedRepository:
         return response.content_length
 
     async def fetch(self, digest: Digest) -> BlobFetch | BlobInfo:
-        """Start fetching the blob, or (if another process fetched it meanwhile) the cached
-        blob. BLOB_UNKNOWN if the upstream does not have it."""
+        """Start fetching the blob, or (if another request fetched it meanwhile) the cached
+        blob. BLOB_UNKNOWN if the upstream does not have it. A fetch already under way in
+        this process is waited for, and its failure is this request's."""
+        key = ("blob", self.route.local_name, digest)
+        while True:
+            info = await self.cached_blob(digest)
+            if info is not None:
+                return info
+            if not await self.cache.join(key):
+                break
+        outcome = self.cache.begin(key)
+        try:
+            fetched = await self._fetch_locked(digest)
+        except BaseException as exc:
+            error = exc if isinstance(exc, RegistryError) else _interrupted(digest)
+            self.cache.end(key, outcome, error)
+            raise
+        if isinstance(fetched, BlobInfo):
+            self.cache.end(key, outcome, None)
+        else:
+
+            def finished(done: asyncio.Future[None]) -> None:
+                error = _interrupted(digest) if done.cancelled() else done.exception()
+                self.cache.end(key, outcome, error if isinstance(error, Exception) else None)
+
+            fetched.done.add_done_callback(finished)
+        return fetched
+
+    async def _fetch_locked(self, digest: Digest) -> BlobFetch | BlobInfo:
+        """Take the lock and start the fetch, or wait for the process that holds it."""
         while True:
             info = await self.cached_blob(digest)
             if info is not None:
@@ -530,6 +621,14 @@ class BlobFetch:
         finally:
             self._response.release()
             await self._hold.__aexit__(None, None, None)
+
+
+def _interrupted(digest: Digest) -> RegistryError:
+    return RegistryError(
+        ErrorCode.UNAVAILABLE,
+        "fetching the blob from the upstream was interrupted",
+        {"digest": str(digest)},
+    )
 
 
 def _bad_blob(digest: Digest, reason: str) -> RegistryError:
