@@ -87,7 +87,6 @@ def mirror(start_server: ServerFactory, faulty: FaultyUpstream) -> Server:
 @dataclass
 class Pulled:
     status: int
-    headers: Any
     body: bytes
     broke: bool  # reading the body raised: the connection ended before Content-Length
     elapsed: float
@@ -119,7 +118,7 @@ def get(url: str, headers: dict[str, str] | None = None, pace: float = 0.0) -> P
         broke = True
     r.close()
     session.close()
-    return Pulled(r.status_code, r.headers, bytes(body), broke, time.monotonic() - start)
+    return Pulled(r.status_code, bytes(body), broke, time.monotonic() - start)
 
 
 def blob_url(mirror: Server, image: Image, digest: str) -> str:
@@ -187,6 +186,7 @@ def test_a_broken_blob_is_never_served_whole_nor_cached(
     assert faulty.count("GET", f"/blobs/{layer}") == 2
 
 
+@pytest.mark.slow
 def test_a_slow_client_hears_of_the_failure_too(
     upstream: Server, faulty: FaultyUpstream, mirror: Server
 ) -> None:
@@ -312,6 +312,7 @@ def test_a_cached_tag_is_served_stale_while_the_upstream_fails(
     assert r.status_code == 200 and "Cache-Status" not in r.headers
 
 
+@pytest.mark.slow  # waits out Retry-After
 def test_429_is_honoured_without_asking_again_during_retry_after(
     upstream: Server, faulty: FaultyUpstream, mirror: Server
 ) -> None:
@@ -386,24 +387,45 @@ def assert_fetched_once(faulty: FaultyUpstream, image: Image) -> None:
     assert set(gets) == set(wanted), gets  # nothing else (the tag is asked with HEAD)
 
 
+@pytest.mark.parametrize(
+    "workers", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["in-process", "two-workers"]
+)
 def test_concurrent_pulls_of_an_uncached_image_fetch_each_blob_once(
-    start_server: ServerFactory, upstream: Server, faulty: FaultyUpstream
+    start_server: ServerFactory, upstream: Server, faulty: FaultyUpstream, workers: int
 ) -> None:
-    mirror = start_server(proxy=proxy_config(faulty.url, PATIENT))
+    """Two workers: a process of its own, whose workers share the flock of each fetch."""
+    mirror = start_server(workers=workers, proxy=proxy_config(faulty.url, PATIENT))
     image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
     faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
     pull_together([mirror], image)
     assert_fetched_once(faulty, image)
 
 
-def test_concurrent_pulls_across_two_workers_fetch_each_blob_once(
-    start_server: ServerFactory, upstream: Server, faulty: FaultyUpstream
+@pytest.mark.slow
+def test_concurrent_pulls_across_two_instances_on_s3_and_redis_fetch_each_blob_once(
+    start_server: ServerFactory,
+    upstream: Server,
+    faulty: FaultyUpstream,
+    moto_s3: S3Endpoint,
+    s3_bucket_factory: BucketFactory,
+    redis_addr: str,
 ) -> None:
-    mirror = start_server(workers=2, proxy=proxy_config(faulty.url, PATIENT))
+    """Two instances sharing a bucket: no flock between them, the fetch lock is a Redis key."""
+    flush_redis(redis_addr)
+    bucket = s3_bucket_factory(moto_s3)
+    storage = {"s3": moto_s3.storage_config(bucket), "redirect": {"disable": True}}
+    mirrors = [
+        start_server(
+            storage=storage, redis={"addr": redis_addr}, proxy=proxy_config(faulty.url, PATIENT)
+        )
+        for _ in range(2)
+    ]
     image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
     faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
-    pull_together([mirror], image)
+    pull_together(mirrors, image)
     assert_fetched_once(faulty, image)
+    stored = BucketStore(moto_s3, bucket).stored_blobs()
+    assert {d: stored.get(d) for d in image.blobs} == {d: len(b) for d, b in image.blobs.items()}
 
 
 @pytest.mark.parametrize("what", ["blobs", "manifests"])
@@ -493,30 +515,3 @@ def test_a_range_of_a_blob_that_arrives_broken_is_an_error(
     faulty.clear()
     r = requests.get(blob_url(mirror, image, layer), headers={"Range": "bytes=0-99"}, timeout=8)
     assert r.status_code == 206 and r.content == image.blobs[layer][:100]
-
-
-@pytest.mark.slow
-def test_concurrent_pulls_across_two_instances_on_s3_and_redis_fetch_each_blob_once(
-    start_server: ServerFactory,
-    upstream: Server,
-    faulty: FaultyUpstream,
-    moto_s3: S3Endpoint,
-    s3_bucket_factory: BucketFactory,
-    redis_addr: str,
-) -> None:
-    """Two instances sharing a bucket: no flock between them, the fetch lock is a Redis key."""
-    flush_redis(redis_addr)
-    bucket = s3_bucket_factory(moto_s3)
-    storage = {"s3": moto_s3.storage_config(bucket), "redirect": {"disable": True}}
-    mirrors = [
-        start_server(
-            storage=storage, redis={"addr": redis_addr}, proxy=proxy_config(faulty.url, PATIENT)
-        )
-        for _ in range(2)
-    ]
-    image = push(upstream, "library/app", [LARGE, LARGE // 2, SMALL])
-    faulty.inject("delay", "/(blobs|manifests)/sha256:", method="GET", seconds=0.3)
-    pull_together(mirrors, image)
-    assert_fetched_once(faulty, image)
-    stored = BucketStore(moto_s3, bucket).stored_blobs()
-    assert {d: stored.get(d) for d in image.blobs} == {d: len(b) for d, b in image.blobs.items()}
