@@ -186,6 +186,46 @@ def test_a_broken_blob_is_never_served_whole_nor_cached(
     assert faulty.count("GET", f"/blobs/{layer}") == 2
 
 
+@pytest.mark.parametrize("fault", list(BROKEN))
+def test_a_broken_manifest_or_tag_list_is_an_error_and_not_cached(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server, fault: str
+) -> None:
+    image = push(upstream, "library/app", [SMALL])
+    options = dict(BROKEN[fault])
+    if "after" in options:
+        options["after"] = 10
+    broken = "/manifests/sha256:|/tags/list"
+    faulty.inject(path=broken, method="GET", **options)
+    manifest_url = mirror.v2(f"{image.proxied}/manifests/1")
+    tags_url = mirror.v2(f"{image.proxied}/tags/list")
+    r = requests.get(manifest_url, headers={"Accept": OCI_MANIFEST}, timeout=8)
+    assert r.status_code in (502, 503), r.text
+    assert not DiskStore(mirror.root).blob_path(image.digest).exists()
+    assert not DiskStore(mirror.root).links()
+    r = requests.get(tags_url, timeout=8)
+    assert_error(r, 503, "UNAVAILABLE")
+
+    faulty.clear()
+    r = requests.get(manifest_url, headers={"Accept": OCI_MANIFEST}, timeout=8)
+    assert r.status_code == 200 and sha256(r.content) == image.digest
+    r = requests.get(tags_url, timeout=8)
+    assert r.status_code == 200 and "Cache-Status" not in r.headers
+    faulty.inject(path=broken, method="GET", **options)
+    r = requests.get(tags_url, timeout=8)
+    assert r.status_code == 200 and r.json()["tags"] == ["1"]
+    assert "stale" in r.headers["Cache-Status"]
+
+
+def test_a_manifest_that_arrives_in_pieces_is_read_whole(
+    upstream: Server, faulty: FaultyUpstream, mirror: Server
+) -> None:
+    image = push(upstream, "library/app", [SMALL])
+    faulty.inject("trickle", "/manifests/sha256:", after=100, seconds=0.02)
+    r = requests.get(mirror.v2(f"{image.proxied}/manifests/1"), timeout=8)
+    assert r.status_code == 200, r.text
+    assert sha256(r.content) == image.digest
+
+
 @pytest.mark.slow
 def test_a_slow_client_hears_of_the_failure_too(
     upstream: Server, faulty: FaultyUpstream, mirror: Server

@@ -12,7 +12,9 @@ It passes every request through to the real upstream, and counts what it sees pe
 - ``status``: answer ``status`` (429, 500, 503...) with ``headers`` (``Retry-After``) instead;
 - ``hang``: accept the request and never answer (with ``after``: stall after that many bytes
   of the body), until the fault is cleared or the server stops;
-- ``delay``: pass the request through, ``seconds`` late (so that concurrent requests overlap).
+- ``delay``: pass the request through, ``seconds`` late (so that concurrent requests overlap);
+- ``trickle``: send the whole body right, but in pieces of ``after`` bytes, ``seconds`` apart
+  (as a slow network delivers it: a reader must not take the first piece for the whole).
 
 It runs in a thread of the test process, on its own event loop, on loopback only.
 """
@@ -40,7 +42,7 @@ _HOP_BY_HOP = frozenset(
 class Fault:
     """What to do instead of passing a request through, and to which requests."""
 
-    kind: str  # cut, corrupt, short, status, hang, delay
+    kind: str  # cut, corrupt, short, status, hang, delay, trickle
     #: a regular expression searched in the request's path (``blobs/sha256:``)
     path: str = ""
     #: only requests with this method (GET, HEAD), or any
@@ -53,7 +55,8 @@ class Fault:
     missing: int = 1
     status: int = 500
     headers: dict[str, str] | None = None
-    #: delay: how long each matching request waits before it is passed through
+    #: delay: how long each matching request waits before it is passed through; trickle: the
+    #: pause between pieces
     seconds: float = 0.0
     hits: int = 0
 
@@ -237,6 +240,12 @@ class FaultyUpstream(Loopback):
             await asyncio.sleep(0.05)
             if transport is not None:
                 transport.close()
+        elif fault.kind == "trickle":
+            step = fault.after or 1
+            for start in range(0, len(body), step):
+                await out.write(body[start : start + step])
+                await asyncio.sleep(fault.seconds)
+            await out.write_eof()
         elif fault.kind == "hang":
             await out.write(body[: fault.after or 0])
             await self._hang(request)

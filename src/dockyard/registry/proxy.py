@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -54,6 +55,8 @@ QUEUE_CHUNKS = 8
 #: how often a request waiting for another process's fetch looks again
 WAIT_POLL = 0.1
 REDIS_LOCK_MS = 30_000
+#: an upstream's answer to ``tags/list`` (Docker Hub's longest lists are a few MB)
+MAX_TAG_LIST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,12 +300,10 @@ class ProxiedRepository:
                 raise UpstreamError(
                     self.client.name, "invalid", f"answered {response.status} for a manifest"
                 )
-            body = await response.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(body) > MAX_MANIFEST_BYTES:
+            body = await self.client.read_body(response, MAX_MANIFEST_BYTES)
+            if body is None:
                 raise UpstreamError(self.client.name, "invalid", "sent an oversized manifest")
             return body, response.headers.get("Content-Type")
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(self.client.name, "unavailable", str(exc)) from None
         finally:
             response.release()
 
@@ -385,21 +386,24 @@ class ProxiedRepository:
                     raise RegistryError(ErrorCode.NAME_UNKNOWN, detail={"name": self.remote})
                 if response.status != 200:
                     raise UpstreamError(self.client.name, "invalid", f"{response.status}")
-                body = await response.json(content_type=None)
+                raw = await self.client.read_body(response, MAX_TAG_LIST_BYTES)
                 more = "next" in response.headers.get("Link", "")
             finally:
                 response.release()
-            tags = body.get("tags") or []
+            if raw is None:
+                raise UpstreamError(self.client.name, "invalid", "sent an oversized tag list")
+            try:
+                tags = json.loads(raw).get("tags") or []
+            except (ValueError, AttributeError):
+                tags = None
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise UpstreamError(self.client.name, "invalid", "sent a malformed tag list")
             return Page(tags, more), False
-        except (UpstreamError, ValueError, OSError, TimeoutError) as exc:
+        except UpstreamError as exc:
             log.warning("%s; serving the cached tags of %s", exc, self.route.local_name)
             cached = await self.local.tags.all()
             if not cached and not await self.local.exists():
-                if isinstance(exc, UpstreamError):
-                    raise upstream_failed(exc, "this repository") from None
-                raise
+                raise upstream_failed(exc, "this repository") from None
             return paginate(cached, n, last), True
 
     # -- blobs -------------------------------------------------------------------------------
