@@ -9,6 +9,7 @@
 - ``harness.skopeo``: skopeo pushes and pulls, compared with what a registry serves
 - ``harness.mirrors``: clients set up to pull through a mirror (podman's registries.conf,
   containerd's hosts.toml), and Dockyard's access log read back
+- ``harness.faulty_upstream``: an upstream registry that fails on demand, for the proxy's tests
 - ``harness.store``: registry:2's storage layout as a test sees it, on disk or in a bucket
 - ``harness.workloads``: the push/pull/delete load the garbage collection tests run
 - ``harness.shared``: daemons shared by every process of a pytest-xdist session

@@ -145,14 +145,25 @@ async def _from_upstream(
         fetched.detach()
         await fetched.done
         return await _serve(request, proxied.local, digest, await proxied.local.blobs.stat(digest))
+    # Prepared with the first bytes: a fetch that fails before any (a small blob is held back
+    # whole until verified) is answered with an error status.
+    response = web.StreamResponse(status=200, headers=blob_headers(digest, fetched.size))
     try:
-        response = web.StreamResponse(status=200, headers=blob_headers(digest, fetched.size))
-        await response.prepare(request)
         async for chunk in fetched.chunks():
+            if not response.prepared:
+                await response.prepare(request)
             await response.write(chunk)
-        await response.write_eof()
+    except RegistryError:
+        if response.prepared and request.transport is not None:
+            # 200 and the length are sent: a connection that ends short of it is the one way
+            # left to tell the client (an error response now would be read as the blob's bytes)
+            request.transport.abort()
+        raise
     finally:
         fetched.detach()  # however this ends, the fetch must not wait for this client
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
     return response
 
 

@@ -57,6 +57,8 @@ QUEUE_CHUNKS = 8
 #: how often a request waiting for another process's fetch looks again
 WAIT_POLL = 0.1
 REDIS_LOCK_MS = 30_000
+#: an upstream's answer to ``tags/list`` (Docker Hub's longest lists are a few MB)
+MAX_TAG_LIST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,37 @@ class PullThroughCache:
         self.fetch_locks = FetchLocks(registry.storage, redis)
         #: fetches still filling the cache after their client left
         self._fills: set[asyncio.Task[None]] = set()
+        #: fetches under way in this process: requests asking for the same meanwhile wait for
+        #: the outcome and share a failure, rather than queue up for an attempt each (one
+        #: upstream timeout per request before them, when the upstream hangs)
+        self._underway: dict[tuple[str, str, Digest], asyncio.Future[None]] = {}
+
+    async def join(self, key: tuple[str, str, Digest]) -> bool:
+        """Wait for this process's fetch of ``key`` (kind, repository, digest) if one is under
+        way: True once it succeeded, its exception if it failed; False if there is none."""
+        future = self._underway.get(key)
+        if future is None:
+            return False
+        await asyncio.shield(future)
+        return True
+
+    def begin(self, key: tuple[str, str, Digest]) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self._underway[key] = future
+        return future
+
+    def end(
+        self, key: tuple[str, str, Digest], future: asyncio.Future[None], error: Exception | None
+    ) -> None:
+        if self._underway.get(key) is future:
+            del self._underway[key]
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+            future.exception()  # retrieved: nobody may be waiting
 
     def route(self, name: str, ns: str | None = None) -> Route | None:
         return self.router.route(name, ns)
@@ -172,6 +205,8 @@ class PullThroughCache:
         return ProxiedRepository(self, route)
 
     async def close(self) -> None:
+        for key, future in list(self._underway.items()):
+            self.end(key, future, RegistryError(ErrorCode.UNAVAILABLE, "the server is stopping"))
         for task in list(self._fills):
             task.cancel()
         await asyncio.gather(*self._fills, return_exceptions=True)
@@ -277,19 +312,67 @@ class ProxiedRepository:
                 raise UpstreamError(
                     self.client.name, "invalid", f"answered {response.status} for a manifest"
                 )
-            body = await response.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(body) > MAX_MANIFEST_BYTES:
+            body = await self.client.read_body(response, MAX_MANIFEST_BYTES)
+            if body is None:
                 raise UpstreamError(self.client.name, "invalid", "sent an oversized manifest")
             return body, response.headers.get("Content-Type")
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(self.client.name, "unavailable", str(exc)) from None
         finally:
             response.release()
 
     async def _fetch_manifest(
         self, reference: str, digest: Digest, tags: list[str]
     ) -> StoredManifest:
-        """Fetch by digest (a tag only if the upstream names no digest), verify, store."""
+        """The manifest, fetched once however many ask for it at the same time (the others
+        wait for it, as for a blob, and share its failure), and tagged."""
+        key = ("manifest", self.route.local_name, digest)
+        while await self.cache.join(key):
+            try:
+                stored = await self.local.manifests.get(digest)
+            except RegistryError as exc:
+                if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
+                    raise
+                continue
+            for tag in tags:
+                await self.local.tags.tag(tag, digest)
+            return stored
+        outcome = self.cache.begin(key)
+        try:
+            stored = await self._fetch_manifest_locked(reference, digest, tags)
+        except BaseException as exc:
+            shared = exc if isinstance(exc, RegistryError | UpstreamError) else None
+            self.cache.end(
+                key,
+                outcome,
+                shared
+                or UpstreamError(self.client.name, "unavailable", "the fetch was interrupted"),
+            )
+            raise
+        self.cache.end(key, outcome, None)
+        return stored
+
+    async def _fetch_manifest_locked(
+        self, reference: str, digest: Digest, tags: list[str]
+    ) -> StoredManifest:
+        """Fetch under the lock, or wait for the process that holds it."""
+        while True:
+            async with self.cache.fetch_locks.try_hold(digest) as taken:
+                try:
+                    stored = await self.local.manifests.get(digest)
+                except RegistryError as exc:
+                    if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
+                        raise
+                    if taken:
+                        return await self._fetch_manifest_now(reference, digest, tags)
+                else:
+                    for tag in tags:
+                        await self.local.tags.tag(tag, digest)
+                    return stored
+            await asyncio.sleep(WAIT_POLL)  # another request is fetching it: wait for it
+
+    async def _fetch_manifest_now(
+        self, reference: str, digest: Digest, tags: list[str]
+    ) -> StoredManifest:
+        """Fetch by digest, verify, store."""
         body, content_type = await self._get_manifest_body(str(digest))
         if body is None:
             raise manifest_unknown(reference)
@@ -318,21 +401,24 @@ class ProxiedRepository:
                     raise RegistryError(ErrorCode.NAME_UNKNOWN, detail={"name": self.remote})
                 if response.status != 200:
                     raise UpstreamError(self.client.name, "invalid", f"{response.status}")
-                body = await response.json(content_type=None)
+                raw = await self.client.read_body(response, MAX_TAG_LIST_BYTES)
                 more = "next" in response.headers.get("Link", "")
             finally:
                 response.release()
-            tags = body.get("tags") or []
+            if raw is None:
+                raise UpstreamError(self.client.name, "invalid", "sent an oversized tag list")
+            try:
+                tags = json.loads(raw).get("tags") or []
+            except (ValueError, AttributeError):
+                tags = None
             if not isinstance(tags, list):
                 raise UpstreamError(self.client.name, "invalid", "sent a malformed tag list")
             return Page([t for t in tags if _is_tag(t)], more), False
-        except (UpstreamError, ValueError, OSError, TimeoutError) as exc:
+        except UpstreamError as exc:
             cached = await self.local.tags.all()
             if not cached and not await self.local.exists():
                 log.warning("%s; %s is not cached", exc, self.route.local_name)
-                if isinstance(exc, UpstreamError):
-                    raise upstream_failed(exc, "this repository") from None
-                raise
+                raise upstream_failed(exc, "this repository") from None
             log.warning("%s; serving the cached tags of %s", exc, self.route.local_name)
             return paginate(cached, n, last), True
 
@@ -354,14 +440,14 @@ class ProxiedRepository:
         try:
             if response.status != 200:
                 return None
-            raw = await response.content.read(MAX_MANIFEST_BYTES + 1)
+            raw = await self.client.read_body(response, MAX_MANIFEST_BYTES)
             filtered = "artifactType" in response.headers.get("OCI-Filters-Applied", "")
-        except (OSError, TimeoutError):
+        except UpstreamError:
             return None
         finally:
             response.release()
         try:
-            manifests = json.loads(raw).get("manifests") if len(raw) <= MAX_MANIFEST_BYTES else None
+            manifests = json.loads(raw).get("manifests") if raw is not None else None
         except (ValueError, AttributeError):
             manifests = None
         if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
@@ -396,8 +482,36 @@ class ProxiedRepository:
         return response.content_length
 
     async def fetch(self, digest: Digest) -> BlobFetch | BlobInfo:
-        """Start fetching the blob, or (if another process fetched it meanwhile) the cached
-        blob. BLOB_UNKNOWN if the upstream does not have it."""
+        """Start fetching the blob, or (if another request fetched it meanwhile) the cached
+        blob. BLOB_UNKNOWN if the upstream does not have it. A fetch already under way in
+        this process is waited for, and its failure is this request's."""
+        key = ("blob", self.route.local_name, digest)
+        while True:
+            info = await self.cached_blob(digest)
+            if info is not None:
+                return info
+            if not await self.cache.join(key):
+                break
+        outcome = self.cache.begin(key)
+        try:
+            fetched = await self._fetch_locked(digest)
+        except BaseException as exc:
+            error = exc if isinstance(exc, RegistryError) else _interrupted(digest)
+            self.cache.end(key, outcome, error)
+            raise
+        if isinstance(fetched, BlobInfo):
+            self.cache.end(key, outcome, None)
+        else:
+
+            def finished(done: asyncio.Future[None]) -> None:
+                error = _interrupted(digest) if done.cancelled() else done.exception()
+                self.cache.end(key, outcome, error if isinstance(error, Exception) else None)
+
+            fetched.done.add_done_callback(finished)
+        return fetched
+
+    async def _fetch_locked(self, digest: Digest) -> BlobFetch | BlobInfo:
+        """Take the lock and start the fetch, or wait for the process that holds it."""
         while True:
             info = await self.cached_blob(digest)
             if info is not None:
@@ -425,9 +539,10 @@ class BlobFetch:
 
     A task reads the upstream and writes a private file; the first client reads along through a
     bounded queue (its pace holds the fetch back, so memory stays bounded). If the client goes
-    away the fetch carries on without it. The last chunk reaches the client only after the
-    digest is verified; then the file is published under ``blobs/`` (never replacing a blob)
-    and linked in the repository."""
+    away, or takes nothing for the upstream's ``timeout`` (its response is then cut short), the
+    fetch carries on without it: a stalled client must not hold the blob back from the others.
+    The last chunk reaches the client only after the digest is verified; then the file is
+    published under ``blobs/`` (never replacing a blob) and linked in the repository."""
 
     _END = b""
 
@@ -483,9 +598,29 @@ class BlobFetch:
         while not self._queue.empty():
             self._queue.get_nowait()
 
-    async def _give(self, item: bytes | BaseException) -> None:
+    async def _give(self, item: bytes) -> None:
+        if not self._listening:
+            return
+        try:
+            async with asyncio.timeout(self.repo.upstream.timeout or None):
+                await self._queue.put(item)
+        except TimeoutError:
+            log.warning(
+                "fetching %s for %s: the client took nothing for %g s; going on without it",
+                self.digest,
+                self.repo.route.local_name,
+                self.repo.upstream.timeout,
+            )
+            self._tell(RegistryError(ErrorCode.UNAVAILABLE, "the client stopped reading the blob"))
+
+    def _tell(self, error: RegistryError) -> None:
+        """Make ``error`` the next thing the client takes (what is queued before it is of no
+        use now), and feed it nothing more."""
         if self._listening:
-            await self._queue.put(item)
+            self._listening = False
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queue.put_nowait(error)
 
     async def _fill(self) -> None:
         repo, digest = self.repo, self.digest
@@ -536,12 +671,7 @@ class BlobFetch:
             with contextlib.suppress(Exception):
                 await asyncio.shield(storage.delete_if_present(incoming))
             log.warning("fetching %s for %s failed: %s", digest, repo.route.local_name, error)
-            if self._listening:
-                # Room for the error even if the client is behind: it must hear of it, and
-                # the bytes it has not read yet are of no use to it now.
-                while not self._queue.empty():
-                    self._queue.get_nowait()
-                self._queue.put_nowait(error)
+            self._tell(error)  # even if the queue is full: a slow client must hear of it
             if not self.done.done():
                 self.done.set_exception(error)
                 self.done.exception()  # retrieved: nobody may be waiting
@@ -576,6 +706,14 @@ def _descriptor(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw.get("size"), int) or not isinstance(raw.get("mediaType"), str):
         return {}
     return {k: raw[k] for k in _DESCRIPTOR_FIELDS if k in raw}
+
+
+def _interrupted(digest: Digest) -> RegistryError:
+    return RegistryError(
+        ErrorCode.UNAVAILABLE,
+        "fetching the blob from the upstream was interrupted",
+        {"digest": str(digest)},
+    )
 
 
 def _bad_blob(digest: Digest, reason: str) -> RegistryError:

@@ -144,6 +144,20 @@ class UpstreamClient:
         self.last_error = ""
         return response
 
+    async def read_body(self, response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+        """All of a response's body, or None if it is longer than ``limit`` bytes. (One
+        ``content.read(n)`` returns what has arrived so far: a body that comes in several
+        pieces would be taken for its first.) UpstreamError if it breaks off or stalls."""
+        body = bytearray()
+        try:
+            while chunk := await response.content.read(limit + 1 - len(body)):
+                body += chunk
+                if len(body) > limit:
+                    return None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise self._fail("unavailable", f"{type(exc).__name__}: {exc}") from None
+        return bytes(body)
+
     async def _send(self, method: str, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """One request, following redirects here: blob downloads are often redirected to
         storage on another host, which must not receive the upstream's credentials."""
