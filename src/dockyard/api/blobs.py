@@ -137,7 +137,10 @@ async def _from_upstream(
         size = await proxied.remote_blob_size(digest)
         if size is None:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, detail={"digest": str(digest)})
-        return web.Response(status=200, headers=blob_headers(digest, size))
+        headers = blob_headers(digest, max(size, 0))
+        if size < 0:
+            del headers["Content-Length"]  # the upstream did not say either
+        return web.Response(status=200, headers=headers)
     fetched = await proxied.fetch(digest)
     if isinstance(fetched, BlobInfo):  # another process cached it meanwhile
         return await _serve(request, proxied.local, digest, fetched)

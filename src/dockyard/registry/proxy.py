@@ -471,7 +471,8 @@ class ProxiedRepository:
         return await self.local.blobs.stat(digest)
 
     async def remote_blob_size(self, digest: Digest) -> int | None:
-        """Size of the upstream's blob (HEAD); None if it has none in this repository."""
+        """Size of the upstream's blob (HEAD), -1 if it did not say; None if it has none in
+        this repository."""
         try:
             response = await self.client.request("HEAD", self.remote, f"blobs/{digest}")
         except UpstreamError as exc:
@@ -479,7 +480,7 @@ class ProxiedRepository:
         response.release()
         if response.status != 200:
             return None
-        return response.content_length
+        return -1 if response.content_length is None else response.content_length
 
     async def fetch(self, digest: Digest) -> BlobFetch | BlobInfo:
         """Start fetching the blob, or (if another request fetched it meanwhile) the cached
