@@ -540,7 +540,7 @@ class BlobFetch:
 
     A task reads the upstream and writes a private file; the first client reads along through a
     bounded queue (its pace holds the fetch back, so memory stays bounded). If the client goes
-    away, or takes nothing for the upstream's ``timeout`` (its response is then cut short), the
+    away, or takes nothing for half the upstream's ``timeout`` (its response is then cut short), the
     fetch carries on without it: a stalled client must not hold the blob back from the others.
     The last chunk reaches the client only after the digest is verified; then the file is
     published under ``blobs/`` (never replacing a blob) and linked in the repository."""
@@ -602,15 +602,18 @@ class BlobFetch:
     async def _give(self, item: bytes) -> None:
         if not self._listening:
             return
+        # Half the upstream's read timeout: while the client holds the fetch back, nothing is
+        # read from the upstream, which must not time out because of it.
+        patience = self.repo.upstream.timeout / 2
         try:
-            async with asyncio.timeout(self.repo.upstream.timeout or None):
+            async with asyncio.timeout(patience or None):
                 await self._queue.put(item)
         except TimeoutError:
             log.warning(
                 "fetching %s for %s: the client took nothing for %g s; going on without it",
                 self.digest,
                 self.repo.route.local_name,
-                self.repo.upstream.timeout,
+                patience,
             )
             self._tell(RegistryError(ErrorCode.UNAVAILABLE, "the client stopped reading the blob"))
 
