@@ -40,7 +40,6 @@ from dockyard.proxyconfig import ProxyConfig
 from dockyard.registry import layout
 from dockyard.registry.blobs import BlobInfo, blob_unknown
 from dockyard.registry.manifests import StoredManifest
-from dockyard.registry.pump import pump
 from dockyard.registry.repository import Page, Registry, Repository, paginate
 from dockyard.registry.tags import manifest_unknown
 from dockyard.storage.driver import Locks, PathNotFound
@@ -635,23 +634,39 @@ class BlobFetch:
         writer = None
         held: bytes | None = None
 
-        async def relay() -> AsyncIterator[bytes]:
-            """The upstream's bytes, to the cache file (via ``pump``) and to the client, one
-            chunk behind: the last one waits for the digest."""
-            nonlocal held, received
-            async for chunk in self._response.content.iter_any():
-                received += len(chunk)
-                if self.size is not None and received > self.size:
-                    raise _bad_blob(digest, "sent more bytes than it announced")
-                if held is not None:
-                    await self._give(held)
-                held = chunk
-                yield chunk
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[Any] | None = None
+
+        async def absorb(chunk: bytes) -> None:
+            """Write and hash one chunk at once, on worker threads (hashlib lets go of the
+            GIL): the upstream's chunks are large enough to need no gathering (registry.pump
+            gathers a request body's small ones)."""
+            assert writer is not None
+            await asyncio.gather(
+                writer.write(chunk), loop.run_in_executor(None, hasher.update, chunk)
+            )
 
         try:
             writer = await storage.writer(incoming)
-            # Hashing and writing overlap with reading, on worker threads (registry.pump).
-            await pump(relay(), writer, hasher)
+            # One chunk is written and hashed while the next is read and the previous one
+            # goes to the client: the last one only when the digest is verified.
+            try:
+                async for chunk in self._response.content.iter_any():
+                    received += len(chunk)
+                    if self.size is not None and received > self.size:
+                        raise _bad_blob(digest, "sent more bytes than it announced")
+                    if held is not None:
+                        await self._give(held)
+                    held = chunk
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(absorb(chunk))
+                if pending is not None:
+                    await pending
+            finally:
+                if pending is not None and not pending.done():
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(pending)
             if self.size is not None and received != self.size:
                 raise _bad_blob(digest, f"sent {received} of {self.size} bytes")
             if hasher.hexdigest() != digest.hex:
