@@ -25,6 +25,7 @@ wait, how often pull events are written). Nothing here imports aiohttp.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -37,6 +38,8 @@ from dockyard.config_base import Duration, Section
 INSTANCE_ID = str(uuid.uuid4())
 
 ACTIONS = ("push", "pull", "mount", "delete")
+
+log = logging.getLogger("dockyard.config")
 
 
 class IgnoreConfig(Section):
@@ -147,6 +150,16 @@ class NotificationsConfig(Section):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"endpoint name {name!r} is used twice")
+        # config._warn_unknown does not walk into lists
+        for i, endpoint in enumerate(v):
+            for model, prefix in ((endpoint, ""), (endpoint.ignore, "ignore.")):
+                for key in model.model_extra or {}:
+                    log.warning(
+                        "ignoring unknown configuration key notifications.endpoints.%d.%s%s",
+                        i,
+                        prefix,
+                        key,
+                    )
         return v
 
     @property

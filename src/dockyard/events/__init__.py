@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from typing import Any
 
@@ -23,23 +22,13 @@ from dockyard.auth.middleware import identity_of
 from dockyard.config import Config
 from dockyard.events import envelope
 from dockyard.events.delivery import Deliverer
-from dockyard.events.outbox import Outbox
+from dockyard.events.outbox import Outbox, outbox_directory
 from dockyard.http.request import client_address, url_for
 from dockyard.notificationsconfig import INSTANCE_ID
 
 log = logging.getLogger("dockyard.events")
 
 _REQUEST = web.RequestKey("event_request", dict)
-
-
-def outbox_directory(config: Config) -> str:
-    """``notifications.outbox.directory``, else ``<rootdirectory>/dockyard/events`` with
-    filesystem storage, else ``/var/lib/dockyard/events``."""
-    if config.notifications.outbox.directory:
-        return config.notifications.outbox.directory
-    if config.storage.filesystem is not None:
-        return os.path.join(config.storage.filesystem.rootdirectory, "dockyard", "events")
-    return "/var/lib/dockyard/events"
 
 
 class Events:

@@ -80,6 +80,8 @@ class EndpointLoop:
         while True:
             replay = self.outbox.take_replay(self.endpoint.name)
             if replay is not None:
+                # never past what is not delivered yet
+                replay = min(replay, self.state.offset)
                 log.info("replaying events to %s from offset %d", self.endpoint.name, replay)
                 self.state.offset = replay
                 self._save()

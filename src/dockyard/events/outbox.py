@@ -25,7 +25,10 @@ import ctypes.util
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dockyard.config import Config
 
 OUTBOX = "outbox.jsonl"
 LOCK = "delivery.lock"
@@ -33,6 +36,16 @@ RECLAIMED = "reclaimed"
 ENDPOINTS = "endpoints"
 
 _READ_CHUNK = 256 * 1024
+
+
+def outbox_directory(config: Config) -> str:
+    """``notifications.outbox.directory``, else ``<rootdirectory>/dockyard/events`` with
+    filesystem storage, else ``/var/lib/dockyard/events``."""
+    if config.notifications.outbox.directory:
+        return config.notifications.outbox.directory
+    if config.storage.filesystem is not None:
+        return os.path.join(config.storage.filesystem.rootdirectory, "dockyard", "events")
+    return "/var/lib/dockyard/events"
 
 
 @dataclass
