@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from harness.client import sha256
@@ -201,3 +202,62 @@ def test_custom_headers_and_disabled_endpoint(start_server: Any) -> None:
     finally:
         receiver.stop()
         off.stop()
+
+
+def _events_cli(server: Any, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from dockyard.cli import main
+
+    result = CliRunner().invoke(main, ["events", str(server.config_path), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else result.output
+
+
+def test_cli_status_and_replay_keeps_ids(start_server: Any) -> None:
+    receiver = Receiver().start()
+    try:
+        server = start_server(notifications=notifications(receiver))
+        server.push_blob("r", b"1" * 10)
+        server.push_blob("r", b"2" * 10)
+        first = receiver.wait_for(2, settle=0.3)
+        status = _events_cli(server, "--json")["endpoints"][0]
+        assert (status["endpoint"], status["delivered"], status["backlog"]) == ("test", 2, 0)
+        assert "test" in _events_cli(server)  # the table
+        assert _events_cli(server, "--replay-from", "1h", "--json")["events"] == 2
+        again = receiver.wait_for(4, settle=0.3)[2:]
+        assert [e["id"] for e in again] == [e["id"] for e in first]
+        future = _events_cli(server, "--replay-from", "2099-01-01T00:00:00Z", "--json")
+        assert future["events"] == 0
+    finally:
+        receiver.stop()
+
+
+def test_backlog_bound_drops_the_oldest(start_server: Any) -> None:
+    receiver = Receiver()  # down
+    config = notifications(receiver)
+    config["outbox"]["maxbytes"] = 8192
+    server = start_server(notifications=config)
+    for i in range(40):
+        body = json.dumps({"schemaVersion": 2, "manifests": [], "annotations": {"n": str(i)}})
+        r = server.push_manifest(
+            "bound", f"t{i}", body.encode(), "application/vnd.oci.image.index.v1+json"
+        )
+        assert r.status_code == 201
+    deadline = time.monotonic() + 10
+    while True:  # the delivery loop applies the bound after each failed attempt
+        status = _events_cli(server, "--json")["endpoints"][0]
+        if status["dropped"] and status["backlog_bytes"] <= 8192:
+            break
+        assert time.monotonic() < deadline, f"the bound is not applied: {status}"
+        time.sleep(0.1)
+    assert status["failures"] > 0 and status["last_error"]
+    receiver.start()
+    try:
+        events = receiver.wait_for(40 - status["dropped"], settle=0.5)
+        tags = [e["target"]["tag"] for e in events]
+        # the newest, in order, with no gap; the oldest are gone
+        assert tags == [f"t{i}" for i in range(40 - len(tags), 40)]
+        assert 5 < len(tags) < 40
+    finally:
+        receiver.stop()
