@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from dockyard.auth.middleware import identity_of
-from dockyard.config import Config
+from dockyard.config import Config, ConfigError
 from dockyard.events import envelope
 from dockyard.events.delivery import Deliverer
 from dockyard.events.outbox import Outbox, outbox_directory
@@ -50,7 +50,13 @@ class Events:
         return cls(config) if config.notifications.active else None
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.outbox.open)
+        try:
+            await asyncio.to_thread(self.outbox.open)
+        except OSError as exc:
+            raise ConfigError(
+                "notifications.outbox.directory",
+                f"cannot write the outbox in {self.outbox.directory}: {exc}",
+            ) from None
         self._tasks = [
             asyncio.create_task(self._flush_pulls()),
             asyncio.create_task(Deliverer(self.config, self.outbox).run()),

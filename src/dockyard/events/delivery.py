@@ -104,6 +104,16 @@ class EndpointLoop:
     def _bound(self) -> bool:
         """Drop the oldest events past the bound; True if any were dropped."""
         size = self.outbox.size()
+        if self.state.offset > size:  # the outbox was removed or replaced
+            log.warning(
+                "notification endpoint %s: the outbox is shorter than the delivered offset "
+                "(%d > %d): delivering from its start",
+                self.endpoint.name,
+                self.state.offset,
+                size,
+            )
+            self.state.offset = self.outbox.reclaimed() if self.outbox.reclaimed() <= size else 0
+            self._save()
         if size - self.state.offset <= self.maxbytes:
             return False
         start = self.outbox.line_start_after(size - self.maxbytes)
@@ -182,6 +192,16 @@ class EndpointLoop:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+async def _forever(loop: EndpointLoop) -> None:
+    """An endpoint's loop, started again after anything unexpected (a disk error)."""
+    while True:
+        try:
+            await loop.run()
+        except Exception:
+            log.exception("notification endpoint %s: delivery loop failed", loop.endpoint.name)
+            await asyncio.sleep(1.0)
+
+
 class Deliverer:
     """Takes the outbox's lock when it can (one process per instance), then runs a loop per
     enabled endpoint."""
@@ -214,7 +234,7 @@ class Deliverer:
                 )
                 for e in self.config.active
             ]
-            tasks = [asyncio.create_task(loop.run()) for loop in loops]
+            tasks = [asyncio.create_task(_forever(loop)) for loop in loops]
             try:
                 while True:
                     await asyncio.sleep(_RECLAIM_EVERY)
