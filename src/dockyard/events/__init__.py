@@ -47,7 +47,15 @@ class Events:
 
     @classmethod
     def for_config(cls, config: Config) -> Events | None:
-        return cls(config) if config.notifications.active else None
+        if not config.notifications.active:
+            return None
+        if config.storage.filesystem is None and not config.notifications.outbox.directory:
+            log.warning(
+                "notifications.outbox.directory is not set: events wait in %s, which must be "
+                "a local disk that survives restarts",
+                outbox_directory(config),
+            )
+        return cls(config)
 
     async def start(self) -> None:
         try:
