@@ -14,6 +14,7 @@ from dockyard.api.middleware import (
 from dockyard.auth.setup import build_auth
 from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
+from dockyard.events import EVENTS_KEY, Events
 from dockyard.heartbeat import Heartbeat
 from dockyard.http.request import CONFIG_KEY, client_address_middleware
 from dockyard.http.responses import add_common_headers
@@ -55,6 +56,9 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
         app[PROXY_KEY] = cache
     app[health.HEALTH_KEY] = health.HealthCheck(registry)
     app[CONFIG_KEY] = config
+    events = Events.for_config(config)
+    if events is not None:
+        app[EVENTS_KEY] = events
     prefix = config.http.prefix
     # Order matters only where patterns could overlap; the most specific come first.
     for module in (version, catalog, tags, manifests, referrers, uploads, blobs, health):
@@ -69,9 +73,13 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
 
     async def record_presence(_: web.Application) -> None:
         await heartbeat.start()  # before the worker listens (registry.presence)
+        if events is not None:
+            await events.start()
 
     async def close_registry(_: web.Application) -> None:
         await heartbeat.stop()  # the last request has finished: the record can go
+        if events is not None:
+            await events.close()
         if auth is not None and auth.throttle is not None:
             await auth.throttle.close()
         if cache is not None:

@@ -32,6 +32,7 @@ from pydantic import (
 
 from dockyard.config_base import Duration, Section, parse_duration
 from dockyard.errors import ConfigError
+from dockyard.notificationsconfig import NotificationsConfig
 from dockyard.proxyconfig import ProxyConfig, check_proxy
 
 __all__ = ["Config", "ConfigError", "Duration", "Section", "load_config", "parse_duration"]
@@ -463,7 +464,7 @@ class Config(Section):
     storage: StorageConfig
     auth: AuthConfig = Field(default_factory=AuthConfig)
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
-    notifications: dict[str, Any] = Field(default_factory=dict)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     health: dict[str, Any] = Field(default_factory=dict)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
@@ -703,7 +704,7 @@ def _reject_unsupported(config: Config) -> None:
     check_proxy(config.proxy)
     if config.storage.cache.blobdescriptor == "redis" and not config.redis.addr:
         raise ConfigError("redis.addr", "required with storage.cache.blobdescriptor: redis")
-    for key in ("notifications", "health", "middleware", "reporting"):
+    for key in ("health", "middleware", "reporting"):
         if getattr(config, key):
             log.warning("configuration key %s is accepted but has no effect yet", key)
 

@@ -73,11 +73,13 @@ class Registry2(Loopback):
         s3: dict[str, Any] | None = None,
         port: int | None = None,
         auth: dict[str, Any] | None = None,
+        notifications: dict[str, Any] | None = None,
     ) -> Self:
         """registry:2 on the directory ``root`` or with ``s3`` as its ``storage.s3`` section
         (deletes enabled), started in ``work``; returns once ``/v2/`` answers (200, or 401 with
         ``auth``, its ``auth`` section: ``{"htpasswd": {"realm": ..., "path": ...}}``, whose
-        file must hold bcrypt hashes, e.g. made by ``htpasswd -Bbn``)."""
+        file must hold bcrypt hashes, e.g. made by ``htpasswd -Bbn``);
+        ``notifications``: its ``notifications`` section."""
         assert REGISTRY2 is not None, "docker-registry (registry:2) is not installed"
         assert (root is None) != (s3 is None), "a directory or a bucket"
         port = port or free_port()
@@ -94,6 +96,8 @@ class Registry2(Loopback):
         }
         if auth is not None:
             config["auth"] = auth
+        if notifications is not None:
+            config["notifications"] = notifications
         # registry:2's S3 driver fails on AWS_CA_BUNDLE (see ../shared/guide/s3.md).
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
         fields: dict[str, Any] = {"root": root, "bucket": s3["bucket"] if s3 else None}

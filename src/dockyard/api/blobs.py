@@ -16,6 +16,7 @@ from dockyard.api.base import (
 from dockyard.api.sendfile import SendfileResponse
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.events import blob_event, delete_event
 from dockyard.oci.digest import Digest
 from dockyard.registry.blobs import BlobInfo, LocalRange, StreamedRange
 from dockyard.registry.proxy import ProxiedRepository
@@ -86,15 +87,24 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
 
 @requires(Need.PULL)
 async def get_blob(request: web.Request) -> web.StreamResponse:
+    """Served (GET, HEAD, a redirect): a pull event, as registry:2 sends."""
+    response, size = await _get_blob(request)
+    await blob_event(request, "pull", request.match_info["name"], digest_param(request), size)
+    return response
+
+
+async def _get_blob(request: web.Request) -> tuple[web.StreamResponse, int]:
     digest = digest_param(request)
     proxied = proxied_of(request)
     if proxied is not None:
         info = await proxied.cached_blob(digest)
         if info is None:
-            return await _from_upstream(request, proxied, digest)
-        return await _serve(request, proxied.local, digest, info)
+            response = await _from_upstream(request, proxied, digest)
+            return response, response.content_length or 0
+        return await _serve(request, proxied.local, digest, info), info.size
     repo = repository_of(request)
-    return await _serve(request, repo, digest, await repo.blobs.stat(digest))
+    info = await repo.blobs.stat(digest)
+    return await _serve(request, repo, digest, info), info.size
 
 
 async def _serve(
@@ -191,6 +201,7 @@ async def delete_blob(request: web.Request) -> web.Response:
     require_delete(request)
     digest = digest_param(request)
     await repo.blobs.unlink(digest)
+    await delete_event(request, repo.name, digest)
     return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})
 
 

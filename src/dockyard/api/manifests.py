@@ -14,6 +14,7 @@ from dockyard.api.base import (
 )
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.events import delete_event, manifest_event
 from dockyard.http.request import url_for
 from dockyard.oci.digest import Digest, is_digest
 from dockyard.oci.manifest import MAX_MANIFEST_BYTES
@@ -63,6 +64,16 @@ async def get_manifest(request: web.Request) -> web.Response:
     }
     if _not_modified(request, stored.digest):
         return web.Response(status=304, headers=headers)
+    reference = request.match_info["reference"]
+    await manifest_event(
+        request,
+        "pull",
+        request.match_info["name"],
+        stored.digest,
+        stored.media_type,
+        stored.body,
+        None if is_digest(reference) else reference,
+    )
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(stored.body))
         return web.Response(status=200, headers=headers)
@@ -118,6 +129,9 @@ async def put_manifest(request: web.Request) -> web.Response:
     if digest is not None:
         for tag in tags:
             response.headers.add("OCI-Tag", tag)
+    media_type = pushed.manifest.media_type
+    for tag in tags or [None]:
+        await manifest_event(request, "push", repo.name, pushed.digest, media_type, body, tag)
     return response
 
 
@@ -128,9 +142,13 @@ async def delete_manifest(request: web.Request) -> web.Response:
     require_delete(request)
     reference = request.match_info["reference"]
     if is_digest(reference):
-        await repo.manifests.delete(Digest.parse(reference))
+        digest = Digest.parse(reference)
+        tags = await repo.manifests.delete(digest)
+        await delete_event(request, repo.name, digest, tags)
     else:
-        await repo.tags.untag(validate_tag(reference))
+        tag = validate_tag(reference)
+        await repo.tags.untag(tag)
+        await delete_event(request, repo.name, tags=[tag])
     return web.Response(status=202)
 
 

@@ -17,6 +17,7 @@ from dockyard.api.base import body_stream, content_length, writable_repository_o
 from dockyard.auth.access import Need, requires
 from dockyard.auth.middleware import identity_of
 from dockyard.errors import ErrorCode, RegistryError
+from dockyard.events import blob_event
 from dockyard.http.request import url_for
 from dockyard.oci.digest import CANONICAL_ALGORITHM, Digest
 from dockyard.oci.names import validate_name
@@ -87,6 +88,7 @@ async def _try_mount(request: web.Request, repo: Repository) -> web.Response | N
     info = await repo.uploads.mount(repo.registry.repository(source).blobs, digest)
     if info is None:
         return None
+    await blob_event(request, "mount", repo.name, digest, info.size, source)
     return blob_created(request, repo, digest)
 
 
@@ -106,11 +108,12 @@ async def start_upload(request: web.Request) -> web.Response:
             await repo.uploads.append(
                 session, body_stream(request), content_length=content_length(request)
             )
-            await repo.uploads.commit(session, digest)
+            info = await repo.uploads.commit(session, digest)
         except BaseException:
             with contextlib.suppress(RegistryError):
                 await asyncio.shield(repo.uploads.cancel(session))
             raise
+        await blob_event(request, "push", repo.name, digest, info.size)
         return blob_created(request, repo, digest)
     session = await repo.uploads.start(algorithm)
     return web.Response(status=202, headers=upload_headers(request, repo, session, 0))
@@ -155,7 +158,8 @@ async def finish_upload(request: web.Request) -> web.Response:
     async with repo.uploads.hold(session):
         if request.can_read_body:
             await _append(request, repo, session)
-        await repo.uploads.commit(session, digest)
+        info = await repo.uploads.commit(session, digest)
+    await blob_event(request, "push", repo.name, digest, info.size)
     return blob_created(request, repo, digest)
 
 

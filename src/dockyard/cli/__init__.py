@@ -55,7 +55,7 @@ def serve(config_path: str | None, workers: int) -> None:
 
 
 # The subcommands register themselves on ``main``.
-from dockyard.cli import maintenance, proxy, users  # noqa: E402,F401
+from dockyard.cli import events, maintenance, proxy, users  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

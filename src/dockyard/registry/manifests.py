@@ -179,9 +179,10 @@ class ManifestStore:
                 {"digests": missing},
             )
 
-    async def delete(self, digest: Digest) -> None:
+    async def delete(self, digest: Digest) -> list[str]:
         """Remove the manifest from the repository, with the tags that point to it and its
-        referrers-index entry. The bytes stay in ``blobs/`` until garbage collection."""
+        referrers-index entry; returns those tags. The bytes stay in ``blobs/`` until garbage
+        collection."""
         link = await read_link(self.storage, layout.revision_link(self.name, digest))
         if link != digest:
             raise manifest_unknown(str(digest))
@@ -191,10 +192,12 @@ class ManifestStore:
             subject = stored.subject if stored else None
         except RegistryError:
             pass
-        for tag in await self.tags.pointing_to(digest):
+        tags = await self.tags.pointing_to(digest)
+        for tag in tags:
             await self.storage.delete_if_present(layout.tag_dir(self.name, tag))
         await self.storage.delete_if_present(
             layout.revision_link(self.name, digest).rsplit("/", 1)[0]
         )
         if subject is not None:
             await self.referrers.remove(subject.digest, digest)
+        return tags

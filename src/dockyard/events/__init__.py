@@ -1,0 +1,216 @@
+"""Notifications (webhooks): registry:2's events, kept in a durable outbox and delivered to
+every configured endpoint (``notifications`` in the configuration).
+
+A handler calls one function once its request has succeeded: :func:`manifest_event`,
+:func:`blob_event` or :func:`delete_event`. Push, mount and delete events are on disk before
+they return (so before the response is sent); pull events are written by a background task at
+most ``notifications.outbox.pullflush`` later (what a crash can lose). Delivery runs in one
+process of the instance (see :mod:`dockyard.events.delivery`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from dockyard.auth.middleware import identity_of
+from dockyard.config import Config, ConfigError
+from dockyard.events import envelope
+from dockyard.events.delivery import Deliverer
+from dockyard.events.outbox import Outbox, outbox_directory
+from dockyard.http.request import client_address, url_for
+from dockyard.notificationsconfig import INSTANCE_ID
+
+log = logging.getLogger("dockyard.events")
+
+_REQUEST = web.RequestKey("event_request", dict)
+
+
+class Events:
+    def __init__(self, config: Config) -> None:
+        self.config = config.notifications
+        self.outbox = Outbox(outbox_directory(config))
+        self.source = {"addr": envelope.source_addr(config.http.addr), "instanceID": INSTANCE_ID}
+        self.actions = {
+            action
+            for action in ("push", "pull", "mount", "delete")
+            if any(action not in e.ignore.actions for e in self.config.active)
+        }
+        self._pulls: list[dict[str, Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flushed = asyncio.Event()
+
+    @classmethod
+    def for_config(cls, config: Config) -> Events | None:
+        if not config.notifications.active:
+            return None
+        if config.storage.filesystem is None and not config.notifications.outbox.directory:
+            log.warning(
+                "notifications.outbox.directory is not set: events wait in %s, which must be "
+                "a local disk that survives restarts",
+                outbox_directory(config),
+            )
+        return cls(config)
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.outbox.open)
+        except OSError as exc:
+            raise ConfigError(
+                "notifications.outbox.directory",
+                f"cannot write the outbox in {self.outbox.directory}: {exc}",
+            ) from None
+        self._tasks = [
+            asyncio.create_task(self._flush_pulls()),
+            asyncio.create_task(Deliverer(self.config, self.outbox).run()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._write_pulls()
+        self.outbox.close()
+
+    async def record(self, event: dict[str, Any]) -> None:
+        if event["action"] == "pull":
+            self._pulls.append(event)
+            if len(self._pulls) >= self.config.outbox.pullbatch:
+                self._flushed.set()
+            return
+        await asyncio.to_thread(self.outbox.append, [event], True)
+
+    async def _flush_pulls(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.outbox.pullflush):
+                    await self._flushed.wait()
+            self._flushed.clear()
+            await self._write_pulls()
+
+    async def _write_pulls(self) -> None:
+        pulls, self._pulls = self._pulls, []
+        if pulls:
+            try:
+                await asyncio.to_thread(self.outbox.append, pulls, True)
+            except OSError:
+                log.exception("notification outbox: %d pull events lost", len(pulls))
+
+
+EVENTS_KEY = web.AppKey("events", Events)
+
+
+def _events_for(request: web.Request, action: str) -> Events | None:
+    events = request.app.get(EVENTS_KEY)
+    if events is None or action not in events.actions:
+        return None
+    return events
+
+
+def _request_fields(request: web.Request) -> dict[str, Any]:
+    fields = request.get(_REQUEST)
+    if fields is None:
+        addr = client_address(request)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2 and peer[0] == request.remote:
+            addr = f"[{addr}]:{peer[1]}" if ":" in addr else f"{addr}:{peer[1]}"
+        fields = {
+            "id": str(uuid.uuid4()),
+            "addr": addr,
+            "host": request.host,
+            "method": request.method,
+            "useragent": request.headers.get("User-Agent", ""),
+        }
+        request[_REQUEST] = fields
+    return fields
+
+
+def _actor(request: web.Request) -> str | None:
+    return identity_of(request).user
+
+
+async def _record(request: web.Request, events: Events, action: str, target: dict) -> None:
+    await events.record(
+        envelope.event(action, target, _request_fields(request), _actor(request), events.source)
+    )
+
+
+def _url(request: web.Request, path: str) -> str:
+    return url_for(request, path)
+
+
+async def manifest_event(
+    request: web.Request,
+    action: str,
+    repository: str,
+    digest: object,
+    media_type: str,
+    body: bytes,
+    tag: str | None = None,
+) -> None:
+    """A manifest pushed (``push``) or served (``pull``, GET and HEAD)."""
+    events = _events_for(request, action)
+    if events is None:
+        return
+    references = None
+    if events.config.events.includereferences:
+        references = envelope.references_of(body)
+    target = envelope.target(
+        media_type=media_type,
+        size=len(body),
+        digest=str(digest),
+        repository=repository,
+        url=_url(request, f"/v2/{repository}/manifests/{digest}"),
+        tag=tag,
+        references=references,
+    )
+    await _record(request, events, action, target)
+
+
+async def blob_event(
+    request: web.Request,
+    action: str,
+    repository: str,
+    digest: object,
+    size: int,
+    from_repository: str | None = None,
+) -> None:
+    """A blob committed (``push``), mounted (``mount``) or served (``pull``, GET and HEAD)."""
+    events = _events_for(request, action)
+    if events is None:
+        return
+    target = envelope.target(
+        media_type=envelope.BLOB_MEDIA_TYPE,
+        size=size,
+        digest=str(digest),
+        repository=repository,
+        from_repository=from_repository,
+        url=_url(request, f"/v2/{repository}/blobs/{digest}"),
+    )
+    await _record(request, events, action, target)
+
+
+async def delete_event(
+    request: web.Request,
+    repository: str,
+    digest: object | None = None,
+    tags: list[str] | tuple[str, ...] = (),
+) -> None:
+    """A manifest deleted by digest (``digest`` and the ``tags`` that pointed at it), a blob
+    deleted (``digest``), or a tag deleted (``tags``): one event each, as registry:2."""
+    events = _events_for(request, "delete")
+    if events is None:
+        return
+    targets = []
+    if digest is not None:
+        targets.append(envelope.target(digest=str(digest), repository=repository))
+    targets.extend(envelope.target(repository=repository, tag=t) for t in tags)
+    request_fields, actor = _request_fields(request), _actor(request)
+    built = [envelope.event("delete", t, request_fields, actor, events.source) for t in targets]
+    if built:
+        await asyncio.to_thread(events.outbox.append, built, True)
