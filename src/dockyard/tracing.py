@@ -23,10 +23,12 @@ aiohttp at module level.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from dockyard.errors import ConfigError
@@ -52,6 +54,7 @@ log = logging.getLogger("dockyard.tracing")
 _tracer: Any = None
 _provider: Any = None
 _get_current_span: Any = None
+_error_status: Any = None
 
 T = TypeVar("T")
 
@@ -141,7 +144,7 @@ def _exporters(environ: Mapping[str, str]) -> list[Any]:
 def enable(*processors: Any, set_global: bool = False) -> None:
     """Trace in this process, sending finished spans to ``processors`` (SpanProcessors; tests
     pass a SimpleSpanProcessor over an InMemorySpanExporter)."""
-    global _tracer, _provider, _get_current_span
+    global _tracer, _provider, _get_current_span, _error_status
     from opentelemetry import trace
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -158,6 +161,7 @@ def enable(*processors: Any, set_global: bool = False) -> None:
         trace.set_tracer_provider(provider)  # for instrumentations an operator adds
     _provider = provider
     _get_current_span = trace.get_current_span
+    _error_status = trace.Status(trace.StatusCode.ERROR)
     _tracer = provider.get_tracer("dockyard", __version__)
 
 
@@ -193,21 +197,49 @@ class _NoSpan:
 _NO_SPAN = _NoSpan()
 
 
-def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
+def span(
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    expected: tuple[type[BaseException], ...] = (),
+) -> Any:
     """``with tracing.span("auth"):`` a child span of the request's, when tracing is on and
-    there is a request; otherwise nothing."""
+    there is a request; otherwise nothing. See :func:`traced` for ``expected``."""
     tracer = _tracer
     if tracer is None or not _get_current_span().is_recording():
         return _NO_SPAN
-    return tracer.start_as_current_span(name, attributes=attributes)
+    return _child(tracer, name, attributes, expected)
+
+
+@contextmanager
+def _child(
+    tracer: Any,
+    name: str,
+    attributes: Mapping[str, Any] | None,
+    expected: tuple[type[BaseException], ...],
+) -> Iterator[Any]:
+    with tracer.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            current.set_attribute("error.type", type(exc).__qualname__)
+            if not isinstance(exc, (*expected, asyncio.CancelledError)):
+                current.record_exception(exc)
+                current.set_status(_error_status)
+            raise
 
 
 def traced(
-    name: str, attributes: Callable[..., Mapping[str, Any]] | None = None
+    name: str,
+    attributes: Callable[..., Mapping[str, Any]] | None = None,
+    expected: tuple[type[BaseException], ...] = (),
 ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
     """Decorate an async method so each call is a span ``name`` (a child of the current one;
     none outside a request or when tracing is off). ``attributes(self, *args)`` gives the
-    span's attributes, computed only when the span is made."""
+    span's attributes, computed only when the span is made. An exception is named in the
+    span (``error.type``); one of ``expected`` (a missing file, a registry error answered to
+    the client) does not make it an error span."""
 
     def decorate(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(method)
@@ -215,8 +247,11 @@ def traced(
             tracer = _tracer
             if tracer is None or not _get_current_span().is_recording():
                 return await method(self, *args, **kwargs)
-            with tracer.start_as_current_span(
-                name, attributes=attributes(self, *args) if attributes is not None else None
+            with _child(
+                tracer,
+                name,
+                attributes(self, *args) if attributes is not None else None,
+                expected,
             ):
                 return await method(self, *args, **kwargs)
 

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from dockyard import tracing
 
@@ -128,7 +128,13 @@ def test_authentication_is_a_span_of_its_own(
     server, trace = _request_spans(spans, "HEAD")
     auth = [span for span in trace if span.name == "auth"]
     assert len(auth) == 1 and auth[0].parent.span_id == server.context.span_id
-    assert any(span.name == "registry.tag.resolve" for span in trace)
+    # a missing tag is routine: named in its spans, not an error
+    resolve = next(span for span in trace if span.name == "registry.tag.resolve")
+    assert resolve.attributes["error.type"] == "RegistryError"
+    read = next(span for span in trace if span.name == "storage.read")
+    assert read.attributes["error.type"] == "PathNotFound"
+    assert all(span.status.status_code != StatusCode.ERROR for span in trace)
+    assert server.attributes["http.response.status_code"] == 404
 
 
 def test_no_trace_id_in_the_access_log_when_tracing_is_off(start_server: ServerFactory) -> None:

@@ -122,7 +122,7 @@ def auth_middleware(authenticator: Authenticator, prefix: str) -> web.Middleware
                 return await handler(request)  # the token endpoint, health checks
             need = Need.AUTHENTICATED
         name = request.match_info.get("name")
-        with tracing.span("auth"):
+        with tracing.span("auth", expected=(RegistryError,)):
             identity = await authenticator.identify(request, need, name)
         if not identity.allows(need, name):
             if identity.user is None:  # an anonymous token: ask for credentials

@@ -104,7 +104,7 @@ class ManifestStore:
         self.bodies.put(digest, body)
         return body
 
-    @traced("registry.manifest.get", in_repository)
+    @traced("registry.manifest.get", in_repository, expected=(RegistryError,))
     async def get(self, digest: Digest) -> StoredManifest:
         body = self.bodies.get(digest)
         if body is None:
@@ -115,7 +115,7 @@ class ManifestStore:
             raise manifest_unknown(str(digest))
         return StoredManifest(digest=digest, media_type=sniff_media_type(body), body=body)
 
-    @traced("registry.manifest.put", in_repository)
+    @traced("registry.manifest.put", in_repository, expected=(RegistryError,))
     async def put(
         self,
         body: bytes,
@@ -182,7 +182,7 @@ class ManifestStore:
                 {"digests": missing},
             )
 
-    @traced("registry.manifest.delete", in_repository)
+    @traced("registry.manifest.delete", in_repository, expected=(RegistryError,))
     async def delete(self, digest: Digest) -> None:
         """Remove the manifest from the repository, with the tags that point to it and its
         referrers-index entry. The bytes stay in ``blobs/`` until garbage collection."""

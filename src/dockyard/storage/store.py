@@ -47,7 +47,7 @@ def _path(store: Store, path: str, *_: object) -> dict[str, str]:
 
 
 def _traced(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return tracing.traced(f"storage.{name}", _path)
+    return tracing.traced(f"storage.{name}", _path, expected=(PathNotFound,))
 
 
 #: concurrent listings in a generic walk (one delimited listing per directory on object storage)
