@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from dockyard import tracing
 from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads, version
 from dockyard.api.base import PROXY_KEY, REGISTRY_KEY
 from dockyard.api.middleware import (
@@ -16,7 +17,7 @@ from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
 from dockyard.events import EVENTS_KEY, Events
 from dockyard.heartbeat import Heartbeat
-from dockyard.http.request import CONFIG_KEY, client_address_middleware
+from dockyard.http.request import CONFIG_KEY, TRACE_ID, client_address_middleware
 from dockyard.http.responses import add_common_headers
 from dockyard.lifecycle import InFlight
 from dockyard.registry.configured import open_store
@@ -33,8 +34,10 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     heartbeat = Heartbeat.for_config(config, registry.storage, registry.blobs.cache.kind)
     auth = build_auth(config, shared.login_failures if shared is not None else None)
     trusted = TrustedProxies(config.http.trustedproxies)
-    middlewares = [
-        client_address_middleware(trusted),
+    middlewares = [client_address_middleware(trusted)]
+    if tracing.configure():  # OTEL_* variables; nothing of OpenTelemetry is loaded otherwise
+        middlewares.append(tracing.middleware(TRACE_ID))
+    middlewares += [
         inflight.middleware,
         error_middleware,
         encoded_separator_middleware(config.http.prefix),
@@ -80,6 +83,7 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
         await heartbeat.stop()  # the last request has finished: the record can go
         if events is not None:
             await events.close()
+        tracing.flush()
         if auth is not None and auth.throttle is not None:
             await auth.throttle.close()
         if cache is not None:

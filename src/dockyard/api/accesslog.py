@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from dockyard.auth.middleware import IDENTITY
-from dockyard.http.request import client_address
+from dockyard.http.request import TRACE_ID, client_address
 from dockyard.logs import ACCESS_LOGGER
 
 __all__ = ["ACCESS_LOGGER", "AccessLogger"]
@@ -42,6 +42,9 @@ class AccessLogger(AbstractAccessLogger):
             "remote": client_address(request),
             "user_agent": request.headers.get("User-Agent", ""),
         }
+        trace_id = request.get(TRACE_ID)  # when tracing is on
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
         identity = request.get(IDENTITY)
         if identity is not None and identity.user:
             fields["user"] = identity.user

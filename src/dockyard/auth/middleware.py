@@ -21,6 +21,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from dockyard import tracing
 from dockyard.auth.access import (
     EVERYONE,
     Grants,
@@ -121,7 +122,8 @@ def auth_middleware(authenticator: Authenticator, prefix: str) -> web.Middleware
                 return await handler(request)  # the token endpoint, health checks
             need = Need.AUTHENTICATED
         name = request.match_info.get("name")
-        identity = await authenticator.identify(request, need, name)
+        with tracing.span("auth", expected=(RegistryError,)):
+            identity = await authenticator.identify(request, need, name)
         if not identity.allows(need, name):
             if identity.user is None:  # an anonymous token: ask for credentials
                 raise unauthorized(

@@ -1,4 +1,4 @@
-"""The ``dockyard`` command: ``serve``, ``user ...``, ``gc``, ``du``, ``fsck``."""
+"""The ``dockyard`` command: ``serve``, ``check-config``, ``user ...``, ``gc``, ``du``, ``fsck``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import click
 
 from dockyard import __version__
-from dockyard.config import Config, load_config
+from dockyard.config import Config, collected_warnings, load_config
 from dockyard.errors import ConfigError
 from dockyard.logs import configure
 
@@ -22,6 +22,13 @@ def load(config_path: str | None) -> Config:
     except ConfigError as exc:
         click.echo(f"dockyard: {exc}", err=True)
         sys.exit(2)
+
+
+def load_strict(config_path: str | None) -> tuple[Config, list[str]]:
+    """As :func:`load`, with the configuration's warnings returned instead of logged."""
+    with collected_warnings() as warnings:
+        config = load(config_path)
+    return config, warnings
 
 
 @click.group()
@@ -39,10 +46,22 @@ def main() -> None:
     show_default="number of CPUs",
     help="Worker processes serving the port.",
 )
-def serve(config_path: str | None, workers: int) -> None:
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse to start on any configuration warning (as check-config does).",
+)
+def serve(config_path: str | None, workers: int, strict: bool) -> None:
     """Serve the registry. CONFIG is a registry:2 config.yml; REGISTRY_* variables override it.
     Without one: filesystem storage in ./data on port 5000, no authentication."""
-    config = load(config_path)
+    if strict:
+        config, warnings = load_strict(config_path)
+        if warnings:
+            for warning in warnings:
+                click.echo(f"dockyard: configuration error (--strict): {warning}", err=True)
+            sys.exit(2)
+    else:
+        config = load(config_path)
     configure(config.log)
     from dockyard.server import serve as run
 
@@ -52,6 +71,21 @@ def serve(config_path: str | None, workers: int) -> None:
         click.echo(f"dockyard: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+@main.command("check-config")
+@click.argument("config_path", required=False, metavar="[CONFIG]")
+def check_config(config_path: str | None) -> None:
+    """Load CONFIG (and the REGISTRY_* variables) as serve would, and report every problem:
+    exit 2 on an error, 1 on any warning (unknown keys, keys Dockyard does not act on,
+    sections accepted without effect), 0 when the configuration is clean."""
+    _, warnings = load_strict(config_path)
+    for warning in warnings:
+        click.echo(f"warning: {warning}")
+    if warnings:
+        click.echo(f"dockyard: {len(warnings)} configuration warning(s)", err=True)
+        sys.exit(1)
+    click.echo("configuration OK")
 
 
 # The subcommands register themselves on ``main``.

@@ -17,6 +17,8 @@ CONFIG_KEY = web.AppKey("config", Config)
 
 #: where client_address_middleware leaves the caller's address on the request
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
+#: the request's trace id (32 hex digits), when tracing is on (see dockyard.tracing)
+TRACE_ID = web.RequestKey("trace_id", str)
 
 
 # -- the caller ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dockyard.registry import layout
 from dockyard.registry.cache import BlobDescriptorCache, NoCache
 from dockyard.storage.driver import PathNotFound, StorageError
 from dockyard.storage.store import LocalRange, Store, StreamedRange
+from dockyard.tracing import in_repository, traced
 
 #: A blob's bytes opened for a response: a local file to send with zero-copy sendfile, or a
 #: stream (see storage.store.Store.open_range).
@@ -175,6 +176,7 @@ class LinkedBlobs:
     async def is_linked(self, digest: Digest) -> bool:
         return await read_link(self.storage, layout.layer_link(self.name, digest)) == digest
 
+    @traced("registry.blob.stat", in_repository, expected=(RegistryError,))
     async def stat(self, digest: Digest) -> BlobInfo:
         """The blob if this repository may serve it. Manifests are blobs too: registry:2 only
         serves ``_layers`` links from the blob endpoint; Dockyard also serves a repository's
@@ -199,17 +201,20 @@ class LinkedBlobs:
             await cache.remember(self.name, digest, info.size)
         return info
 
+    @traced("registry.blob.open", in_repository, expected=(RegistryError,))
     async def open(self, digest: Digest, offset: int, length: int) -> BlobContent:
         """The blob's bytes for a response (see BlobStore.open); call :meth:`stat` first, which
         checks this repository may serve it."""
         return await self.store.open(digest, offset, length)
 
+    @traced("registry.blob.redirect", in_repository, expected=(RegistryError,))
     async def redirect_url(self, digest: Digest, method: str) -> str | None:
         return await self.store.redirect_url(digest, method)
 
     async def link(self, digest: Digest) -> None:
         await write_link(self.storage, layout.layer_link(self.name, digest), digest)
 
+    @traced("registry.blob.delete", in_repository, expected=(RegistryError,))
     async def unlink(self, digest: Digest) -> None:
         if not await self.is_linked(digest):
             raise blob_unknown(digest)

@@ -21,6 +21,7 @@ from dockyard.registry.blobs import (
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore, manifest_unknown
 from dockyard.storage.driver import PathNotFound
+from dockyard.tracing import in_repository, traced
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,7 @@ class ManifestStore:
         self.bodies.put(digest, body)
         return body
 
+    @traced("registry.manifest.get", in_repository, expected=(RegistryError,))
     async def get(self, digest: Digest) -> StoredManifest:
         body = self.bodies.get(digest)
         if body is None:
@@ -113,6 +115,7 @@ class ManifestStore:
             raise manifest_unknown(str(digest))
         return StoredManifest(digest=digest, media_type=sniff_media_type(body), body=body)
 
+    @traced("registry.manifest.put", in_repository, expected=(RegistryError,))
     async def put(
         self,
         body: bytes,
@@ -179,6 +182,7 @@ class ManifestStore:
                 {"digests": missing},
             )
 
+    @traced("registry.manifest.delete", in_repository, expected=(RegistryError,))
     async def delete(self, digest: Digest) -> list[str]:
         """Remove the manifest from the repository, with the tags that point to it and its
         referrers-index entry; returns those tags. The bytes stay in ``blobs/`` until garbage

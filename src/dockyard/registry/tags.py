@@ -12,6 +12,7 @@ from dockyard.registry import layout
 from dockyard.registry.blobs import read_link, write_link
 from dockyard.storage.driver import PathNotFound
 from dockyard.storage.store import Store
+from dockyard.tracing import in_repository, traced
 
 
 def manifest_unknown(reference: str) -> RegistryError:
@@ -23,21 +24,25 @@ class TagStore:
         self.name = name
         self.storage = storage
 
+    @traced("registry.tag.resolve", in_repository, expected=(RegistryError,))
     async def resolve(self, tag: str) -> Digest:
         digest = await read_link(self.storage, layout.tag_current_link(self.name, tag))
         if digest is None:
             raise manifest_unknown(tag)
         return digest
 
+    @traced("registry.tag.put", in_repository, expected=(RegistryError,))
     async def tag(self, tag: str, digest: Digest) -> None:
         # The index entry first: a reader that sees the new current link also finds it indexed.
         await write_link(self.storage, layout.tag_index_link(self.name, tag, digest), digest)
         await write_link(self.storage, layout.tag_current_link(self.name, tag), digest)
 
+    @traced("registry.tag.delete", in_repository, expected=(RegistryError,))
     async def untag(self, tag: str) -> None:
         if not await self.storage.delete_if_present(layout.tag_dir(self.name, tag)):
             raise manifest_unknown(tag)
 
+    @traced("registry.tag.list", in_repository, expected=(RegistryError,))
     async def all(self) -> list[str]:
         """Every tag, sorted. An empty list for a repository without tags."""
         try:

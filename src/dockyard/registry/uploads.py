@@ -51,6 +51,7 @@ from dockyard.registry.pump import pump
 from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks, upload_busy
 from dockyard.storage.driver import FileWriter, PathNotFound, StorageError
 from dockyard.storage.store import Store
+from dockyard.tracing import in_repository, traced
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +258,7 @@ class Uploads:
         self.max_sessions = max_sessions
 
     # -- sessions ----------------------------------------------------------------------------
+    @traced("registry.upload.start", in_repository, expected=(RegistryError,))
     async def start(self, algorithm: str = CANONICAL_ALGORITHM) -> UploadSession:
         new_hasher(algorithm)  # rejects an unsupported algorithm before anything is written
         if self.max_sessions:
@@ -286,6 +288,7 @@ class Uploads:
                 headers={"Retry-After": "60"},
             )
 
+    @traced("registry.upload.resume", in_repository, expected=(RegistryError,))
     async def resume(self, upload_id: str, state: str | None) -> UploadSession:
         """The session named in a URL. With ``_state`` its signature is checked; without it
         (a client that dropped the query) the session is found from storage alone."""
@@ -314,6 +317,7 @@ class Uploads:
     def token(self, session: UploadSession, offset: int) -> str:
         return self.tokens.encode(session, offset)
 
+    @traced("registry.upload.cancel", in_repository, expected=(RegistryError,))
     async def cancel(self, session: UploadSession) -> None:
         self.hashers.drop(session.id)
         if not await self.storage.delete_if_present(layout.upload_dir(self.name, session.id)):
@@ -355,6 +359,7 @@ class Uploads:
         return _parse_claim(offset, data)
 
     # -- data ----------------------------------------------------------------------------------
+    @traced("registry.upload.append", in_repository, expected=(RegistryError,))
     async def append(
         self,
         session: UploadSession,
@@ -436,6 +441,7 @@ class Uploads:
             raise _being_completed(session.id)
         raise _out_of_order("another request wrote this part of the upload first", offset)
 
+    @traced("registry.upload.commit", in_repository, expected=(RegistryError,))
     async def commit(self, session: UploadSession, digest: Digest) -> BlobInfo:
         """Seal the upload, verify it against ``digest`` and make it the blob's content, linked
         into the repository. On a mismatch the upload is discarded (as registry:2 does) and
@@ -513,6 +519,7 @@ class Uploads:
         return running, path
 
     # -- cross-repository mount ------------------------------------------------------------------
+    @traced("registry.upload.mount", in_repository, expected=(RegistryError,))
     async def mount(self, source: LinkedBlobs, digest: Digest) -> BlobInfo | None:
         """Link a blob another repository has; None if it does not have it."""
         if not await source.is_linked(digest):

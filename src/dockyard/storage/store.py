@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from dockyard import tracing
 from dockyard.storage.driver import (
     CAPABILITIES,
     FAST_PATHS,
@@ -38,6 +39,16 @@ from dockyard.storage.driver import (
     Touch,
     Unsupported,
 )
+
+
+def _path(store: Store, path: str, *_: object) -> dict[str, str]:
+    """A storage span's attributes: the backend and the path (the first argument)."""
+    return {"dockyard.storage.driver": store.name, "dockyard.storage.path": path}
+
+
+def _traced(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return tracing.traced(f"storage.{name}", _path, expected=(PathNotFound,))
+
 
 #: concurrent listings in a generic walk (one delimited listing per directory on object storage)
 WALK_CONCURRENCY = 16
@@ -128,14 +139,17 @@ class Store:
         await self._driver.close()
 
     # -- primitives, validated ------------------------------------------------------------
+    @_traced("stat")
     async def stat(self, path: str) -> FileInfo:
         """Size and time of a file, or ``is_dir`` for a directory. PathNotFound if missing."""
         return await self._driver.stat(check_path(path))
 
+    @_traced("list")
     async def list(self, path: str) -> list[str]:
         """Names of a directory's direct children, unsorted. PathNotFound if missing."""
         return [child.name for child in await self._driver.list(check_path(path))]
 
+    @_traced("delete")
     async def delete(self, path: str) -> None:
         """Delete a file or a whole directory tree. PathNotFound if missing."""
         await self._driver.delete(check_path(path))
@@ -148,6 +162,7 @@ class Store:
             return False
         return True
 
+    @_traced("move")
     async def move(self, source: str, dest: str) -> None:
         """Move a file, replacing ``dest`` (see StorageDriver.move). PathNotFound if
         ``source`` is missing."""
@@ -157,11 +172,13 @@ class Store:
         """Stream the file's bytes (see StorageDriver.reader)."""
         return self._driver.reader(check_path(path), offset, length)
 
+    @_traced("writer")
     async def writer(self, path: str) -> FileWriter:
         """A writer whose content appears whole at ``path`` on close (see FileWriter)."""
         return await self._driver.writer(check_path(path))
 
     # -- whole small files ------------------------------------------------------------------
+    @_traced("read")
     async def read(self, path: str) -> bytes:
         """The whole content of a small file (links, manifests). PathNotFound if missing."""
         check_path(path)
@@ -169,6 +186,7 @@ class Store:
             return await self._fast_read.read_file(path)
         return b"".join([chunk async for chunk in self._driver.reader(path)])
 
+    @_traced("write")
     async def write(self, path: str, data: bytes) -> None:
         """Replace the file's content atomically: readers see the old or the new bytes, never a
         mix or a prefix. Parent directories are created."""
@@ -184,6 +202,7 @@ class Store:
             await asyncio.shield(writer.abort())
             raise
 
+    @_traced("write_new")
     async def write_new(self, path: str, data: bytes) -> bool:
         """Create the file only if it does not exist yet: of two writers exactly one wins and
         the file appears whole. True if this call created it."""
@@ -193,6 +212,7 @@ class Store:
         return await self._exclusive.write_new(path, data)
 
     # -- moves and times --------------------------------------------------------------------
+    @_traced("move_new")
     async def move_new(self, source: str, dest: str) -> bool:
         """Move unless ``dest`` exists: True if moved, False (``source`` left) if not; an
         existing file is never replaced (see driver.NoOverwriteMove). PathNotFound if
@@ -203,6 +223,7 @@ class Store:
             raise self._unsupported(NoOverwriteMove)
         return await self._no_overwrite.move_new(source, dest)
 
+    @_traced("touch")
     async def touch(self, path: str) -> None:
         """Set the file's modification time to now. PathNotFound if missing."""
         check_path(path)
@@ -211,6 +232,7 @@ class Store:
         await self._touch.touch(path)
 
     # -- trees ------------------------------------------------------------------------------
+    @_traced("walk")
     async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
         """Every file and directory below ``path``, at any depth; a directory is entered only
         if ``descend(name)`` says so (it is listed either way). Empty when ``path`` is missing.
@@ -242,6 +264,7 @@ class Store:
                 )
         return entries
 
+    @_traced("remove_empty_dir")
     async def remove_empty_dir(self, path: str) -> None:
         """Remove a directory if it is empty; do nothing otherwise. A backend whose directories
         vanish with their last file has nothing to remove."""
@@ -256,6 +279,7 @@ class Store:
         check_path(path)
         return None if self._locks is None else self._locks.lock(path)
 
+    @_traced("redirect_url")
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:
         """Where a client can fetch the file directly, or None (no redirects here)."""
         check_path(path)
@@ -263,6 +287,7 @@ class Store:
             return None
         return await self._redirects.redirect_url(path, method)
 
+    @_traced("open_range")
     async def open_range(self, path: str, offset: int, length: int) -> LocalRange | StreamedRange:
         """``length`` bytes of the file from ``offset``: an open local file where the driver
         has one (zero-copy sendfile), else a started stream. PathNotFound now, not while the
@@ -279,6 +304,7 @@ class Store:
             raise
         return StreamedRange(first, stream, offset, length)
 
+    @_traced("purge_partial")
     async def purge_partial(self, path: str, before: float, dry_run: bool) -> list[str]:
         """Remove what unfinished writes below ``path`` started before ``before`` left aside in
         the backend; a backend without partial uploads never leaves anything aside."""
