@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
 from aiohttp import web
 
-from dockyard import tracing
+from dockyard import metrics, tracing
 from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads, version
 from dockyard.api.base import PROXY_KEY, REGISTRY_KEY
 from dockyard.api.middleware import (
@@ -26,6 +29,12 @@ from dockyard.shared import Shared
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
 
+def metrics_wanted(config: Config) -> bool:
+    """Metrics are collected only where they can be scraped: on the debug address."""
+    debug = config.http.debug
+    return bool(debug.addr) and debug.prometheus.enabled
+
+
 def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.Application:
     """``shared``: what the workers of this instance share (see dockyard.shared); without it,
     this process keeps its own."""
@@ -34,7 +43,14 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     heartbeat = Heartbeat.for_config(config, registry.storage, registry.blobs.cache.kind)
     auth = build_auth(config, shared.login_failures if shared is not None else None)
     trusted = TrustedProxies(config.http.trustedproxies)
-    middlewares = [client_address_middleware(trusted)]
+    middlewares = []
+    collected = metrics.enable() if metrics_wanted(config) else None
+    if collected is not None:
+        from dockyard.api.metrics import metrics_middleware
+
+        # Outermost: it sees every request's final status, errors included.
+        middlewares.append(metrics_middleware(collected))
+    middlewares.append(client_address_middleware(trusted))
     if tracing.configure():  # OTEL_* variables; nothing of OpenTelemetry is loaded otherwise
         middlewares.append(tracing.middleware(TRACE_ID))
     middlewares += [
@@ -57,7 +73,7 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
 
         cache = PullThroughCache(registry, config.proxy, registry.upload_locks.redis_client)
         app[PROXY_KEY] = cache
-    app[health.HEALTH_KEY] = health.HealthCheck(registry)
+    checks = app[health.HEALTH_KEY] = health.HealthCheck(registry, config.health.storagedriver)
     app[CONFIG_KEY] = config
     events = Events.for_config(config)
     if events is not None:
@@ -76,11 +92,13 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
 
     async def record_presence(_: web.Application) -> None:
         await heartbeat.start()  # before the worker listens (registry.presence)
+        await checks.start()
         if events is not None:
             await events.start()
 
     async def close_registry(_: web.Application) -> None:
         await heartbeat.stop()  # the last request has finished: the record can go
+        await checks.stop()
         if events is not None:
             await events.close()
         tracing.flush()
@@ -92,4 +110,19 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
 
     app.on_startup.append(record_presence)
     app.on_cleanup.append(close_registry)
+    if collected is not None:
+        app.cleanup_ctx.append(_flushing(collected))
     return app
+
+
+def _flushing(collected: metrics.Metrics) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The hot path's counts reach the exported values every second, and once more at the end."""
+
+    async def flushing(_: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(collected.flush_forever())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        collected.flush()
+
+    return flushing

@@ -98,8 +98,37 @@ class PrometheusConfig(Section):
 
 
 class DebugConfig(Section):
+    """registry:2's debug server: a second listener with ``/debug/health`` (with each failing
+    check's error) and, when ``prometheus.enabled``, the metrics at ``prometheus.path``."""
+
     addr: str = ""
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+
+
+class HealthStorageDriverConfig(Section):
+    """registry:2's ``health.storagedriver``. Unset ``enabled`` is Dockyard's default: storage
+    is checked when the health endpoint is asked (a result reused for a second); ``true``
+    checks every ``interval`` in the background and fails after ``threshold`` failures in a
+    row (0 counts as 1), as registry:2 does; ``false`` checks nothing."""
+
+    enabled: bool | None = None
+    interval: Duration = 10.0
+    threshold: int = Field(default=0, ge=0)
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        if seconds < 0:
+            raise ValueError("must not be negative")
+        return seconds or 10.0  # registry:2: 0 means the default
+
+
+class HealthConfig(Section):
+    storagedriver: HealthStorageDriverConfig = Field(default_factory=HealthStorageDriverConfig)
+    #: registry:2's file, HTTP and TCP checks: accepted, not run (a warning says so)
+    file: list[Any] = Field(default_factory=list)
+    http: list[Any] = Field(default_factory=list)
+    tcp: list[Any] = Field(default_factory=list)
 
 
 class LoginThrottleConfig(Section):
@@ -467,7 +496,7 @@ class Config(Section):
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
-    health: dict[str, Any] = Field(default_factory=dict)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     middleware: dict[str, Any] = Field(default_factory=dict)
@@ -490,11 +519,9 @@ class Config(Section):
 #: tests/unit/test_config_coverage.py fails for a modelled key that is neither read by the code
 #: nor listed here: implementing a key means removing it from this list.
 NOT_ACTED_ON: dict[str, str] = {
-    "http.debug.addr": "Dockyard has no debug server yet",
-    "http.debug.prometheus.enabled": "Dockyard has no debug server and no metrics yet",
-    "http.debug.prometheus.path": "Dockyard has no debug server and no metrics yet",
-    "health": "registry:2's health checks (health.storagedriver...) are not run; "
-    "/v2/ and the health endpoint answer from the process itself",
+    "health.file": "registry:2's file health checks are not run (storagedriver is)",
+    "health.http": "registry:2's http health checks are not run (storagedriver is)",
+    "health.tcp": "registry:2's tcp health checks are not run (storagedriver is)",
     "http.tls.ciphersuites": "Dockyard uses OpenSSL's default cipher suites",
     "storage.cache.blobdescriptorsize": "Dockyard keeps no in-memory blob descriptor cache "
     "(blobdescriptor: inmemory means none; redis is the shared cache)",
@@ -737,6 +764,20 @@ def _reject_unsupported(config: Config) -> None:
     for key in ACCEPTED_WITHOUT_EFFECT:
         if getattr(config, key):
             log.warning("configuration key %s is accepted but has no effect yet", key)
+    _check_debug_and_health(config)
+
+
+def _check_debug_and_health(config: Config) -> None:
+    """The debug address is checked at start-up (server.py binds it); what would be ignored
+    is named."""
+    debug = config.http.debug
+    if debug.prometheus.enabled and not debug.addr:
+        log.warning(
+            "http.debug.prometheus.enabled has no effect without http.debug.addr "
+            "(the metrics are served on the debug address only)"
+        )
+    if debug.prometheus.enabled and not debug.prometheus.path.startswith("/"):
+        raise ConfigError("http.debug.prometheus.path", "must start with /")
 
 
 def _warn_not_acted_on(config: Config) -> None:

@@ -9,14 +9,17 @@ finishes its in-flight requests (up to ``http.draintimeout``, default 60 s) and 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dockyard.auth.setup import prepare as prepare_auth
@@ -113,9 +116,10 @@ class Supervisor:
     MIN_UPTIME = 5.0
     MAX_QUICK_DEATHS = 5
 
-    def __init__(self, roles: list[Role], addr: str) -> None:
+    def __init__(self, roles: list[Role], addr: str, metrics_dir: str | None = None) -> None:
         self.roles = roles
         self.addr = addr
+        self.metrics_dir = metrics_dir
         self.children: dict[int, tuple[float, Role]] = {}
         self.stopping = False
         self.quick_deaths = 0
@@ -155,6 +159,8 @@ class Supervisor:
             except ChildProcessError:
                 break
             entry = self.children.pop(pid, None)
+            if self.metrics_dir is not None:
+                forget_dead_worker(self.metrics_dir, pid)
             if entry is None or self.stopping:
                 continue
             started, role = entry
@@ -174,15 +180,29 @@ class Supervisor:
 
 
 def _worker_role(
-    config: Config, secret: str, sock: socket.socket, shared: Shared, index: int
+    config: Config,
+    secret: str,
+    sock: socket.socket,
+    shared: Shared,
+    index: int,
+    debug_sock: socket.socket | None = None,
 ) -> Role:
-    """Worker number ``index``; the first also runs the maintenance schedules."""
+    """Worker number ``index``; the first also runs the maintenance schedules and serves the
+    debug address (``debug_sock``)."""
     with_maintenance = index == 0 and maintenance_wanted(config)
 
     def run() -> None:
         from dockyard.worker import run_worker  # after the fork: the parent never loads aiohttp
 
-        run_worker(config, secret, sock, shared, index, with_maintenance=with_maintenance)
+        run_worker(
+            config,
+            secret,
+            sock,
+            shared,
+            index,
+            with_maintenance=with_maintenance,
+            debug_sock=debug_sock if index == 0 else None,
+        )
 
     return Role("worker", run)
 
@@ -217,10 +237,15 @@ def serve(config: Config, workers: int) -> int:
         if manager.needs_certificate():
             obtain_certificate(manager, challenge_sock, https_port)
     sock = bind(config.http)
+    debug_sock = None
+    if config.http.debug.addr:
+        debug_sock = bind(HTTPConfig(addr=config.http.debug.addr), key="http.debug.addr")
     secret = resolve_secret(config)
     # Made before the fork, so every worker counts in the same memory.
     shared = Shared.create(config, workers)
-    roles = [_worker_role(config, secret, sock, shared, index) for index in range(workers)]
+    roles = [
+        _worker_role(config, secret, sock, shared, index, debug_sock) for index in range(workers)
+    ]
     if manager is not None and challenge_sock is not None:
         from dockyard.worker import run_certificate_manager
 
@@ -234,4 +259,34 @@ def serve(config: Config, workers: int) -> int:
     if len(roles) == 1:
         roles[0].run()
         return 0
-    return Supervisor(roles, config.http.addr).run()
+    with metrics_directory(config, workers) as directory:
+        return Supervisor(roles, config.http.addr, directory).run()
+
+
+@contextlib.contextmanager
+def metrics_directory(config: Config, workers: int) -> Iterator[str | None]:
+    """With several workers and metrics on, a directory of this instance's own where each
+    worker writes its values (prometheus-client's multiprocess mode) for the debug server to
+    sum; removed when the server stops. Set in the environment before any worker starts
+    (prometheus-client reads it on import, after the fork)."""
+    from dockyard import metrics
+
+    debug = config.http.debug
+    if workers < 2 or not (debug.addr and debug.prometheus.enabled):
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="dockyard-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = directory
+    try:
+        yield directory
+    finally:
+        os.environ.pop(metrics.MULTIPROC_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def forget_dead_worker(directory: str, pid: int) -> None:
+    """A dead worker's live gauges (requests in flight) no longer count; its counters do.
+    (prometheus-client's ``mark_process_dead``, without importing it into the parent.)"""
+    for path in glob.glob(os.path.join(directory, f"gauge_live*_{pid}.db")):
+        with contextlib.suppress(OSError):
+            os.remove(path)

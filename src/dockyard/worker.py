@@ -20,6 +20,7 @@ from dockyard import maintenance
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
 from dockyard.api.admission import AdmissionSite
 from dockyard.api.base import REGISTRY_KEY
+from dockyard.api.health import HEALTH_KEY
 from dockyard.api.middleware import UNREAD_BODY_DRAIN_SECONDS
 from dockyard.api.protocol import RegistryRunner
 from dockyard.app import INFLIGHT_KEY, build_app
@@ -94,10 +95,12 @@ async def serve_worker(
     *,
     with_maintenance: bool = False,
     until: Awaitable[None] | None = None,
+    debug_sock: socket.socket | None = None,
 ) -> None:
     """Serve on ``sock`` until SIGTERM/SIGINT (or until ``until`` completes: a server run in a
     thread of another program, such as the test harness, has no signals of its own), then
-    finish in-flight requests and return."""
+    finish in-flight requests and return. Worker 0 also serves the debug server
+    (``http.debug.addr``) on ``debug_sock``, or on a socket it binds when given none."""
     app = build_app(config, secret, shared)
     drain = config.http.draintimeout or DEFAULT_DRAIN_SECONDS
     max_header_bytes = config.http.limits.maxheaderbytes
@@ -121,6 +124,9 @@ async def serve_worker(
     await runner.setup()
     site = _site(config, runner, sock, ssl_context, shared, worker)
     await site.start()
+    debug_runner = None
+    if worker == 0 and config.http.debug.addr:
+        debug_runner = await _start_debug_server(config, app, debug_sock)
     background = []
     if ssl_context is not None and letsencrypt.enabled:
         background.append(
@@ -148,6 +154,39 @@ async def serve_worker(
             extra={"fields": {"pid": os.getpid(), "in_flight": inflight.count}},
         )
     await runner.cleanup()
+    if debug_runner is not None:
+        await debug_runner.cleanup()
+
+
+async def _start_debug_server(
+    config: Config, app: web.Application, sock: socket.socket | None
+) -> web.AppRunner:
+    """registry:2's debug listener: ``/debug/health`` with details, and the metrics."""
+    from dockyard import metrics
+    from dockyard.api.metrics import debug_app
+    from dockyard.app import metrics_wanted
+
+    debug = config.http.debug
+    runner = web.AppRunner(
+        debug_app(
+            metrics.enable() if metrics_wanted(config) else None,
+            debug.prometheus.path,
+            app[HEALTH_KEY],
+        ),
+        handle_signals=False,
+        access_log=None,
+    )
+    await runner.setup()
+    site: web.BaseSite
+    if sock is None:  # in a test's process: aiohttp binds the address itself
+        host, _, port = debug.addr.rpartition(":")
+        site = web.TCPSite(runner, host.strip("[]") or None, int(port))
+    else:
+        # A duplicate: stopping the site closes it, and a restarted worker serves the original.
+        site = web.SockSite(runner, sock.dup())
+    await site.start()
+    log.info("serving the debug server", extra={"fields": {"addr": debug.addr, "pid": os.getpid()}})
+    return runner
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -184,13 +223,20 @@ def run_worker(
     worker: int = 0,
     *,
     with_maintenance: bool = False,
+    debug_sock: socket.socket | None = None,
 ) -> None:
     """Serve as worker number ``worker`` (a restarted worker keeps the number of the one it
     replaces) with the tables every worker shares."""
     release_freed_memory_promptly()
     _run(
         lambda: serve_worker(
-            config, secret, sock, shared, worker, with_maintenance=with_maintenance
+            config,
+            secret,
+            sock,
+            shared,
+            worker,
+            with_maintenance=with_maintenance,
+            debug_sock=debug_sock,
         )
     )
 

@@ -195,7 +195,7 @@ def test_serve_strict_refuses_to_start_on_a_warning(tmp_path: Path) -> None:
 
     from dockyard.cli import main
 
-    path = _write(tmp_path, "http: {debug: {addr: ':5001'}}\n")
+    path = _write(tmp_path, "redis: {pool: {maxidle: 3}}\n")
     result = CliRunner().invoke(main, ["serve", "--strict", path], env={})
     assert result.exit_code == 2
-    assert "http.debug.addr is not applied" in result.output
+    assert "redis.pool.maxidle is not applied" in result.output

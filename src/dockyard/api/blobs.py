@@ -6,6 +6,7 @@ import re
 
 from aiohttp import web
 
+from dockyard import metrics
 from dockyard.api.base import (
     digest_param,
     proxied_of,
@@ -98,6 +99,10 @@ async def _get_blob(request: web.Request) -> tuple[web.StreamResponse, int]:
     proxied = proxied_of(request)
     if proxied is not None:
         info = await proxied.cached_blob(digest)
+        m = metrics.active
+        if m is not None:
+            m.proxy_requests.labels("blob").inc()
+            (m.proxy_hits if info is not None else m.proxy_misses).labels("blob").inc()
         if info is None:
             response = await _from_upstream(request, proxied, digest)
             return response, response.content_length or 0

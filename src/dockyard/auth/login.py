@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from dockyard import metrics
 from dockyard.auth.htpasswd import Htpasswd
 from dockyard.auth.throttle import LoginThrottle
 from dockyard.errors import ErrorCode, RegistryError
@@ -28,6 +29,8 @@ class Login:
             return
         wait = await self.throttle.retry_after(user, address)
         if wait is not None:
+            if metrics.active is not None:
+                metrics.active.auth_failures.labels("throttled").inc()
             seconds = max(1, math.ceil(wait))
             raise RegistryError(
                 ErrorCode.TOOMANYREQUESTS,
@@ -39,4 +42,6 @@ class Login:
             await self.throttle.succeeded(user, address)
             return
         await self.throttle.failed(user, address)
+        if metrics.active is not None:
+            metrics.active.auth_failures.labels("bad_credentials").inc()
         raise BadCredentials(user)

@@ -35,6 +35,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dockyard import metrics
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
 from dockyard.storage.driver import PathNotFound, StorageError
@@ -140,6 +141,19 @@ class RedisCache:
         self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
 
     async def linked_size(self, name: str, digest: Digest) -> int | None:
+        size = await self._linked_size(name, digest)
+        m = metrics.active
+        if m is not None:  # registry:2's and distribution 3's cache counters
+            m.cache_total.labels("Request").inc()
+            m.cache_requests.inc()
+            if size is None:
+                m.cache_total.labels("Miss").inc()
+            else:
+                m.cache_total.labels("Hit").inc()
+                m.cache_hits.inc()
+        return size
+
+    async def _linked_size(self, name: str, digest: Digest) -> int | None:
         if not self._available():
             return None
         try:
@@ -149,6 +163,8 @@ class RedisCache:
             )
         except Exception as exc:
             self._failed(exc)
+            if metrics.active is not None:
+                metrics.active.cache_errors.inc()
             return None
         if link is None or blob is None:
             return None

@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from dockyard import metrics
 from dockyard.errors import RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import Manifest, read_stored, referenced_digests
@@ -142,6 +143,8 @@ class GarbageCollector:
 
     async def run(self) -> GCReport:
         report = GCReport(dry_run=self.dry_run, immediate=self.immediate)
+        #: bytes of every stored blob the sweep saw
+        self.bytes_seen = 0
         started = time.time()
         if self.immediate:
             self.cutoff = math.inf  # nothing is kept for being recent
@@ -175,6 +178,7 @@ class GarbageCollector:
                 await self._sweep_links(name, report)
                 self.progress.advance(SWEEP_LINKS)
         report.seconds = time.time() - started
+        self._record(report)
         log.info(
             "garbage collection finished",
             extra={
@@ -300,11 +304,25 @@ class GarbageCollector:
         await self.storage.delete(aside)
         return True
 
+    def _record(self, report: GCReport) -> None:
+        """The run in the metrics (when they are on), and the space blobs now use."""
+        m = metrics.active
+        if m is None:
+            return
+        m.gc_runs.inc()
+        m.gc_duration.observe(report.seconds)
+        used = self.bytes_seen
+        if not report.dry_run:
+            m.gc_reclaimed.inc(report.bytes_removed)
+            used -= report.bytes_removed
+        m.storage_used.set(used)
+
     async def _sweep_blobs(self, marked: set[Digest], report: GCReport) -> None:
         digests = await inventory.blob_digests(self.storage)
         self.progress.total(SWEEP_BLOBS, len(digests))
         async for blob in inventory.blobs(self.storage, digests):
             self.progress.advance(SWEEP_BLOBS)
+            self.bytes_seen += blob.size
             if blob.digest in marked:
                 report.blobs_marked += 1  # counted here: a marked digest may not be stored
                 continue

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from dockyard import metrics
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest, new_hasher
 from dockyard.oci.manifest import MAX_MANIFEST_BYTES
@@ -66,6 +67,8 @@ class Answer:
 
     manifest: StoredManifest
     stale: bool = False
+    #: fetched from the upstream now (a cache miss)
+    fetched: bool = False
 
 
 def upstream_failed(exc: UpstreamError, what: str) -> RegistryError:
@@ -224,18 +227,29 @@ class ProxiedRepository:
 
     # -- manifests ---------------------------------------------------------------------------
     async def manifest(self, reference: str | Digest) -> Answer:
-        if isinstance(reference, Digest):
-            return Answer(await self._manifest_by_digest(reference))
-        return await self._manifest_by_tag(reference)
-
-    async def _manifest_by_digest(self, digest: Digest) -> StoredManifest:
+        m = metrics.active
+        if m is not None:
+            m.proxy_requests.labels("manifest").inc()
+        fetched = True  # a failure is a miss too: nothing was served from the cache
         try:
-            return await self.local.manifests.get(digest)
+            if isinstance(reference, Digest):
+                answer = await self._manifest_by_digest(reference)
+            else:
+                answer = await self._manifest_by_tag(reference)
+            fetched = answer.fetched
+            return answer
+        finally:
+            if m is not None:
+                (m.proxy_misses if fetched else m.proxy_hits).labels("manifest").inc()
+
+    async def _manifest_by_digest(self, digest: Digest) -> Answer:
+        try:
+            return Answer(await self.local.manifests.get(digest))
         except RegistryError as exc:
             if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
                 raise
         try:
-            return await self._fetch_manifest(str(digest), digest, [])
+            return Answer(await self._fetch_manifest(str(digest), digest, []), fetched=True)
         except UpstreamError as exc:
             raise upstream_failed(exc, "this manifest") from None
 
@@ -251,7 +265,7 @@ class ProxiedRepository:
             except RegistryError as exc:
                 if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
                     raise
-                return Answer(await self._fetch_manifest(tag, digest, [tag]))
+                return Answer(await self._fetch_manifest(tag, digest, [tag]), fetched=True)
             if self.upstream.tagttl > 0 or await self._cached_tag(tag) != digest:
                 await self.local.tags.tag(tag, digest)  # moved upstream, or confirmed now
             return Answer(stored)
@@ -645,6 +659,8 @@ class BlobFetch:
             await asyncio.gather(
                 writer.write(chunk), loop.run_in_executor(None, hasher.update, chunk)
             )
+            if metrics.active is not None:
+                metrics.active.proxy_pulled_bytes.labels("blob").inc(len(chunk))
 
         try:
             writer = await storage.writer(incoming)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from dockyard import tracing
+from dockyard.metrics import timed_action
 from dockyard.storage.driver import (
     CAPABILITIES,
     FAST_PATHS,
@@ -140,16 +141,19 @@ class Store:
 
     # -- primitives, validated ------------------------------------------------------------
     @_traced("stat")
+    @timed_action("Stat")
     async def stat(self, path: str) -> FileInfo:
         """Size and time of a file, or ``is_dir`` for a directory. PathNotFound if missing."""
         return await self._driver.stat(check_path(path))
 
     @_traced("list")
+    @timed_action("List")
     async def list(self, path: str) -> list[str]:
         """Names of a directory's direct children, unsorted. PathNotFound if missing."""
         return [child.name for child in await self._driver.list(check_path(path))]
 
     @_traced("delete")
+    @timed_action("Delete")
     async def delete(self, path: str) -> None:
         """Delete a file or a whole directory tree. PathNotFound if missing."""
         await self._driver.delete(check_path(path))
@@ -163,6 +167,7 @@ class Store:
         return True
 
     @_traced("move")
+    @timed_action("Move")
     async def move(self, source: str, dest: str) -> None:
         """Move a file, replacing ``dest`` (see StorageDriver.move). PathNotFound if
         ``source`` is missing."""
@@ -179,6 +184,7 @@ class Store:
 
     # -- whole small files ------------------------------------------------------------------
     @_traced("read")
+    @timed_action("GetContent")
     async def read(self, path: str) -> bytes:
         """The whole content of a small file (links, manifests). PathNotFound if missing."""
         check_path(path)
@@ -187,6 +193,7 @@ class Store:
         return b"".join([chunk async for chunk in self._driver.reader(path)])
 
     @_traced("write")
+    @timed_action("PutContent")
     async def write(self, path: str, data: bytes) -> None:
         """Replace the file's content atomically: readers see the old or the new bytes, never a
         mix or a prefix. Parent directories are created."""
@@ -203,6 +210,7 @@ class Store:
             raise
 
     @_traced("write_new")
+    @timed_action("PutContent")
     async def write_new(self, path: str, data: bytes) -> bool:
         """Create the file only if it does not exist yet: of two writers exactly one wins and
         the file appears whole. True if this call created it."""
@@ -213,6 +221,7 @@ class Store:
 
     # -- moves and times --------------------------------------------------------------------
     @_traced("move_new")
+    @timed_action("Move")
     async def move_new(self, source: str, dest: str) -> bool:
         """Move unless ``dest`` exists: True if moved, False (``source`` left) if not; an
         existing file is never replaced (see driver.NoOverwriteMove). PathNotFound if
@@ -224,6 +233,7 @@ class Store:
         return await self._no_overwrite.move_new(source, dest)
 
     @_traced("touch")
+    @timed_action("Touch")
     async def touch(self, path: str) -> None:
         """Set the file's modification time to now. PathNotFound if missing."""
         check_path(path)
@@ -233,6 +243,7 @@ class Store:
 
     # -- trees ------------------------------------------------------------------------------
     @_traced("walk")
+    @timed_action("Walk")
     async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
         """Every file and directory below ``path``, at any depth; a directory is entered only
         if ``descend(name)`` says so (it is listed either way). Empty when ``path`` is missing.
@@ -280,6 +291,7 @@ class Store:
         return None if self._locks is None else self._locks.lock(path)
 
     @_traced("redirect_url")
+    @timed_action("URLFor")
     async def redirect_url(self, path: str, method: str = "GET") -> str | None:
         """Where a client can fetch the file directly, or None (no redirects here)."""
         check_path(path)

@@ -15,6 +15,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 
+from dockyard import metrics
 from dockyard.proxyconfig import UpstreamConfig
 from dockyard.upstream.auth import (
     Challenge,
@@ -96,6 +97,8 @@ class UpstreamClient:
 
     def _fail(self, kind: str, reason: str, retry_after: float = 0.0) -> UpstreamError:
         self.last_error = reason
+        if metrics.active is not None:
+            metrics.active.proxy_upstream_errors.labels(kind).inc()
         return UpstreamError(self.name, kind, reason, retry_after)
 
     async def request(

@@ -1,0 +1,162 @@
+"""The hot-path cost of the metrics: HEAD and GET of a manifest, requests/s, with
+``http.debug.prometheus`` on and off, on two ``dockyard serve --workers N`` side by side (same
+machine, same run), loaded in turn, round after round, so that drift of a shared machine falls
+on both alike. Medians are reported, with the cost of metrics in per cent.
+
+    PYTHONPATH=src:tests:. python -m bench.metrics_cost [--rounds 5] [--seconds 5] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from bench.clients import MANIFEST_ACCEPT, ab_head, wrk
+from harness.client import OCI_MANIFEST
+from harness.net import free_port, wait_for_port
+
+
+def start(work: Path, name: str, workers: int, metrics: bool) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    http: dict = {"addr": f"127.0.0.1:{port}", "secret": "bench"}
+    if metrics:
+        http["debug"] = {"addr": f"127.0.0.1:{free_port()}", "prometheus": {"enabled": True}}
+    config = {
+        "version": "0.1",
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(work / name / "data")}},
+        "http": http,
+    }
+    path = work / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - the server's for its lifetime
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dockyard", "serve", str(path), "--workers", str(workers)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, proc)
+    return proc, port
+
+
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """CPU time (user + system) of the server's workers so far."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    total = 0
+    for pid in children:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def push(port: int) -> str:
+    import hashlib
+    import json
+
+    base = f"http://127.0.0.1:{port}/v2/bench/app"
+    layers = []
+    for data in (b'{"architecture":"amd64","os":"linux"}', os.urandom(1024)):
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        r = requests.post(f"{base}/blobs/uploads/", params={"digest": digest}, data=data)
+        assert r.status_code == 201, r.text
+        layers.append(
+            {"mediaType": "application/octet-stream", "digest": digest, "size": len(data)}
+        )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {**layers[0], "mediaType": "application/vnd.oci.image.config.v1+json"},
+        "layers": layers[1:],
+    }
+    r = requests.put(
+        f"{base}/manifests/latest",
+        data=json.dumps(manifest),
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert r.status_code == 201, r.text
+    return f"{base}/manifests/latest"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    headers = {"Accept": MANIFEST_ACCEPT}
+    with tempfile.TemporaryDirectory(prefix="dockyard-bench-metrics-") as tmp:
+        work = Path(tmp)
+        servers = {mode: start(work, mode, args.workers, mode == "on") for mode in ("off", "on")}
+        try:
+            urls = {mode: push(port) for mode, (_, port) in servers.items()}
+            rates: dict[tuple[str, str], list[float]] = {}
+            cpu_per_request: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.rounds):
+                for mode in ("off", "on"):
+                    proc = servers[mode][0]
+                    cpu = cpu_seconds(proc)
+                    get, _ = wrk(
+                        urls[mode],
+                        headers,
+                        threads=1,
+                        connections=args.connections,
+                        seconds=args.seconds,
+                        script=work / "wrk.lua",
+                    )
+                    cpu_get = cpu_seconds(proc) - cpu
+                    cpu = cpu_seconds(proc)
+                    head, _ = ab_head(
+                        urls[mode],
+                        headers,
+                        connections=args.connections,
+                        seconds=args.seconds,
+                        most=10_000_000,
+                    )
+                    cpu_head = cpu_seconds(proc) - cpu
+                    rates.setdefault(("GET", mode), []).append(get)
+                    rates.setdefault(("HEAD", mode), []).append(head)
+                    # the server's CPU per request, in microseconds: steadier than the rate
+                    # on a machine shared with other work
+                    us = cpu_per_request.setdefault
+                    us(("GET", mode), []).append(1e6 * cpu_get / (get * args.seconds))
+                    us(("HEAD", mode), []).append(1e6 * cpu_head / (head * args.seconds))
+                    time.sleep(0.5)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+    print(
+        f"workers={args.workers} connections={args.connections} "
+        f"rounds={args.rounds} x {args.seconds}s"
+    )
+    for method in ("HEAD", "GET"):
+        off = statistics.median(rates[(method, "off")])
+        on = statistics.median(rates[(method, "on")])
+        print(
+            f"{method} manifest: metrics off {off:8.0f} req/s, on {on:8.0f} req/s, "
+            f"cost {100 * (off - on) / off:5.1f} %   "
+            f"(off {[round(r) for r in rates[(method, 'off')]]}, "
+            f"on {[round(r) for r in rates[(method, 'on')]]})"
+        )
+        off = statistics.median(cpu_per_request[(method, "off")])
+        on = statistics.median(cpu_per_request[(method, "on")])
+        print(
+            f"{method} manifest: server CPU per request: off {off:6.1f} us, on {on:6.1f} us, "
+            f"cost {100 * (on - off) / off:5.1f} %"
+        )
+
+
+if __name__ == "__main__":
+    main()
