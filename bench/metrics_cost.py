@@ -1,7 +1,9 @@
-"""The hot-path cost of the metrics: HEAD and GET of a manifest, requests/s, with
-``http.debug.prometheus`` on and off, on two ``dockyard serve --workers N`` side by side (same
-machine, same run), loaded in turn, round after round, so that drift of a shared machine falls
-on both alike. Medians are reported, with the cost of metrics in per cent.
+"""The hot-path cost of metrics and events: HEAD and GET of a manifest, requests/s, on three
+``dockyard serve --workers N`` side by side (same machine, same run): ``off`` (neither),
+``metrics`` (``http.debug.prometheus`` on) and ``events`` (metrics, and a notification endpoint
+that gets every event, a pull event for each request included, delivered to a receiver process
+that answers 200), loaded in turn, round after round, so that drift of a shared machine falls on
+all alike. Medians are reported, with the cost against ``off`` in per cent.
 
     PYTHONPATH=src:tests:. python -m bench.metrics_cost [--rounds 5] [--seconds 5] [--workers 2]
 """
@@ -24,18 +26,42 @@ from bench.clients import MANIFEST_ACCEPT, ab_head, wrk
 from harness.client import OCI_MANIFEST
 from harness.net import free_port, wait_for_port
 
+MODES = ("off", "metrics", "events")
 
-def start(work: Path, name: str, workers: int, metrics: bool) -> tuple[subprocess.Popen, int]:
+#: the webhook receiver of the ``events`` server: answers 200 to every POST, in a process of its
+#: own (so its CPU is not the bench's)
+RECEIVER = """
+import sys
+from aiohttp import web
+
+async def hook(request):
+    await request.read()
+    return web.Response()
+
+app = web.Application()
+app.router.add_post("/hook", hook)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+def start(
+    work: Path, name: str, workers: int, receiver: int | None
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     http: dict = {"addr": f"127.0.0.1:{port}", "secret": "bench"}
-    if metrics:
+    if name != "off":
         http["debug"] = {"addr": f"127.0.0.1:{free_port()}", "prometheus": {"enabled": True}}
-    config = {
+    config: dict = {
         "version": "0.1",
         "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(work / name / "data")}},
         "http": http,
     }
+    if name == "events":
+        assert receiver is not None
+        config["notifications"] = {
+            "endpoints": [{"name": "bench", "url": f"http://127.0.0.1:{receiver}/hook"}]
+        }
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - the server's for its lifetime
@@ -98,13 +124,16 @@ def main() -> None:
     headers = {"Accept": MANIFEST_ACCEPT}
     with tempfile.TemporaryDirectory(prefix="dockyard-bench-metrics-") as tmp:
         work = Path(tmp)
-        servers = {mode: start(work, mode, args.workers, mode == "on") for mode in ("off", "on")}
+        receiver_port = free_port()
+        receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(receiver_port)])
+        wait_for_port(receiver_port, receiver)
+        servers = {mode: start(work, mode, args.workers, receiver_port) for mode in MODES}
         try:
             urls = {mode: push(port) for mode, (_, port) in servers.items()}
             rates: dict[tuple[str, str], list[float]] = {}
             cpu_per_request: dict[tuple[str, str], list[float]] = {}
             for _ in range(args.rounds):
-                for mode in ("off", "on"):
+                for mode in MODES:
                     proc = servers[mode][0]
                     cpu = cpu_seconds(proc)
                     get, _ = wrk(
@@ -133,29 +162,47 @@ def main() -> None:
                     us(("GET", mode), []).append(1e6 * cpu_get / (get * args.seconds))
                     us(("HEAD", mode), []).append(1e6 * cpu_head / (head * args.seconds))
                     time.sleep(0.5)
+            backlog = outbox_backlog(work / "events" / "data")
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
+            receiver.terminate()
+            receiver.wait(30)
     print(
         f"workers={args.workers} connections={args.connections} "
         f"rounds={args.rounds} x {args.seconds}s"
     )
     for method in ("HEAD", "GET"):
         off = statistics.median(rates[(method, "off")])
-        on = statistics.median(rates[(method, "on")])
-        print(
-            f"{method} manifest: metrics off {off:8.0f} req/s, on {on:8.0f} req/s, "
-            f"cost {100 * (off - on) / off:5.1f} %   "
-            f"(off {[round(r) for r in rates[(method, 'off')]]}, "
-            f"on {[round(r) for r in rates[(method, 'on')]]})"
-        )
-        off = statistics.median(cpu_per_request[(method, "off")])
-        on = statistics.median(cpu_per_request[(method, "on")])
-        print(
-            f"{method} manifest: server CPU per request: off {off:6.1f} us, on {on:6.1f} us, "
-            f"cost {100 * (on - off) / off:5.1f} %"
-        )
+        cpu_off = statistics.median(cpu_per_request[(method, "off")])
+        print(f"{method} manifest: off {off:8.0f} req/s, {cpu_off:6.1f} us server CPU per request")
+        for mode in MODES[1:]:
+            on = statistics.median(rates[(method, mode)])
+            cpu_on = statistics.median(cpu_per_request[(method, mode)])
+            print(
+                f"{method} manifest: {mode:7} {on:8.0f} req/s "
+                f"(cost {100 * (off - on) / off:5.1f} %), "
+                f"{cpu_on:6.1f} us server CPU per request (cost "
+                f"{100 * (cpu_on - cpu_off) / cpu_off:5.1f} %)   "
+                f"rates {[round(r) for r in rates[(method, mode)]]}"
+            )
+        print(f"  off rates {[round(r) for r in rates[(method, 'off')]]}")
+    print(
+        f"events: {backlog['written']} written, {backlog['delivered']} delivered by the end "
+        f"(the rest was the backlog)"
+    )
+
+
+def outbox_backlog(root: Path) -> dict[str, int]:
+    """How many events the ``events`` server wrote and delivered (its outbox, on disk)."""
+    import json
+
+    directory = root / "dockyard" / "events"
+    with open(directory / "outbox.jsonl", "rb") as f:
+        written = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    state = json.loads((directory / "endpoints" / "bench.json").read_text())
+    return {"written": written, "delivered": state["delivered"]}
 
 
 if __name__ == "__main__":

@@ -218,6 +218,9 @@ class Metrics:
             multiprocess_mode="mostrecent",
             registry=r,
         )
+        #: collectors that compute their values at scrape time (added to the multiprocess
+        #: scrape too: their values are the instance's, not a worker's)
+        self.scrape_collectors: dict[str, Any] = {}
         self.http_children: dict[tuple[str, str], HTTPChild] = {}
         self.in_flight_by_handler: dict[str, LocalGauge] = {}
         self.storage_timers: dict[tuple[str, str], LocalHistogram] = {}
@@ -280,7 +283,20 @@ class Metrics:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiprocess_dir)
+        for collector in self.scrape_collectors.values():
+            registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    def set_scrape_collector(self, name: str, collector: Any) -> None:
+        """The collector called ``name``, read at each scrape (e.g. from files every worker
+        can read); it replaces one set before under that name (a server started again in the
+        same process)."""
+        old = self.scrape_collectors.pop(name, None)
+        if old is not None and self.multiprocess_dir is None:
+            self.registry.unregister(old)
+        self.scrape_collectors[name] = collector
+        if self.multiprocess_dir is None:
+            self.registry.register(collector)
 
 
 class LocalHistogram:

@@ -167,9 +167,18 @@ async def _start_debug_server(
     from dockyard.app import metrics_wanted
 
     debug = config.http.debug
+    collected = metrics.enable() if metrics_wanted(config) else None
+    if collected is not None and config.notifications.active:
+        from dockyard.events.metrics import EventsCollector
+        from dockyard.events.outbox import Outbox, outbox_directory
+
+        outbox = Outbox(outbox_directory(config))
+        collected.set_scrape_collector(
+            "events", EventsCollector(outbox, config.notifications.active)
+        )
     runner = web.AppRunner(
         debug_app(
-            metrics.enable() if metrics_wanted(config) else None,
+            collected,
             debug.prometheus.path,
             app[HEALTH_KEY],
         ),

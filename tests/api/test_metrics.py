@@ -199,8 +199,16 @@ def test_storagedriver_disabled_checks_nothing(start_server: ServerFactory) -> N
 def test_counts_add_up_across_four_workers(start_server: ServerFactory) -> None:
     """Requests spread over four workers (each connection placed on another one) are all in
     one scrape of the debug address: counts and bytes summed over the workers."""
+    from harness.receiver import Receiver
+
     port = free_port()
-    s = start_server(workers=4, **debug_config(port))
+    receiver = Receiver().start()  # the events' metrics come from the outbox, not a worker
+    endpoint = {"name": "hook", "url": receiver.url, "ignore": {"actions": ["pull"]}}
+    s = start_server(
+        workers=4,
+        **debug_config(port),
+        notifications={"endpoints": [endpoint], "outbox": {"pollinterval": "50ms"}},
+    )
     connections = spread_over_workers(s, 4)  # (each asked GET /v2/ once or more)
     time.sleep(1.2)  # every worker's counts are in
     before = scrape(port)
@@ -232,9 +240,15 @@ def test_counts_add_up_across_four_workers(start_server: ServerFactory) -> None:
     while True:
         after = scrape(port)
         d = delta(before, after)
-        if d("dockyard_served_bytes_total") == total or time.monotonic() > deadline:
+        delivered = d("dockyard_events_delivered_total", endpoint="hook")
+        if d("dockyard_served_bytes_total") == total and delivered == 8:
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    receiver.stop()
+    assert delivered == 8  # a push event per blob, counted once for the instance
+    assert value(after, "dockyard_events_backlog_bytes", endpoint="hook") == 0
     requests_total = "registry_http_requests_total"
     assert d(requests_total, handler="blob_upload", method="post", code="201") == 8
     assert d(requests_total, handler="base", method="get", code="200") == 20
@@ -438,3 +452,63 @@ def test_scrapes_during_pushes_on_four_workers_only_grow_and_end_exact(
         time.sleep(0.2)
     assert done == total
     assert d("dockyard_upload_bytes_received_total") == sum(sizes)
+
+
+def test_event_metrics_per_endpoint(start_server: ServerFactory) -> None:
+    """Backlog, failed attempts and drops while the receiver is down; delivered once it is up.
+    Read from the outbox's state, so they are the instance's, not one worker's."""
+    from harness.receiver import Receiver
+
+    receiver = Receiver()  # down
+    port = free_port()
+    s = start_server(
+        **debug_config(port),
+        notifications={
+            "endpoints": [
+                {
+                    "name": "ci",
+                    "url": receiver.url,
+                    "timeout": "1s",
+                    "threshold": 2,
+                    "backoff": "50ms",
+                    "maxbackoff": "100ms",
+                    "ignoredmediatypes": ["application/octet-stream"],
+                }
+            ],
+            "outbox": {"pollinterval": "50ms", "maxbytes": 4096},
+        },
+    )
+    for i in range(20):
+        body = f'{{"schemaVersion": 2, "manifests": [], "annotations": {{"n": "{i}"}}}}'
+        r = s.push_manifest("ev/app", f"t{i}", body.encode(), INDEX)
+        assert r.status_code == 201, r.text
+    deadline = time.monotonic() + 15
+    while True:
+        down = scrape(port)  # the bound is applied between attempts
+        backlog = value(down, "dockyard_events_backlog_bytes", endpoint="ci")
+        if value(down, "dockyard_events_dropped_total", endpoint="ci") > 0 and backlog <= 4096:
+            break
+        assert time.monotonic() < deadline, "nothing dropped past maxbytes"
+        time.sleep(0.1)
+    assert value(down, "dockyard_events_delivery_failures_total", endpoint="ci") >= 2
+    assert value(down, "dockyard_events_consecutive_failures", endpoint="ci") >= 2
+    assert backlog > 0
+    assert value(down, "dockyard_events_delivered_total", endpoint="ci") == 0
+    dropped = value(down, "dockyard_events_dropped_total", endpoint="ci")
+    receiver.start()
+    try:
+        receiver.wait_for(int(20 - dropped), timeout=15, settle=0.3)
+        deadline = time.monotonic() + 10
+        while True:
+            up = scrape(port)
+            if value(up, "dockyard_events_backlog_bytes", endpoint="ci") == 0:
+                break
+            assert time.monotonic() < deadline, "the backlog does not drain"
+            time.sleep(0.1)
+        assert value(up, "dockyard_events_delivered_total", endpoint="ci") == 20 - dropped
+        assert value(up, "dockyard_events_consecutive_failures", endpoint="ci") == 0
+    finally:
+        receiver.stop()
+
+
+INDEX = "application/vnd.oci.image.index.v1+json"

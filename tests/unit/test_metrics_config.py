@@ -170,10 +170,20 @@ def test_disabled_never_checks() -> None:
 
 
 def _exported_names() -> set[str]:
-    from dockyard.metrics import Metrics
+    import tempfile
 
+    from dockyard.events.metrics import EventsCollector
+    from dockyard.events.outbox import Outbox
+    from dockyard.metrics import Metrics
+    from dockyard.notificationsconfig import EndpointConfig
+
+    metrics = Metrics()
+    with tempfile.TemporaryDirectory() as directory:
+        endpoint = EndpointConfig(name="hook", url="http://127.0.0.1:1/")
+        metrics.set_scrape_collector("events", EventsCollector(Outbox(directory), [endpoint]))
+        families = list(metrics.registry.collect())
     names = set()
-    for family in Metrics().registry.collect():
+    for family in families:
         if family.type == "counter":
             names.add(family.name + "_total")
         elif family.type == "histogram":
@@ -218,6 +228,8 @@ def test_the_dashboard_uses_only_exported_metrics() -> None:
         "dockyard_gc_runs_total",
         "registry_proxy_hits_total",
         "dockyard_uploads_in_progress",
+        "dockyard_events_backlog_bytes",
+        "dockyard_events_delivery_failures_total",
     ):
         assert wanted in used
 

@@ -148,6 +148,7 @@ class EndpointLoop:
                 self.state.last_success_at = now
                 return
             self.state.failures += 1
+            self.state.failed_attempts += 1
             self.state.last_error = error
             self.state.last_error_at = now
             self._save()

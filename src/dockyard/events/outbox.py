@@ -55,7 +55,10 @@ class EndpointState:
     offset: int = 0
     delivered: int = 0
     dropped: int = 0
+    #: consecutive failed attempts (0 after a success)
     failures: int = 0
+    #: every failed attempt since the endpoint was first configured (for the metrics)
+    failed_attempts: int = 0
     last_error: str = ""
     last_error_at: str = ""
     last_success_at: str = ""
