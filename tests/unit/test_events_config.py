@@ -13,7 +13,7 @@ import pytest
 
 from dockyard.config import ConfigError, validate
 from dockyard.events.delivery import envelope_body, signature
-from dockyard.events.envelope import references_of, rfc3339
+from dockyard.events.envelope import new_id, references_of, rfc3339
 from dockyard.events.outbox import Outbox
 
 
@@ -139,3 +139,64 @@ def test_outbox_lines_holes_and_partial_writes(tmp_path: Any) -> None:
     outbox.reclaim(second)
     assert outbox.reclaimed() == second
     assert [json.loads(line)["n"] for _, line in outbox.read(0) if line] == [2, 3]
+
+
+def test_event_ids_are_version_4_uuids_unique_across_forked_workers() -> None:
+    import os
+    import uuid
+
+    for _ in range(1000):
+        text = new_id()
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # workers are forked from one process: each must draw other ids
+    read, write = os.pipe()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, ("\n".join(new_id() for _ in range(100)) + "\n").encode())
+            os._exit(0)
+        children.append(pid)
+    os.close(write)
+    for pid in children:
+        os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        ids = pipe.read().split()
+    assert len(ids) == 200 and len(set(ids)) == 200
+
+
+def test_an_event_line_is_the_compact_json_of_the_event() -> None:
+    """The pull path writes pre-serialised lines: they must parse to what :func:`event` makes,
+    field for field and in registry:2's order, whatever a client put in its headers."""
+    import json
+
+    from dockyard.events import envelope
+
+    target = envelope.target(
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=12,
+        digest="sha256:" + "a" * 64,
+        repository="team/app",
+        url="https://r.example/v2/team/app/manifests/sha256:" + "a" * 64,
+        tag='we"ird\\tag\n',
+    )
+    request = {"id": "r", "addr": "[::1]:5", "host": "h", "method": "GET", "useragent": '"\x00<b>'}
+    source = {"addr": "host:5000", "instanceID": "i"}
+    for actor in (None, 'al"ice'):
+        line = envelope.event_line(
+            "pull",
+            envelope.compact(target),
+            envelope.compact(request),
+            actor,
+            envelope.compact(source),
+        )
+        assert line.endswith("\n") and line.count("\n") == 1
+        assert envelope.request_json(request) == envelope.compact(request)
+        parsed = json.loads(line)
+        expected = envelope.event("pull", target, request, actor, source)
+        assert list(parsed) == list(expected)
+        assert {k: v for k, v in parsed.items() if k not in ("id", "timestamp")} == {
+            k: v for k, v in expected.items() if k not in ("id", "timestamp")
+        }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +29,28 @@ from dockyard.notificationsconfig import INSTANCE_ID
 log = logging.getLogger("dockyard.events")
 
 _REQUEST = web.RequestKey("event_request", dict)
+_REQUEST_JSON = web.RequestKey("event_request_json", str)
+
+
+class _RecentJSON:
+    """JSON texts made for recent pull events, by what they are made of, for the next pulls
+    of the same thing: a bounded LRU (the keys hold what clients sent)."""
+
+    ENTRIES = 1024
+    LARGEST = 4096
+
+    def __init__(self) -> None:
+        self._texts: dict[tuple[Any, ...], str] = {}
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], str]) -> str:
+        text = self._texts.pop(key, None)
+        if text is None:
+            text = make()
+        if len(text) <= self.LARGEST:
+            self._texts[key] = text  # the most recently used last
+            if len(self._texts) > self.ENTRIES:
+                del self._texts[next(iter(self._texts))]
+        return text
 
 
 class Events:
@@ -41,7 +63,13 @@ class Events:
             for action in ("push", "pull", "mount", "delete")
             if any(action not in e.ignore.actions for e in self.config.active)
         }
-        self._pulls: list[dict[str, Any]] = []
+        self._source_json = envelope.compact(self.source)
+        #: outbox lines of pull events not yet written
+        self._pulls: list[str] = []
+        #: a pull target's JSON by what it is made of
+        self._targets = _RecentJSON()
+        #: the same for a request's JSON after its id (addr, host, method, user agent)
+        self._requests = _RecentJSON()
         self._tasks: list[asyncio.Task[None]] = []
         self._flushed = asyncio.Event()
 
@@ -78,12 +106,32 @@ class Events:
         self.outbox.close()
 
     async def record(self, event: dict[str, Any]) -> None:
-        if event["action"] == "pull":
-            self._pulls.append(event)
-            if len(self._pulls) >= self.config.outbox.pullbatch:
-                self._flushed.set()
-            return
+        """A push, mount or delete event: on disk when this returns."""
         await asyncio.to_thread(self.outbox.append, [event], True)
+
+    def record_pull(
+        self, request: web.Request, key: tuple[Any, ...], target: Callable[[], dict[str, Any]]
+    ) -> None:
+        """A pull event, written with the next batch. ``key`` says everything ``target()``
+        is made of, so that its JSON is made once for many pulls."""
+        target_json = self._targets.get(key, lambda: envelope.compact(target()))
+        request_json = request.get(_REQUEST_JSON)
+        if request_json is None:
+            fields = _request_fields(request)
+            # All but the id is the same for the requests of one keep-alive connection.
+            rest = self._requests.get(
+                (fields["addr"], fields["host"], fields["method"], fields["useragent"]),
+                lambda: envelope.request_json(fields).split(",", 1)[1],  # (an id has no comma)
+            )
+            request_id = fields["id"]
+            request_json = request[_REQUEST_JSON] = f'{{"id":"{request_id}",{rest}'
+        self._pulls.append(
+            envelope.event_line(
+                "pull", target_json, request_json, _actor(request), self._source_json
+            )
+        )
+        if len(self._pulls) >= self.config.outbox.pullbatch:
+            self._flushed.set()
 
     async def _flush_pulls(self) -> None:
         while True:
@@ -97,7 +145,7 @@ class Events:
         pulls, self._pulls = self._pulls, []
         if pulls:
             try:
-                await asyncio.to_thread(self.outbox.append, pulls, True)
+                await asyncio.to_thread(self.outbox.append_lines, "".join(pulls).encode(), True)
             except OSError:
                 log.exception("notification outbox: %d pull events lost", len(pulls))
 
@@ -120,7 +168,7 @@ def _request_fields(request: web.Request) -> dict[str, Any]:
         if isinstance(peer, tuple) and len(peer) >= 2 and peer[0] == request.remote:
             addr = f"[{addr}]:{peer[1]}" if ":" in addr else f"{addr}:{peer[1]}"
         fields = {
-            "id": str(uuid.uuid4()),
+            "id": envelope.new_id(),
             "addr": addr,
             "host": request.host,
             "method": request.method,
@@ -140,10 +188,6 @@ async def _record(request: web.Request, events: Events, action: str, target: dic
     )
 
 
-def _url(request: web.Request, path: str) -> str:
-    return url_for(request, path)
-
-
 async def manifest_event(
     request: web.Request,
     action: str,
@@ -157,19 +201,26 @@ async def manifest_event(
     events = _events_for(request, action)
     if events is None:
         return
-    references = None
-    if events.config.events.includereferences:
-        references = envelope.references_of(body)
-    target = envelope.target(
-        media_type=media_type,
-        size=len(body),
-        digest=str(digest),
-        repository=repository,
-        url=_url(request, f"/v2/{repository}/manifests/{digest}"),
-        tag=tag,
-        references=references,
-    )
-    await _record(request, events, action, target)
+    base = url_for(request, "")
+    with_references = events.config.events.includereferences
+
+    def target() -> dict[str, Any]:
+        return envelope.target(
+            media_type=media_type,
+            size=len(body),
+            digest=str(digest),
+            repository=repository,
+            url=f"{base}/v2/{repository}/manifests/{digest}",
+            tag=tag,
+            # content-addressed: the same for every pull of the digest
+            references=envelope.references_of(body) if with_references else None,
+        )
+
+    if action == "pull":
+        key = ("manifest", repository, str(digest), media_type, len(body), tag, base)
+        events.record_pull(request, key, target)
+    else:
+        await _record(request, events, action, target())
 
 
 async def blob_event(
@@ -184,15 +235,22 @@ async def blob_event(
     events = _events_for(request, action)
     if events is None:
         return
-    target = envelope.target(
-        media_type=envelope.BLOB_MEDIA_TYPE,
-        size=size,
-        digest=str(digest),
-        repository=repository,
-        from_repository=from_repository,
-        url=_url(request, f"/v2/{repository}/blobs/{digest}"),
-    )
-    await _record(request, events, action, target)
+    base = url_for(request, "")
+
+    def target() -> dict[str, Any]:
+        return envelope.target(
+            media_type=envelope.BLOB_MEDIA_TYPE,
+            size=size,
+            digest=str(digest),
+            repository=repository,
+            from_repository=from_repository,
+            url=f"{base}/v2/{repository}/blobs/{digest}",
+        )
+
+    if action == "pull":
+        events.record_pull(request, ("blob", repository, str(digest), size, base), target)
+    else:
+        await _record(request, events, action, target())
 
 
 async def delete_event(

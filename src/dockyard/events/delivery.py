@@ -32,6 +32,7 @@ SIGNATURE_HEADER = "Dockyard-Signature"
 #: how often a worker that does not deliver tries to take over (the holder died)
 _LEAD_RETRY = 1.0
 _RECLAIM_EVERY = 30.0
+_SAVE_EVERY = 0.2
 
 
 def envelope_body(event: dict[str, Any]) -> bytes:
@@ -90,16 +91,24 @@ class EndpointLoop:
             if not lines:
                 await asyncio.sleep(self.poll)
                 continue
+            saved = time.monotonic()
             try:
                 for end, line in lines:
                     if line:
                         await self._deliver_line(line)
                     self.state.offset = end
-                    self._save()
-                    if self.outbox.replay_pending(self.endpoint.name):
-                        break
+                    # The progress is saved every _SAVE_EVERY, not after each event (a write
+                    # and a rename each): a crash sends the events of that moment again, with
+                    # their ids (at least once).
+                    if time.monotonic() - saved >= _SAVE_EVERY:
+                        self._save()
+                        saved = time.monotonic()
+                        if self.outbox.replay_pending(self.endpoint.name):
+                            break
             except Overflow:
                 continue
+            finally:
+                self._save()  # also when stopping: what was delivered is not sent again
 
     def _bound(self) -> bool:
         """Drop the oldest events past the bound; True if any were dropped."""

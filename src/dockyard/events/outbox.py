@@ -83,10 +83,14 @@ class Outbox:
     def append(self, events: list[dict[str, Any]], durable: bool) -> None:
         """Write ``events`` as whole lines in one write; ``durable``: on disk when this
         returns. Blocking: call it in a thread."""
+        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events)
+        self.append_lines(data, durable)
+
+    def append_lines(self, data: bytes, durable: bool) -> None:
+        """Write whole lines (``data`` ends with a newline) in one write, as :meth:`append`."""
         if self._fd is None:
             self.open()
         assert self._fd is not None
-        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events)
         view = memoryview(data)
         while view:
             # One write for a regular file in O_APPEND mode lands whole; loop only for the

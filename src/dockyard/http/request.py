@@ -4,6 +4,7 @@ who sent it (the caller's address, decided once per request) and the URLs the cl
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -78,6 +79,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: hosts come from clients
 def is_valid_host(host: str) -> bool:
     """``host[:port]`` as RFC 3986 has it, strictly: DNS-style names (with ``_``, as compose
     service names have), IPv4, or a bracketed IPv6 literal; a port of 1 to 5 digits."""
