@@ -164,7 +164,8 @@ def _request_fields(request: web.Request) -> dict[str, Any]:
     fields = request.get(_REQUEST)
     if fields is None:
         addr = client_address(request)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        # the TCP peer, as the connection's handler noted it when the connection opened
+        peer = getattr(request.protocol, "peername", None)
         if isinstance(peer, tuple) and len(peer) >= 2 and peer[0] == request.remote:
             addr = f"[{addr}]:{peer[1]}" if ":" in addr else f"{addr}:{peer[1]}"
         fields = {
