@@ -459,6 +459,27 @@ class CatalogConfig(Section):
     maxentries: int = Field(default=1000, ge=1)
 
 
+class PolicyConfig(Section):
+    """Dockyard's addition: rules for the repositories whose names match one of
+    ``repositories`` (globs, as the token server's access rules: ``*`` crosses ``/``). The first
+    policy whose globs match a repository is that repository's; later ones do not apply."""
+
+    repositories: list[str] = Field(min_length=1)
+    #: regular expressions a whole tag must match (``re.fullmatch``) to be immutable: once it
+    #: exists, pushing another manifest to it or deleting it is refused with 403 DENIED
+    immutabletags: list[str] = Field(default_factory=list)
+
+    @field_validator("immutabletags")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
 class ValidationURLsConfig(Section):
     """registry:2's policy for the URLs of non-distributable layers (regular expressions).
     Dockyard does not apply it (see :data:`NOT_ACTED_ON`)."""
@@ -498,6 +519,7 @@ class Config(Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    policies: list[PolicyConfig] = Field(default_factory=list)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     middleware: dict[str, Any] = Field(default_factory=dict)
     reporting: dict[str, Any] = Field(default_factory=dict)

@@ -306,6 +306,17 @@ def test_default_config() -> None:
             "validation.manifests.sparse",
             "bool",
         ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\n"
+            "policies: [{repositories: [a/*], immutabletags: ['v(']}]\n",
+            "policies.0.immutabletags",
+            "not a regular expression",
+        ),
+        (
+            "version: 0.1\nstorage: {filesystem: {}}\npolicies: [{immutabletags: [v1]}]\n",
+            "policies.0.repositories",
+            "required",
+        ),
         ("- a\n- b\n", None, "mapping"),
         ("version: [\n", None, "YAML"),
     ],

@@ -118,6 +118,7 @@ async def put_manifest(request: web.Request) -> web.Response:
         digest,
         tags,
         sparse=repo.registry.sparse_manifests,
+        guard=repo.registry.policies.tag_guard(repo.name),
     )
     headers = {
         "Location": url_for(request, f"/v2/{repo.name}/manifests/{pushed.digest}"),
@@ -141,12 +142,16 @@ async def delete_manifest(request: web.Request) -> web.Response:
     repo = writable_repository_of(request)
     require_delete(request)
     reference = request.match_info["reference"]
+    guard = repo.registry.policies.tag_guard(repo.name)
     if is_digest(reference):
         digest = Digest.parse(reference)
-        tags = await repo.manifests.delete(digest)
+        tags = await repo.manifests.delete(digest, guard)
         await delete_event(request, repo.name, digest, tags)
     else:
         tag = validate_tag(reference)
+        refusal = guard(tag) if guard is not None else None
+        if refusal is not None:
+            raise refusal
         await repo.tags.untag(tag)
         await delete_event(request, repo.name, tags=[tag])
     return web.Response(status=202)

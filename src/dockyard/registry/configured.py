@@ -10,6 +10,7 @@ import secrets
 from dockyard.config import Config
 from dockyard.errors import ConfigError
 from dockyard.registry.cache import build_cache
+from dockyard.registry.policies import Policies
 from dockyard.registry.repository import Registry
 from dockyard.registry.upload_locks import build_upload_locks
 from dockyard.storage import build_driver
@@ -49,4 +50,5 @@ def open_store(config: Config, *, secret: str | None = None) -> Registry:
         upload_locks=build_upload_locks(config, storage),
         max_upload_sessions=config.http.limits.uploadsperrepository,
         sparse_manifests=config.validation.manifests.sparse,
+        policies=Policies(config.policies),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
@@ -22,6 +23,9 @@ from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore, manifest_unknown
 from dockyard.storage.driver import PathNotFound
 from dockyard.tracing import in_repository, traced
+
+if TYPE_CHECKING:
+    from dockyard.registry.policies import TagGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,7 @@ class ManifestStore:
         tags: list[str],
         *,
         sparse: bool = False,
+        guard: TagGuard | None = None,
     ) -> PushedManifest:
         """Validate and store a manifest, then point ``tags`` at it. ``digest`` is the one the
         client pushed by, if any: the body must hash to it.
@@ -132,7 +137,11 @@ class ManifestStore:
         children) this repository does not hold — the OCI spec's sparse manifests, for a mirror
         of some platforms of an image or a cache that has not pulled the rest yet. It must still
         parse and be valid; what it references and the repository holds is stamped as ever.
-        Off, anything absent is MANIFEST_BLOB_UNKNOWN."""
+        Off, anything absent is MANIFEST_BLOB_UNKNOWN.
+
+        ``guard``: the immutable tags' check (a client's push; not a cache's own refresh). A tag
+        it protects is refused before anything is written if it points elsewhere already, and
+        is created exclusively if it does not exist."""
         manifest = parse_manifest(body, content_type)
         if digest is None:
             digest = Digest.from_bytes(body)
@@ -143,6 +152,10 @@ class ManifestStore:
                 {"digest": str(digest)},
             )
         await self._check_references(manifest, sparse)
+        protected = {t: r for t in tags if guard is not None and (r := guard(t)) is not None}
+        for tag, refusal in protected.items():
+            if await self.tags.current(tag) not in (None, digest):
+                raise refusal
 
         # Content, then the revision link, then the referrers entry, then tags: every link
         # written points at something already in place.
@@ -151,7 +164,11 @@ class ManifestStore:
         if manifest.subject is not None:
             await self.referrers.add(manifest.subject.digest, digest)
         for tag in tags:
-            await self.tags.tag(tag, digest)
+            refusal = protected.get(tag)
+            if refusal is None:
+                await self.tags.tag(tag, digest)
+            else:  # lost a race for a new immutable tag: this manifest stays, untagged
+                await self.tags.tag_once(tag, digest, refusal)
         return PushedManifest(digest=digest, manifest=manifest)
 
     async def _blob_present(self, digest: Digest) -> bool:
@@ -183,10 +200,11 @@ class ManifestStore:
             )
 
     @traced("registry.manifest.delete", in_repository, expected=(RegistryError,))
-    async def delete(self, digest: Digest) -> list[str]:
+    async def delete(self, digest: Digest, guard: TagGuard | None = None) -> list[str]:
         """Remove the manifest from the repository, with the tags that point to it and its
         referrers-index entry; returns those tags. The bytes stay in ``blobs/`` until garbage
-        collection."""
+        collection. Refused, before anything is removed, if ``guard`` protects one of the
+        tags."""
         link = await read_link(self.storage, layout.revision_link(self.name, digest))
         if link != digest:
             raise manifest_unknown(str(digest))
@@ -197,6 +215,10 @@ class ManifestStore:
         except RegistryError:
             pass
         tags = await self.tags.pointing_to(digest)
+        for tag in tags:
+            refusal = guard(tag) if guard is not None else None
+            if refusal is not None:
+                raise refusal
         for tag in tags:
             await self.storage.delete_if_present(layout.tag_dir(self.name, tag))
         await self.storage.delete_if_present(

@@ -12,6 +12,7 @@ from dockyard.registry import layout
 from dockyard.registry.blobs import DEFAULT_TOUCH_INTERVAL, BlobStore, LinkedBlobs
 from dockyard.registry.cache import BlobDescriptorCache
 from dockyard.registry.manifests import ManifestBodies, ManifestStore
+from dockyard.registry.policies import Policies
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore
 from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks
@@ -95,8 +96,11 @@ class Registry:
         upload_locks: UploadLocks | None = None,
         max_upload_sessions: int = 0,
         sparse_manifests: bool = False,
+        policies: Policies | None = None,
     ) -> None:
         self.storage = storage
+        #: per-repository rules (immutable tags) for what clients change
+        self.policies = policies or Policies()
         self.delete_enabled = delete_enabled
         #: clients may push manifests whose references are absent (``ManifestStore.put``)
         self.sparse_manifests = sparse_manifests

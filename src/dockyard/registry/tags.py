@@ -37,6 +37,27 @@ class TagStore:
         await write_link(self.storage, layout.tag_index_link(self.name, tag, digest), digest)
         await write_link(self.storage, layout.tag_current_link(self.name, tag), digest)
 
+    async def current(self, tag: str) -> Digest | None:
+        """The manifest ``tag`` points to; None when there is no such tag."""
+        return await read_link(self.storage, layout.tag_current_link(self.name, tag))
+
+    @traced("registry.tag.put_once", in_repository, expected=(RegistryError,))
+    async def tag_once(self, tag: str, digest: Digest, refusal: RegistryError) -> None:
+        """Point an immutable ``tag`` at ``digest``: only if it does not exist yet (created
+        exclusively, so of two pushes racing for a new tag one wins on every worker and
+        instance) or already points there; else ``refusal`` is raised."""
+        current = await self.current(tag)
+        if current == digest:
+            return
+        if current is None:
+            await write_link(self.storage, layout.tag_index_link(self.name, tag, digest), digest)
+            link = layout.tag_current_link(self.name, tag)
+            if await self.storage.write_new(link, str(digest).encode("ascii")):
+                return
+            if await self.current(tag) == digest:  # the other push was of the same manifest
+                return
+        raise refusal
+
     @traced("registry.tag.delete", in_repository, expected=(RegistryError,))
     async def untag(self, tag: str) -> None:
         if not await self.storage.delete_if_present(layout.tag_dir(self.name, tag)):
