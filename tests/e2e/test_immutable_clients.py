@@ -64,3 +64,14 @@ def test_skopeo_copy_to_an_immutable_tag_shows_the_rule(start_server: Any, tmp_p
     assert results[1].returncode != 0
     assert "denied: tag v2.0.0 of releases/tool is immutable" in results[1].stderr
     assert RULE in results[1].stderr.replace("\\\\", "\\")
+    # skopeo delete resolves the tag and deletes the manifest by digest: refused as well
+    deleted = subprocess.run(
+        [SKOPEO, "delete", "--tls-verify=false", f"docker://{server.host}/releases/tool:v2.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert deleted.returncode != 0
+    assert "tag v2.0.0 of releases/tool is immutable" in deleted.stderr, deleted.stderr
+    assert server.session.head(server.v2("releases/tool/manifests/v2.0.0")).status_code == 200
