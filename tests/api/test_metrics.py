@@ -372,7 +372,9 @@ def test_auth_failures_and_throttled_logins(start_server: ServerFactory, tmp_pat
 def test_scheduled_gc_runs_reclaimed_bytes_and_storage_used(start_server: ServerFactory) -> None:
     port = free_port()
     s = start_server(
-        storage={"maintenance": {"gc": {"enabled": True, "interval": "1s", "grace": "0s"}}},
+        # a grace longer than a push: with none, a collection between a layer's upload and its
+        # manifest may take the layer (object storage stamps times in whole seconds)
+        storage={"maintenance": {"gc": {"enabled": True, "interval": "1s", "grace": "3s"}}},
         **debug_config(port),
     )
     kept = os.urandom(7000)

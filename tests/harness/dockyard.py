@@ -54,6 +54,11 @@ def dockyard_config(root: Path, port: int, **overrides: Any) -> dict[str, Any]:
     merge(config, overrides)
     if "s3" in config["storage"]:  # another driver replaces the default filesystem one
         del config["storage"]["filesystem"]
+        outbox = config.get("notifications", {}).get("outbox", {})
+        if config.get("notifications", {}).get("endpoints") and not outbox.get("directory"):
+            # the outbox's default on S3 is /var/lib/dockyard/events, one for every test
+            outbox["directory"] = str(root / "events")
+            config["notifications"]["outbox"] = outbox
     return config
 
 

@@ -29,7 +29,6 @@ from dockyard.notificationsconfig import INSTANCE_ID
 log = logging.getLogger("dockyard.events")
 
 _REQUEST = web.RequestKey("event_request", dict)
-_REQUEST_JSON = web.RequestKey("event_request_json", str)
 
 
 class _RecentJSON:
@@ -42,12 +41,15 @@ class _RecentJSON:
     def __init__(self) -> None:
         self._texts: dict[tuple[Any, ...], str] = {}
 
-    def get(self, key: tuple[Any, ...], make: Callable[[], str]) -> str:
+    def get(self, key: tuple[Any, ...]) -> str | None:
         text = self._texts.pop(key, None)
-        if text is None:
-            text = make()
-        if len(text) <= self.LARGEST:
+        if text is not None:
             self._texts[key] = text  # the most recently used last
+        return text
+
+    def put(self, key: tuple[Any, ...], text: str) -> str:
+        if len(text) <= self.LARGEST:
+            self._texts[key] = text
             if len(self._texts) > self.ENTRIES:
                 del self._texts[next(iter(self._texts))]
         return text
@@ -110,21 +112,43 @@ class Events:
         await asyncio.to_thread(self.outbox.append, [event], True)
 
     def record_pull(
-        self, request: web.Request, key: tuple[Any, ...], target: Callable[[], dict[str, Any]]
+        self,
+        request: web.Request,
+        key: tuple[Any, ...],
+        target: Callable[[str], dict[str, Any]],
     ) -> None:
-        """A pull event, written with the next batch. ``key`` says everything ``target()``
-        is made of, so that its JSON is made once for many pulls."""
-        target_json = self._targets.get(key, lambda: envelope.compact(target()))
-        request_json = request.get(_REQUEST_JSON)
-        if request_json is None:
+        """A pull event, written with the next batch. ``key`` says everything
+        ``target(base_url)`` is made of besides the base URL, so that its JSON is made once for
+        many pulls. Nothing is built on the way that a cache already holds: a pull event per
+        request is on the hot path."""
+        headers = request.headers
+        target_key = (
+            key,
+            request.host,
+            headers.get("X-Forwarded-Host"),
+            headers.get("X-Forwarded-Proto"),
+            headers.get("X-Forwarded-Port"),
+            headers.get("Forwarded"),
+            request.secure,
+        )
+        target_json = self._targets.get(target_key)
+        if target_json is None:
+            made = envelope.compact(target(url_for(request, "")))
+            target_json = self._targets.put(target_key, made)
+        # All but the id is the same for the requests of one keep-alive connection.
+        request_key = (
+            client_address(request),
+            getattr(request.protocol, "peername", None),
+            request.host,
+            request.method,
+            headers.get("User-Agent", ""),
+        )
+        rest = self._requests.get(request_key)
+        if rest is None:
             fields = _request_fields(request)
-            # All but the id is the same for the requests of one keep-alive connection.
-            rest = self._requests.get(
-                (fields["addr"], fields["host"], fields["method"], fields["useragent"]),
-                lambda: envelope.request_json(fields).split(",", 1)[1],  # (an id has no comma)
-            )
-            request_id = fields["id"]
-            request_json = request[_REQUEST_JSON] = f'{{"id":"{request_id}",{rest}'
+            made = envelope.request_json(fields).split(",", 1)[1]  # (an id has no comma)
+            rest = self._requests.put(request_key, made)
+        request_json = f'{{"id":"{envelope.new_id()}",{rest}'
         self._pulls.append(
             envelope.event_line(
                 "pull", target_json, request_json, _actor(request), self._source_json
@@ -202,10 +226,9 @@ async def manifest_event(
     events = _events_for(request, action)
     if events is None:
         return
-    base = url_for(request, "")
     with_references = events.config.events.includereferences
 
-    def target() -> dict[str, Any]:
+    def target(base: str) -> dict[str, Any]:
         return envelope.target(
             media_type=media_type,
             size=len(body),
@@ -218,10 +241,10 @@ async def manifest_event(
         )
 
     if action == "pull":
-        key = ("manifest", repository, str(digest), media_type, len(body), tag, base)
+        key = ("manifest", repository, digest, media_type, len(body), tag)
         events.record_pull(request, key, target)
     else:
-        await _record(request, events, action, target())
+        await _record(request, events, action, target(url_for(request, "")))
 
 
 async def blob_event(
@@ -236,9 +259,8 @@ async def blob_event(
     events = _events_for(request, action)
     if events is None:
         return
-    base = url_for(request, "")
 
-    def target() -> dict[str, Any]:
+    def target(base: str) -> dict[str, Any]:
         return envelope.target(
             media_type=envelope.BLOB_MEDIA_TYPE,
             size=size,
@@ -249,9 +271,9 @@ async def blob_event(
         )
 
     if action == "pull":
-        events.record_pull(request, ("blob", repository, str(digest), size, base), target)
+        events.record_pull(request, ("blob", repository, digest, size), target)
     else:
-        await _record(request, events, action, target())
+        await _record(request, events, action, target(url_for(request, "")))
 
 
 async def delete_event(
