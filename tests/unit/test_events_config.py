@@ -200,3 +200,19 @@ def test_an_event_line_is_the_compact_json_of_the_event() -> None:
         assert {k: v for k, v in parsed.items() if k not in ("id", "timestamp")} == {
             k: v for k, v in expected.items() if k not in ("id", "timestamp")
         }
+
+
+def test_recent_json_is_bounded_in_entries_and_in_what_clients_send() -> None:
+    from dockyard.events import _RecentJSON
+
+    recent = _RecentJSON()
+    for i in range(recent.ENTRIES + 10):
+        recent.put(("k", str(i)), "{}")
+    assert recent.get(("k", "0")) is None  # the least recently used went first
+    assert recent.get(("k", str(recent.ENTRIES + 9))) == "{}"
+    assert len(recent._texts) == recent.ENTRIES
+    huge = "x" * (recent.LARGEST + 1)
+    assert recent.put(("k", huge), "{}") == "{}"  # answered, not kept
+    assert recent.get(("k", huge)) is None
+    assert recent.put(("k", "big"), huge) == huge
+    assert recent.get(("k", "big")) is None

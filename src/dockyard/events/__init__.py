@@ -48,7 +48,9 @@ class _RecentJSON:
         return text
 
     def put(self, key: tuple[Any, ...], text: str) -> str:
-        if len(text) <= self.LARGEST:
+        # Headers in the key are as large as clients make them: neither is kept when large.
+        key_size = sum(len(part) for part in key if isinstance(part, str))
+        if len(text) <= self.LARGEST and key_size <= self.LARGEST:
             self._texts[key] = text
             if len(self._texts) > self.ENTRIES:
                 del self._texts[next(iter(self._texts))]
