@@ -63,6 +63,17 @@ def delta(before: Samples, after: Samples) -> Callable[..., float]:
     return lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)
 
 
+def upload(conn: Any, repository: str, data: bytes) -> None:
+    """A monolithic blob upload on one worker's connection."""
+    status, _, _ = conn.request(
+        "POST",
+        f"/v2/{repository}/blobs/uploads/?digest={sha256(data)}",
+        body=data,
+        headers={"Content-Length": str(len(data))},
+    )
+    assert status == 201
+
+
 def test_http_and_storage_metrics_with_registry2_names(start_server: ServerFactory) -> None:
     port = free_port()
     s = start_server(**debug_config(port))
@@ -215,14 +226,7 @@ def test_counts_add_up_across_four_workers(start_server: ServerFactory) -> None:
     blobs = [os.urandom(3000 + i) for i in range(8)]
     try:
         for i, data in enumerate(blobs):
-            conn = connections[i % 4]
-            status, _, _ = conn.request(
-                "POST",
-                f"/v2/multi/app/blobs/uploads/?digest={sha256(data)}",
-                body=data,
-                headers={"Content-Length": str(len(data))},
-            )
-            assert status == 201
+            upload(connections[i % 4], "multi/app", data)
         for i in range(20):
             status, _ = connections[i % 4].get("/v2/")
             assert status == 200
@@ -421,13 +425,7 @@ def test_scrapes_during_pushes_on_four_workers_only_grow_and_end_exact(
     def push(conn: Any, index: int) -> None:
         for i in range(per_connection):
             data = os.urandom(2000 + 100 * index + i)
-            status, _, _ = conn.request(
-                "POST",
-                f"/v2/during/app{index}/blobs/uploads/?digest={sha256(data)}",
-                body=data,
-                headers={"Content-Length": str(len(data))},
-            )
-            assert status == 201
+            upload(conn, f"during/app{index}", data)
             sizes.append(len(data))
 
     threads = [threading.Thread(target=push, args=(conn, i)) for i, conn in enumerate(connections)]
