@@ -15,7 +15,7 @@ import click
 from dockyard.cli import load, main
 from dockyard.cli.output import Column, echo_json, echo_table, format_size
 from dockyard.config import parse_duration
-from dockyard.events.outbox import EndpointState, Outbox, outbox_directory
+from dockyard.events.outbox import Outbox, outbox_directory
 
 
 def parse_time(value: str) -> float:
@@ -95,7 +95,7 @@ def events(
     size = outbox.size()
     rows: list[dict[str, Any]] = []
     for endpoint in endpoints:
-        state = outbox.load_state(endpoint.name) or EndpointState(offset=outbox.reclaimed())
+        state = outbox.load_state(endpoint.name)
         rows.append(
             {
                 "endpoint": endpoint.name,

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from dockyard.events.envelope import MEDIA_TYPE, rfc3339
-from dockyard.events.outbox import LOCK, EndpointState, Outbox
+from dockyard.events.outbox import LOCK, Outbox
 from dockyard.notificationsconfig import EndpointConfig, NotificationsConfig
 
 log = logging.getLogger("dockyard.events")
@@ -69,10 +69,7 @@ class EndpointLoop:
         self.session = session
         self.maxbytes = maxbytes
         self.poll = poll
-        state = outbox.load_state(endpoint.name)
-        if state is None:
-            state = EndpointState(offset=outbox.reclaimed())
-        self.state = state
+        self.state = outbox.load_state(endpoint.name)
 
     def _save(self) -> None:
         self.outbox.save_state(self.endpoint.name, self.state)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from dockyard.events.outbox import EndpointState, Outbox
+from dockyard.events.outbox import Outbox
 from dockyard.notificationsconfig import EndpointConfig
 
 
@@ -55,7 +55,6 @@ class EventsCollector:
         )
         try:
             size = self.outbox.size()
-            reclaimed = self.outbox.reclaimed()
         except OSError:
             return
         for name in self.names:
@@ -63,8 +62,6 @@ class EventsCollector:
                 state = self.outbox.load_state(name)
             except OSError:
                 continue
-            if state is None:  # nothing delivered yet: the backlog starts where delivery will
-                state = EndpointState(offset=reclaimed)
             delivered.add_metric([name], state.delivered)
             failures.add_metric([name], state.failed_attempts)
             dropped.add_metric([name], state.dropped)

@@ -206,12 +206,14 @@ class Outbox:
     def state_path(self, name: str, suffix: str = ".json") -> str:
         return os.path.join(self.directory, ENDPOINTS, name + suffix)
 
-    def load_state(self, name: str) -> EndpointState | None:
+    def load_state(self, name: str) -> EndpointState:
+        """The endpoint's delivery state; for an endpoint that has none yet, delivery starts
+        with the events the outbox still holds."""
         try:
             with open(self.state_path(name)) as f:
                 data = json.load(f)
         except (FileNotFoundError, ValueError):
-            return None
+            return EndpointState(offset=self.reclaimed())
         known = {k: v for k, v in data.items() if k in EndpointState.__dataclass_fields__}
         return EndpointState(**known)
 
