@@ -24,6 +24,7 @@ from dockyard.http.request import CONFIG_KEY, TRACE_ID, client_address_middlewar
 from dockyard.http.responses import add_common_headers
 from dockyard.lifecycle import InFlight
 from dockyard.registry.configured import open_store
+from dockyard.registry.index import MetadataIndex
 from dockyard.shared import Shared
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
@@ -112,7 +113,21 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     app.on_cleanup.append(close_registry)
     if collected is not None:
         app.cleanup_ctx.append(_flushing(collected))
+    if registry.index is not None:
+        app.cleanup_ctx.append(_writing_pulls(registry.index))
     return app
+
+
+def _writing_pulls(index: MetadataIndex) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The pull times this worker noted reach the index every ``index.pullflush`` seconds."""
+
+    async def writing(_: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(index.run_pull_flusher())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return writing
 
 
 def _flushing(collected: metrics.Metrics) -> Callable[[web.Application], AsyncIterator[None]]:

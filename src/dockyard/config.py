@@ -459,6 +459,18 @@ class CatalogConfig(Section):
     maxentries: int = Field(default=1000, ge=1)
 
 
+class IndexConfig(Section):
+    """Dockyard: the metadata index (``dockyard.registry.index``), derived from the layout."""
+
+    #: the SQLite file's directory; default ``<filesystem rootdirectory>/dockyard/index``, else
+    #: ``/var/lib/dockyard/index`` (a local disk)
+    directory: str = ""
+    #: pull times wait in memory at most this long before they are written
+    pullflush: Duration = Field(default=5.0, gt=0)
+    #: how often the index is compared with the layout (changes registry:2 or a restore made)
+    verifyinterval: Duration = Field(default=600.0, gt=0)
+
+
 class PolicyConfig(Section):
     """Dockyard's addition: rules for the repositories whose names match one of
     ``repositories`` (globs, as the token server's access rules: ``*`` crosses ``/``). The first
@@ -520,6 +532,7 @@ class Config(Section):
     health: HealthConfig = Field(default_factory=HealthConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     policies: list[PolicyConfig] = Field(default_factory=list)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     middleware: dict[str, Any] = Field(default_factory=dict)
     reporting: dict[str, Any] = Field(default_factory=dict)

@@ -79,6 +79,7 @@ async def run(config: Config, registry: Registry) -> None:
                 delete_untagged=gc.deleteuntagged,
                 dry_run=gc.dryrun,
                 cache=registry.blobs.cache,
+                index=registry.index,
             ).run()
             log.info("scheduled garbage collection: %s", report.summary())
 

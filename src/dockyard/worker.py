@@ -134,6 +134,15 @@ async def serve_worker(
         )
     if with_maintenance:
         background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY])))
+    registry = app[REGISTRY_KEY]
+    if worker == 0 and registry.index is not None:
+        # One worker per instance compares the index with the layout: soon after start (a
+        # store registry:2 wrote is indexed at once) and every index.verifyinterval after.
+        background.append(
+            asyncio.create_task(
+                registry.index.run_verifier(registry.storage, config.index.verifyinterval, 1.0)
+            )
+        )
     log.info(
         "serving",
         extra={

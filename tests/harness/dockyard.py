@@ -59,6 +59,8 @@ def dockyard_config(root: Path, port: int, **overrides: Any) -> dict[str, Any]:
             # the outbox's default on S3 is /var/lib/dockyard/events, one for every test
             outbox["directory"] = str(root / "events")
             config["notifications"]["outbox"] = outbox
+        # likewise the metadata index's default, /var/lib/dockyard/index
+        config.setdefault("index", {}).setdefault("directory", str(root / "index"))
     return config
 
 

@@ -8,6 +8,7 @@ from dockyard.api.base import (
     body_stream,
     cache_headers,
     proxied_of,
+    registry_of,
     repository_of,
     require_delete,
     writable_repository_of,
@@ -62,6 +63,9 @@ async def get_manifest(request: web.Request) -> web.Response:
         "Docker-Content-Digest": str(stored.digest),
         "ETag": f'"{stored.digest}"',
     }
+    index = registry_of(request).index
+    if index is not None:  # in memory until the next flush: no write on the pull path
+        index.note_pull(request.match_info["name"], stored.digest)
     if _not_modified(request, stored.digest):
         return web.Response(status=304, headers=headers)
     reference = request.match_info["reference"]

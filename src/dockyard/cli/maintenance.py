@@ -128,6 +128,7 @@ def gc(
                     cache=registry.blobs.cache,
                     immediate=immediate,
                     presences=PresenceRecords(registry.storage, redis),
+                    index=registry.index,
                 )
                 return await collector.run()
         finally:

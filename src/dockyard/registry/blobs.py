@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
@@ -19,6 +20,9 @@ from dockyard.registry.cache import BlobDescriptorCache, NoCache
 from dockyard.storage.driver import PathNotFound, StorageError
 from dockyard.storage.store import LocalRange, Store, StreamedRange
 from dockyard.tracing import in_repository, traced
+
+if TYPE_CHECKING:
+    from dockyard.registry.index import MetadataIndex
 
 #: A blob's bytes opened for a response: a local file to send with zero-copy sendfile, or a
 #: stream (see storage.store.Store.open_range).
@@ -168,10 +172,11 @@ class BlobStore:
 class LinkedBlobs:
     """One repository's blobs: those linked under its ``_layers``."""
 
-    def __init__(self, name: str, store: BlobStore) -> None:
+    def __init__(self, name: str, store: BlobStore, index: MetadataIndex | None = None) -> None:
         self.name = name
         self.store = store
         self.storage = store.storage
+        self.index = index
 
     async def is_linked(self, digest: Digest) -> bool:
         return await read_link(self.storage, layout.layer_link(self.name, digest)) == digest
@@ -211,8 +216,12 @@ class LinkedBlobs:
     async def redirect_url(self, digest: Digest, method: str) -> str | None:
         return await self.store.redirect_url(digest, method)
 
-    async def link(self, digest: Digest) -> None:
+    async def link(self, digest: Digest, size: int | None = None) -> None:
+        """Link the blob into the repository; ``size`` (its stored size, when the caller knows
+        it) counts it in the repository's usage at once."""
         await write_link(self.storage, layout.layer_link(self.name, digest), digest)
+        if self.index is not None and size is not None:
+            await self.index.blob_linked(self.name, digest, size)
 
     @traced("registry.blob.delete", in_repository, expected=(RegistryError,))
     async def unlink(self, digest: Digest) -> None:

@@ -5,11 +5,13 @@ here."""
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from dockyard.config import Config
 from dockyard.errors import ConfigError
 from dockyard.registry.cache import build_cache
+from dockyard.registry.index import MetadataIndex
 from dockyard.registry.policies import Policies
 from dockyard.registry.repository import Registry
 from dockyard.registry.upload_locks import build_upload_locks
@@ -36,6 +38,23 @@ def checked_store(driver: StorageDriver) -> Store:
     return store
 
 
+def index_directory(config: Config) -> str:
+    """``index.directory``, else ``<rootdirectory>/dockyard/index`` with filesystem storage
+    (beside the store, where registry:2 never looks), else ``/var/lib/dockyard/index``."""
+    if config.index.directory:
+        return config.index.directory
+    if config.storage.filesystem is not None:
+        return os.path.join(config.storage.filesystem.rootdirectory, "dockyard", "index")
+    return "/var/lib/dockyard/index"
+
+
+def open_index(config: Config) -> MetadataIndex:
+    return MetadataIndex(
+        os.path.join(index_directory(config), "metadata.sqlite3"),
+        pull_flush=config.index.pullflush,
+    )
+
+
 def open_store(config: Config, *, secret: str | None = None) -> Registry:
     """The configured registry, ready for use (nothing connects before it is first used);
     ``Registry.close`` releases it. ``secret`` signs upload state (``http.secret``); tools
@@ -51,4 +70,5 @@ def open_store(config: Config, *, secret: str | None = None) -> Registry:
         max_upload_sessions=config.http.limits.uploadsperrepository,
         sparse_manifests=config.validation.manifests.sparse,
         policies=Policies(config.policies),
+        index=open_index(config),
     )

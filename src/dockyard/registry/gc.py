@@ -52,6 +52,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 from dockyard import metrics
 from dockyard.errors import RegistryError
@@ -71,6 +72,9 @@ from dockyard.registry.presence import (
 from dockyard.registry.progress import NoProgress, Progress
 from dockyard.storage.driver import PathNotFound
 from dockyard.storage.store import Store
+
+if TYPE_CHECKING:
+    from dockyard.registry.index import MetadataIndex
 
 log = logging.getLogger("dockyard.gc")
 
@@ -126,8 +130,12 @@ class GarbageCollector:
         cache: BlobDescriptorCache | None = None,
         immediate: bool = False,
         presences: PresenceRecords | None = None,
+        index: MetadataIndex | None = None,
     ) -> None:
         self.storage = storage
+        #: refreshed for the repositories the collection changed (their usage, untagged ones)
+        self.index = index
+        self.changed: set[str] = set()
         self.immediate = immediate
         self.presences = presences or PresenceRecords(storage)
         self.store = BlobStore(storage, cache=cache)
@@ -177,6 +185,9 @@ class GarbageCollector:
             for name in names:
                 await self._sweep_links(name, report)
                 self.progress.advance(SWEEP_LINKS)
+        if self.index is not None and not self.dry_run:
+            for name in sorted(self.changed):
+                await self.index.refresh(self.storage, name)
         report.seconds = time.time() - started
         self._record(report)
         log.info(
@@ -235,6 +246,7 @@ class GarbageCollector:
         for digest in set(repo.revisions) - kept:
             path = layout.revision_link(name, digest)
             if await self._remove(path, _nothing):
+                self.changed.add(name)
                 report.manifests_removed += 1
                 report.removed.append(f"manifest {name}@{digest}")
                 if not self.dry_run:
@@ -350,6 +362,7 @@ class GarbageCollector:
             path = layout.layer_link(name, digest)
             if await self._remove(path, partial(self.store.cache.forget_link, name, digest)):
                 report.links_removed += 1
+                self.changed.add(name)
                 if not self.dry_run:
                     await self.storage.remove_empty_dir(path.rsplit("/", 1)[0])
 

@@ -4,6 +4,7 @@ served back byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,12 +20,14 @@ from dockyard.registry.blobs import (
     read_link,
     write_link,
 )
+from dockyard.registry.records import manifest_record
 from dockyard.registry.referrers import ReferrersIndex
 from dockyard.registry.tags import TagStore, manifest_unknown
 from dockyard.storage.driver import PathNotFound
 from dockyard.tracing import in_repository, traced
 
 if TYPE_CHECKING:
+    from dockyard.registry.index import MetadataIndex
     from dockyard.registry.policies import TagGuard
 
 
@@ -79,9 +82,11 @@ class ManifestStore:
         tags: TagStore,
         referrers: ReferrersIndex,
         bodies: ManifestBodies | None = None,
+        index: MetadataIndex | None = None,
     ) -> None:
         self.name = name
         self.bodies = bodies or ManifestBodies(0)
+        self.index = index
         self.store = store
         self.storage = store.storage
         self.blobs = blobs
@@ -169,7 +174,18 @@ class ManifestStore:
                 await self.tags.tag(tag, digest)
             else:  # lost a race for a new immutable tag: this manifest stays, untagged
                 await self.tags.tag_once(tag, digest, refusal)
+        if self.index is not None:
+            await self._index_push(digest, body, manifest, tags)
         return PushedManifest(digest=digest, manifest=manifest)
+
+    async def _index_push(
+        self, digest: Digest, body: bytes, manifest: Manifest, tags: list[str]
+    ) -> None:
+        assert self.index is not None
+        used = {d.digest: d.size for d in manifest.blobs}
+        used[digest] = len(body)
+        record = manifest_record(digest, body, manifest, time.time())
+        await self.index.manifest_pushed(self.name, record, tags, used)
 
     async def _blob_present(self, digest: Digest) -> bool:
         """Linked here and its data present, which is stamped: a manifest about to reference
@@ -226,4 +242,6 @@ class ManifestStore:
         )
         if subject is not None:
             await self.referrers.remove(subject.digest, digest)
+        if self.index is not None:
+            await self.index.manifest_deleted(self.name, digest)
         return tags

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dockyard.oci.names import validate_name
 from dockyard.registry import layout
@@ -19,6 +20,9 @@ from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks
 from dockyard.registry.uploads import HasherCache, Uploads, UploadTokens
 from dockyard.storage.driver import PathNotFound, StorageError
 from dockyard.storage.store import Store
+
+if TYPE_CHECKING:
+    from dockyard.registry.index import MetadataIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +61,17 @@ class Repository:
         self.name = name
         self.registry = registry
         store = registry.blobs
-        self.blobs = LinkedBlobs(name, store)
-        self.tags = TagStore(name, registry.storage)
+        self.blobs = LinkedBlobs(name, store, registry.index)
+        self.tags = TagStore(name, registry.storage, registry.index)
         self.referrers = ReferrersIndex(name, store)
         self.manifests = ManifestStore(
-            name, store, self.blobs, self.tags, self.referrers, registry.manifest_bodies
+            name,
+            store,
+            self.blobs,
+            self.tags,
+            self.referrers,
+            registry.manifest_bodies,
+            registry.index,
         )
         self.uploads = Uploads(
             name,
@@ -97,8 +107,11 @@ class Registry:
         max_upload_sessions: int = 0,
         sparse_manifests: bool = False,
         policies: Policies | None = None,
+        index: MetadataIndex | None = None,
     ) -> None:
         self.storage = storage
+        #: the metadata index (derived: sorted tags, times, usage); None in bare unit tests
+        self.index = index
         #: per-repository rules (immutable tags) for what clients change
         self.policies = policies or Policies()
         self.delete_enabled = delete_enabled
@@ -143,4 +156,6 @@ class Registry:
         """Release the cache's and the upload locks' connections, then storage's."""
         await self.blobs.cache.close()
         await self.upload_locks.close()
+        if self.index is not None:
+            await self.index.close()
         await self.storage.close()

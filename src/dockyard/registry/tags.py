@@ -5,6 +5,7 @@ garbage collector reads it)."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
@@ -14,15 +15,19 @@ from dockyard.storage.driver import PathNotFound
 from dockyard.storage.store import Store
 from dockyard.tracing import in_repository, traced
 
+if TYPE_CHECKING:
+    from dockyard.registry.index import MetadataIndex
+
 
 def manifest_unknown(reference: str) -> RegistryError:
     return RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail={"reference": reference})
 
 
 class TagStore:
-    def __init__(self, name: str, storage: Store) -> None:
+    def __init__(self, name: str, storage: Store, index: MetadataIndex | None = None) -> None:
         self.name = name
         self.storage = storage
+        self.index = index
 
     @traced("registry.tag.resolve", in_repository, expected=(RegistryError,))
     async def resolve(self, tag: str) -> Digest:
@@ -62,6 +67,8 @@ class TagStore:
     async def untag(self, tag: str) -> None:
         if not await self.storage.delete_if_present(layout.tag_dir(self.name, tag)):
             raise manifest_unknown(tag)
+        if self.index is not None:
+            await self.index.tag_deleted(self.name, tag)
 
     @traced("registry.tag.list", in_repository, expected=(RegistryError,))
     async def all(self) -> list[str]:

@@ -471,7 +471,7 @@ class Uploads:
             if built is not None:
                 await self.storage.delete_if_present(built)
         await self.storage.delete_if_present(layout.upload_dir(self.name, session.id))
-        await self.blobs.link(digest)
+        await self.blobs.link(digest, info.size)
         return BlobInfo(digest=digest, size=info.size, modified=time.time())
 
     async def _sealed_chain(self, session: UploadSession) -> Chain:
@@ -528,7 +528,7 @@ class Uploads:
             info = await self.store.keep(digest)
         except RegistryError:
             return None
-        await self.blobs.link(digest)
+        await self.blobs.link(digest, info.size)
         return info
 
 

@@ -1,0 +1,636 @@
+"""The metadata index: per repository its tags (sorted, with digest and push time), its
+manifests (size, push and pull times, subject, children) and the blobs it uses (for usage per
+repository and per namespace), in one SQLite file.
+
+It is derived data. registry:2's layout stays the truth: the registry API never answers from the
+index, and ``dockyard reindex`` rebuilds it from the layout (keeping the pull times, which only
+the index holds). What it serves: sorted, paged listings that cost O(page) (the JSON API and the
+web UI), snapshots for retention, usage for quotas and ``du``.
+
+How it stays true:
+
+- Dockyard's own writes update it before the client's request is answered (a push's manifest,
+  tags and blob links, a delete), in one transaction, so every worker of the instance reads
+  what any of them wrote (SQLite in WAL mode, one file shared by the workers).
+- A failed index write never fails the request: the repository is marked stale and is refreshed
+  from the layout by the next verification.
+- Pulls are counted in memory and written in one transaction every ``index.pullflush`` seconds
+  (no write on the pull path); a crash loses at most that long of pull times.
+- Verification (at start and every ``index.verifyinterval``) compares each repository's tags,
+  revisions and layer links in the layout with the index and refreshes those that differ: what
+  registry:2, a restore from backup or a hand edit changed appears within that interval.
+
+Why SQLite: ordered keys (``WHERE tag > ? ORDER BY tag LIMIT n`` on the primary key is a seek
+and a page), transactions shared safely by the worker processes of one host, and it ships with
+Python. Calls run on one thread per process, so the event loop never waits on the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dockyard.errors import RegistryError
+from dockyard.oci.digest import Digest
+from dockyard.oci.manifest import read_stored
+from dockyard.registry import inventory, layout
+from dockyard.registry.blobs import BlobStore
+from dockyard.registry.records import (
+    ManifestRecord,
+    RepositorySnapshot,
+    TagRecord,
+    record_of,
+)
+from dockyard.storage.driver import PathNotFound
+from dockyard.storage.store import Store
+
+log = logging.getLogger("dockyard.index")
+
+T = TypeVar("T")
+
+#: bumped when the schema changes: an index of another version is rebuilt from the layout
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS repositories (
+    name TEXT PRIMARY KEY,
+    stale INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tags (
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    pushed REAL NOT NULL,
+    PRIMARY KEY (repository, tag)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS manifests (
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    pushed REAL NOT NULL,
+    pulled REAL,
+    subject TEXT,
+    artifact_type TEXT,
+    children TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (repository, digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (repository, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RepositorySummary:
+    name: str
+    tags: int
+    manifests: int
+    #: bytes of the distinct blobs the repository uses (manifests, configs, layers, links)
+    size: int
+    #: the latest tag push, None for a repository without tags
+    pushed: float | None
+    pulled: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    scope: str
+    #: bytes of the distinct blobs used within the scope (each counted once)
+    bytes: int
+    blobs: int
+    repositories: int
+
+
+def scope_condition(scope: str) -> tuple[str, tuple[str, ...]]:
+    """SQL condition and parameters selecting the repositories of ``scope``: ``team-a/*`` is
+    every repository under ``team-a/``, ``*`` every repository, anything else one name."""
+    if scope == "*":
+        return "1", ()
+    if scope.endswith("/*"):
+        prefix = scope[:-1]
+        # A range on the primary key rather than LIKE: names may hold '%' and '_' literally.
+        return "repository >= ? AND repository < ?", (prefix, prefix[:-1] + chr(ord("/") + 1))
+    return "repository = ?", (scope,)
+
+
+class MetadataIndex:
+    """The index of one store, in the SQLite file at ``path`` (``":memory:"`` for a private
+    one in tests). Safe to share between the worker processes of one host; each process opens
+    its own connection on its own thread (after a fork, a new one)."""
+
+    def __init__(self, path: str, *, pull_flush: float = 5.0) -> None:
+        self.path = path
+        self.pull_flush = pull_flush
+        #: (repository, digest) -> latest pull time not yet written
+        self._pulls: dict[tuple[str, str], float] = {}
+        self._pid = -1
+        self._executor: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.path != ":memory:":
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # Derived data: losing the last transactions on a power cut costs a refresh, not
+            # data; a sync per push would cost every push.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if version is None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+            self._local.conn = conn
+        return conn
+
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._pid != os.getpid() or self._executor is None:
+            # A forked worker gets its own thread (threads do not survive fork) and so its
+            # own connection (SQLite connections must not cross a fork).
+            self._pid = os.getpid()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="dockyard-index")
+            self._local = threading.local()
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: work(self._connection())
+        )
+
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return self._run(transaction)
+
+    async def _safely(self, name: str, work: Callable[[sqlite3.Connection], Any]) -> None:
+        """A write on a client's path: a failure marks the repository stale for the next
+        verification instead of failing the request (the layout has the truth already)."""
+        try:
+            await self._write(work)
+        except sqlite3.Error as exc:
+            log.error(
+                "index write for %s failed (refreshed at the next verification): %s", name, exc
+            )
+            with contextlib.suppress(sqlite3.Error):
+                await self._write(
+                    lambda c: c.execute(
+                        "INSERT INTO repositories VALUES (?, 1) "
+                        "ON CONFLICT(name) DO UPDATE SET stale=1",
+                        (name,),
+                    )
+                )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush_pulls()
+        executor = self._executor
+        if executor is not None and self._pid == os.getpid():
+
+            def close_connection() -> None:
+                conn = getattr(self._local, "conn", None)
+                if conn is not None:
+                    conn.close()
+                    self._local.conn = None
+
+            with contextlib.suppress(RuntimeError):
+                await asyncio.get_running_loop().run_in_executor(executor, close_connection)
+            executor.shutdown(wait=False)
+        self._executor = None
+
+    # -- what the registry's writes tell it -----------------------------------------------
+
+    async def manifest_pushed(
+        self, name: str, record: ManifestRecord, tags: Iterable[str], blobs: dict[Digest, int]
+    ) -> None:
+        """A manifest stored in ``name`` and ``tags`` pointed at it, all at ``record.pushed``;
+        ``blobs`` (digest -> size) are the blobs it makes the repository use: the manifest's
+        own bytes and what it references."""
+        tags = list(tags)
+
+        def work(c: sqlite3.Connection) -> None:
+            _ensure_repository(c, name)
+            _put_manifest(c, name, record, keep_times=True)
+            for tag in tags:
+                c.execute(
+                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)",
+                    (name, tag, str(record.digest), record.pushed),
+                )
+            rows = [(name, str(d), s) for d, s in blobs.items()]
+            c.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", rows)
+
+        await self._safely(name, work)
+
+    async def blob_linked(self, name: str, digest: Digest, size: int) -> None:
+        def work(c: sqlite3.Connection) -> None:
+            _ensure_repository(c, name)
+            # The stored size is the truth; it replaces a size a manifest's descriptor claimed.
+            c.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", (name, str(digest), size))
+
+        await self._safely(name, work)
+
+    async def tag_deleted(self, name: str, tag: str) -> None:
+        await self._safely(
+            name, lambda c: c.execute("DELETE FROM tags WHERE repository=? AND tag=?", (name, tag))
+        )
+
+    async def manifest_deleted(self, name: str, digest: Digest) -> None:
+        """The manifest and the tags that pointed at it are gone; the blobs it used are still
+        linked (registry:2 keeps ``_layers`` links until garbage collection), so usage stays
+        until the collector's refresh."""
+
+        def work(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM tags WHERE repository=? AND digest=?", (name, str(digest)))
+            c.execute("DELETE FROM manifests WHERE repository=? AND digest=?", (name, str(digest)))
+
+        await self._safely(name, work)
+
+    async def repository_deleted(self, name: str) -> None:
+        def work(c: sqlite3.Connection) -> None:
+            for table in ("tags", "manifests", "blobs"):
+                c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
+            c.execute("DELETE FROM repositories WHERE name=?", (name,))
+
+        await self._write(work)
+
+    def note_pull(self, name: str, digest: Digest | str, when: float | None = None) -> None:
+        """A pull of a manifest: kept in memory until the next flush (no write on the pull
+        path)."""
+        self._pulls[(name, str(digest))] = time.time() if when is None else when
+
+    async def flush_pulls(self) -> None:
+        if not self._pulls:
+            return
+        pulls, self._pulls = self._pulls, {}
+        rows = [(when, name, digest) for (name, digest), when in pulls.items()]
+
+        def work(c: sqlite3.Connection) -> None:
+            # max(): another worker may have written a later pull of the same manifest.
+            c.executemany(
+                "UPDATE manifests SET pulled = max(coalesce(pulled, 0), ?) "
+                "WHERE repository=? AND digest=?",
+                rows,
+            )
+
+        try:
+            await self._write(work)
+        except sqlite3.Error as exc:
+            log.warning("writing %d pull times failed (they are lost): %s", len(rows), exc)
+
+    async def set_pulled(self, name: str, digest: Digest, when: float) -> None:
+        """Set a manifest's last pull time (tests and imports; pulls go through
+        :meth:`note_pull`)."""
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE manifests SET pulled=? WHERE repository=? AND digest=?",
+                (when, name, str(digest)),
+            )
+        )
+
+    async def run_pull_flusher(self) -> None:
+        """Write the pulls noted in this process every ``pull_flush`` seconds, until
+        cancelled (and once more then)."""
+        try:
+            while True:
+                await asyncio.sleep(self.pull_flush)
+                await self.flush_pulls()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.flush_pulls())
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def tags(self, name: str, after: str | None = None, limit: int = 100) -> list[TagRecord]:
+        """Up to ``limit`` tags of ``name`` after ``after``, sorted: a seek on the primary key
+        and ``limit`` rows, however many tags there are."""
+
+        def work(c: sqlite3.Connection) -> list[TagRecord]:
+            rows = c.execute(
+                "SELECT t.tag, t.digest, t.pushed, m.pulled FROM tags t "
+                "LEFT JOIN manifests m ON m.repository = t.repository AND m.digest = t.digest "
+                "WHERE t.repository = ? AND t.tag > ? ORDER BY t.tag LIMIT ?",
+                (name, after or "", limit),
+            ).fetchall()
+            return [TagRecord(r[0], Digest.parse(r[1]), r[2], r[3]) for r in rows]
+
+        return await self._run(work)
+
+    async def snapshot(self, name: str) -> RepositorySnapshot:
+        def work(c: sqlite3.Connection) -> RepositorySnapshot:
+            snap = RepositorySnapshot(name)
+            for row in c.execute(
+                "SELECT digest, media_type, size, pushed, pulled, subject, artifact_type, "
+                "children FROM manifests WHERE repository=?",
+                (name,),
+            ):
+                record = _manifest_from_row(row)
+                snap.manifests[record.digest] = record
+            for tag, digest, pushed in c.execute(
+                "SELECT tag, digest, pushed FROM tags WHERE repository=? ORDER BY tag", (name,)
+            ):
+                m = snap.manifests.get(Digest.parse(digest))
+                snap.tags.append(
+                    TagRecord(tag, Digest.parse(digest), pushed, m.pulled if m else None)
+                )
+            return snap
+
+        return await self._run(work)
+
+    async def repositories(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[RepositorySummary]:
+        """Repositories with at least one manifest, sorted by name, after ``after``."""
+
+        def work(c: sqlite3.Connection) -> list[RepositorySummary]:
+            names = [
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT repository FROM manifests WHERE repository > ? "
+                    "ORDER BY repository LIMIT ?",
+                    (after or "", -1 if limit is None else limit),
+                )
+            ]
+            return [_summary(c, n) for n in names]
+
+        return await self._run(work)
+
+    async def repository(self, name: str) -> RepositorySummary | None:
+        def work(c: sqlite3.Connection) -> RepositorySummary | None:
+            if c.execute("SELECT 1 FROM manifests WHERE repository=? LIMIT 1", (name,)).fetchone():
+                return _summary(c, name)
+            return None
+
+        return await self._run(work)
+
+    async def usage(self, scope: str) -> Usage:
+        """Space used within ``scope`` (see :func:`scope_condition`), each blob once."""
+        condition, params = scope_condition(scope)
+
+        def work(c: sqlite3.Connection) -> Usage:
+            size, count = c.execute(
+                "SELECT coalesce(sum(size), 0), count(*) FROM (SELECT digest, max(size) AS size "
+                f"FROM blobs WHERE {condition} GROUP BY digest)",
+                params,
+            ).fetchone()
+            (repos,) = c.execute(
+                f"SELECT count(DISTINCT repository) FROM blobs WHERE {condition}",
+                params,
+            ).fetchone()
+            return Usage(scope, size, count, repos)
+
+        return await self._run(work)
+
+    async def contents(self) -> dict[str, Any]:
+        """Everything but pull times, canonically ordered: what a rebuild must reproduce."""
+
+        def work(c: sqlite3.Connection) -> dict[str, Any]:
+            return {
+                "tags": c.execute(
+                    "SELECT repository, tag, digest, pushed FROM tags ORDER BY 1, 2"
+                ).fetchall(),
+                "manifests": c.execute(
+                    "SELECT repository, digest, media_type, size, subject, artifact_type, "
+                    "children FROM manifests ORDER BY 1, 2"
+                ).fetchall(),
+                "blobs": c.execute("SELECT * FROM blobs ORDER BY 1, 2").fetchall(),
+            }
+
+        return await self._run(work)
+
+    # -- rebuilding from the layout -------------------------------------------------------
+
+    async def refresh(self, storage: Store, name: str) -> bool:
+        """Make the index's entry for ``name`` what the layout holds now; pull times and the
+        push times of manifests still there are kept. Returns whether the repository exists."""
+        found = await _read_layout(storage, name)
+
+        def work(c: sqlite3.Connection) -> None:
+            old = {
+                row[0]: (row[1], row[2])
+                for row in c.execute(
+                    "SELECT digest, pushed, pulled FROM manifests WHERE repository=?", (name,)
+                )
+            }
+            old_tags = {
+                (row[0], row[1]): row[2]
+                for row in c.execute(
+                    "SELECT tag, digest, pushed FROM tags WHERE repository=?", (name,)
+                )
+            }
+            for table in ("tags", "manifests", "blobs"):
+                c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
+            if found is None:
+                c.execute("DELETE FROM repositories WHERE name=?", (name,))
+                return
+            c.execute("INSERT OR REPLACE INTO repositories VALUES (?, 0)", (name,))
+            for record in found.manifests.values():
+                pushed, pulled = old.get(str(record.digest), (record.pushed, None))
+                _put_manifest(
+                    c,
+                    name,
+                    ManifestRecord(
+                        record.digest,
+                        record.media_type,
+                        record.size,
+                        min(pushed, record.pushed),
+                        pulled,
+                        record.subject,
+                        record.artifact_type,
+                        record.children,
+                    ),
+                    keep_times=False,
+                )
+            c.executemany(
+                "INSERT INTO tags VALUES (?, ?, ?, ?)",
+                [
+                    (name, t.tag, str(t.digest), old_tags.get((t.tag, str(t.digest)), t.pushed))
+                    for t in found.tags
+                ],
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+                [(name, str(d), s) for d, s in found.blobs.items()],
+            )
+
+        await self._write(work)
+        return found is not None
+
+    async def indexed_repositories(self) -> set[str]:
+        def work(c: sqlite3.Connection) -> set[str]:
+            return {r[0] for r in c.execute("SELECT name FROM repositories")}
+
+        return await self._run(work)
+
+    async def reindex(self, storage: Store) -> list[str]:
+        """Rebuild every repository's entry from the layout; returns the repositories indexed."""
+        names = await inventory.repository_names(storage)
+        for name in names:
+            await self.refresh(storage, name)
+        for gone in await self.indexed_repositories() - set(names):
+            await self.repository_deleted(gone)
+        return names
+
+    async def verify(self, storage: Store) -> list[str]:
+        """Refresh every repository whose tags, revisions or layer links in the layout differ
+        from the index (or that a failed write marked stale); returns their names."""
+        names = await inventory.repository_names(storage)
+        changed = []
+        for name in names:
+            if not await self._matches_layout(storage, name):
+                await self.refresh(storage, name)
+                changed.append(name)
+        for gone in await self.indexed_repositories() - set(names):
+            await self.repository_deleted(gone)
+            changed.append(gone)
+        if changed:
+            log.info("index verification refreshed %d repositories: %s", len(changed), changed[:10])
+        return changed
+
+    async def _matches_layout(self, storage: Store, name: str) -> bool:
+        repo = await inventory.read_repository(storage, name)
+
+        def work(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT stale FROM repositories WHERE name=?", (name,)).fetchone()
+            if row is None or row[0]:
+                return False
+            tags = dict(c.execute("SELECT tag, digest FROM tags WHERE repository=?", (name,)))
+            if tags != {t: str(d) for t, d in repo.tags.items()}:
+                return False
+            manifests = {
+                r[0] for r in c.execute("SELECT digest FROM manifests WHERE repository=?", (name,))
+            }
+            if manifests != {str(d) for d in repo.revisions}:
+                return False
+            blobs = {
+                r[0] for r in c.execute("SELECT digest FROM blobs WHERE repository=?", (name,))
+            }
+            return {str(d) for d in repo.layers} <= blobs
+
+        return await self._run(work)
+
+    async def run_verifier(self, storage: Store, interval: float, first_delay: float) -> None:
+        """Verify against the layout after ``first_delay`` and then every ``interval`` seconds,
+        until cancelled."""
+        await asyncio.sleep(first_delay)
+        while True:
+            try:
+                await self.verify(storage)
+            except Exception:  # a bug or a storage failure must not end verification for good
+                log.exception("index verification failed (will retry)")
+            await asyncio.sleep(interval)
+
+
+@dataclass
+class _LayoutRepository:
+    tags: list[TagRecord]
+    manifests: dict[Digest, ManifestRecord]
+    blobs: dict[Digest, int]
+
+
+async def _read_layout(storage: Store, name: str) -> _LayoutRepository | None:
+    repo = await inventory.read_repository(storage, name)
+    if not repo.revisions and not repo.tags and not repo.layers:
+        return None
+    store = BlobStore(storage)
+    found = _LayoutRepository([], {}, {})
+    for digest in repo.layers:
+        with contextlib.suppress(RegistryError, PathNotFound):
+            found.blobs[digest] = (await storage.stat(layout.blob_data(digest))).size
+    for digest, modified in repo.revisions.items():
+        try:
+            body = await store.read(digest)
+        except RegistryError:
+            continue
+        manifest = read_stored(body)
+        found.manifests[digest] = record_of(digest, body, manifest, modified, None)
+        found.blobs[digest] = len(body)
+        for d in manifest.blobs if manifest else ():
+            found.blobs.setdefault(d.digest, d.size)
+    for tag in sorted(repo.tags):
+        digest = repo.tags[tag]
+        try:
+            pushed = (await storage.stat(layout.tag_current_link(name, tag))).modified
+        except PathNotFound:
+            continue
+        found.tags.append(TagRecord(tag, digest, pushed))
+    return found
+
+
+def _ensure_repository(c: sqlite3.Connection, name: str) -> None:
+    c.execute("INSERT OR IGNORE INTO repositories VALUES (?, 0)", (name,))
+
+
+def _put_manifest(
+    c: sqlite3.Connection, name: str, record: ManifestRecord, *, keep_times: bool
+) -> None:
+    values = (
+        name,
+        str(record.digest),
+        record.media_type,
+        record.size,
+        record.pushed,
+        record.pulled,
+        str(record.subject) if record.subject else None,
+        record.artifact_type,
+        " ".join(str(d) for d in record.children),
+    )
+    if keep_times:
+        # A manifest pushed again keeps its first push and its last pull.
+        c.execute(
+            "INSERT INTO manifests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(repository, digest) DO NOTHING",
+            values,
+        )
+    else:
+        c.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+
+def _manifest_from_row(row: tuple[Any, ...]) -> ManifestRecord:
+    digest, media_type, size, pushed, pulled, subject, artifact_type, children = row
+    return ManifestRecord(
+        digest=Digest.parse(digest),
+        media_type=media_type,
+        size=size,
+        pushed=pushed,
+        pulled=pulled,
+        subject=Digest.parse(subject) if subject else None,
+        artifact_type=artifact_type,
+        children=tuple(Digest.parse(d) for d in children.split()) if children else (),
+    )
+
+
+def _summary(c: sqlite3.Connection, name: str) -> RepositorySummary:
+    tags, pushed = c.execute(
+        "SELECT count(*), max(pushed) FROM tags WHERE repository=?", (name,)
+    ).fetchone()
+    manifests, pulled = c.execute(
+        "SELECT count(*), max(pulled) FROM manifests WHERE repository=?", (name,)
+    ).fetchone()
+    (size,) = c.execute(
+        "SELECT coalesce(sum(size), 0) FROM blobs WHERE repository=?", (name,)
+    ).fetchone()
+    return RepositorySummary(name, tags, manifests, size, pushed, pulled)

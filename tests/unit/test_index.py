@@ -1,0 +1,344 @@
+"""The metadata index (registry.index) on a real filesystem store, without HTTP: what pushes and
+deletes write into it, that a rebuild from the layout gives the same content, that it notices
+changes made behind its back, and that paging costs O(page)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dockyard.oci import mediatypes as mt
+from dockyard.oci.digest import Digest
+from dockyard.registry import layout
+from dockyard.registry.index import MetadataIndex
+from dockyard.registry.repository import Registry
+from dockyard.storage.filesystem import FilesystemDriver
+from dockyard.storage.store import Store
+
+V2 = "docker/registry/v2"
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    registry = Registry(
+        Store(FilesystemDriver(str(tmp_path / "store"), max_threads=8)),
+        secret="s",
+        delete_enabled=True,
+        index=MetadataIndex(str(tmp_path / "index" / "metadata.sqlite3")),
+    )
+    yield registry
+    run(registry.close())
+
+
+async def _blob(registry: Registry, name: str, data: bytes) -> dict[str, Any]:
+    repo = registry.repository(name)
+    session = await repo.uploads.start()
+
+    async def body() -> Any:
+        yield data
+
+    await repo.uploads.append(session, body())
+    digest = Digest.from_bytes(data)
+    await repo.uploads.commit(session, digest)
+    return {"mediaType": "application/octet-stream", "digest": str(digest), "size": len(data)}
+
+
+async def push_image(
+    registry: Registry, name: str, tags: list[str], layers: list[bytes], **extra: Any
+) -> Digest:
+    # A config of its own per push, so that only the layers are shared between pushes.
+    config = await _blob(registry, name, json.dumps({"nonce": os.urandom(8).hex()}).encode())
+    config["mediaType"] = "application/vnd.oci.image.config.v1+json"
+    descriptors = [await _blob(registry, name, data) for data in layers]
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": config,
+        "layers": [
+            {**d, "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"} for d in descriptors
+        ],
+        **extra,
+    }
+    body = json.dumps(manifest).encode()
+    pushed = await registry.repository(name).manifests.put(body, mt.OCI_MANIFEST, None, tags)
+    return pushed.digest
+
+
+async def push_index(
+    registry: Registry, name: str, tags: list[str], children: list[Digest]
+) -> Digest:
+    entries = []
+    for child in children:
+        stored = await registry.repository(name).manifests.get(child)
+        entries.append(
+            {"mediaType": mt.OCI_MANIFEST, "digest": str(child), "size": len(stored.body)}
+        )
+    body = json.dumps(
+        {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": entries}
+    ).encode()
+    return (await registry.repository(name).manifests.put(body, mt.OCI_INDEX, None, tags)).digest
+
+
+def test_pushes_and_deletes_keep_the_index(registry: Registry) -> None:
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        shared = os.urandom(3000)
+        before = time.time()
+        one = await push_image(registry, "team-a/app", ["v1", "latest"], [shared, os.urandom(100)])
+        two = await push_image(registry, "team-a/app", ["v2"], [shared])
+        other = await push_image(registry, "team-a/db", ["1.0"], [shared])
+        nested = await push_index(registry, "team-a/app", ["multi"], [one, two])
+        signature = await push_image(
+            registry,
+            "team-a/app",
+            [],
+            [os.urandom(10)],
+            subject={"mediaType": mt.OCI_MANIFEST, "digest": str(one), "size": 1},
+            artifactType="application/vnd.example.signature",
+        )
+        tags = await index.tags("team-a/app")
+        assert [(t.tag, t.digest) for t in tags] == [
+            ("latest", one),
+            ("multi", nested),
+            ("v1", one),
+            ("v2", two),
+        ]
+        assert all(before <= t.pushed <= time.time() for t in tags)
+        snap = await index.snapshot("team-a/app")
+        assert set(snap.manifests) == {one, two, nested, signature}
+        assert snap.manifests[nested].children == (one, two)
+        assert snap.manifests[signature].subject == one
+        assert snap.manifests[signature].artifact_type == "application/vnd.example.signature"
+        assert snap.manifests[one].size > 3100  # its own bytes, config and layers
+        # Usage counts each blob once per scope: the shared layer once for the namespace.
+        app = await index.usage("team-a/app")
+        db = await index.usage("team-a/db")
+        namespace = await index.usage("team-a/*")
+        assert namespace.bytes == app.bytes + db.bytes - len(shared)
+        assert namespace.repositories == 2
+        assert (await index.usage("*")).bytes == namespace.bytes
+        assert (await index.usage("team-b/*")).bytes == 0
+        # Deletes: a tag, then a manifest with the tags pointing at it.
+        await registry.repository("team-a/app").tags.untag("latest")
+        await registry.repository("team-a/app").manifests.delete(two)
+        assert [t.tag for t in await index.tags("team-a/app")] == ["multi", "v1"]
+        assert two not in (await index.snapshot("team-a/app")).manifests
+        summary = await index.repository("team-a/db")
+        assert summary is not None and summary.tags == 1 and summary.manifests == 1
+        assert [r.name for r in await index.repositories()] == ["team-a/app", "team-a/db"]
+        assert [r.name for r in await index.repositories(after="team-a/app")] == ["team-a/db"]
+        assert other in (await index.snapshot("team-a/db")).manifests
+
+    run(go())
+
+
+def test_usage_counts_each_blob_once_per_scope(registry: Registry) -> None:
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        shared, a_only, b_only = os.urandom(5000), os.urandom(700), os.urandom(900)
+        await push_image(registry, "ns/a", ["1"], [shared, a_only])
+        await push_image(registry, "ns/b", ["1"], [shared, b_only])
+        a, b, ns = [await index.usage(s) for s in ("ns/a", "ns/b", "ns/*")]
+        assert ns.bytes == a.bytes + b.bytes - len(shared)
+        assert ns.blobs == a.blobs + b.blobs - 1
+        # A blob uploaded without any manifest counts too (a team cannot fill the disk with
+        # blobs nothing references).
+        await _blob(registry, "ns/a", os.urandom(4321))
+        assert (await index.usage("ns/*")).bytes == ns.bytes + 4321
+
+    run(go())
+
+
+def test_scope_names_are_not_patterns(registry: Registry) -> None:
+    """'_' in names is literal (no LIKE pattern); 'ns/*' is the names under 'ns/', not 'ns'
+    itself or 'ns-other'."""
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        for name in ("ns", "ns/x", "ns-other/y", "n_s/z", "nxs/z", "ns/deep/er"):
+            await push_image(registry, name, ["t"], [name.encode() * 100])
+        scoped = await index.usage("ns/*")
+        assert scoped.repositories == 2
+        assert (await index.usage("n_s/*")).repositories == 1
+        assert (await index.usage("ns")).repositories == 1
+
+    run(go())
+
+
+def test_a_rebuild_from_the_layout_gives_the_same_index(registry: Registry, tmp_path: Path) -> None:
+    async def go() -> None:
+        one = await push_image(registry, "a/app", ["v1", "v2"], [os.urandom(2000)])
+        await push_index(registry, "a/app", ["multi"], [one])
+        await push_image(registry, "b", ["x"], [os.urandom(10)])
+        await push_image(registry, "b", [], [os.urandom(10)])  # untagged
+        await registry.repository("b").tags.untag("x")
+        assert registry.index is not None
+        registry.index.note_pull("a/app", one, 1234.0)
+        await registry.index.flush_pulls()
+        built = await registry.index.contents()
+
+        fresh = MetadataIndex(str(tmp_path / "fresh.sqlite3"))
+        try:
+            assert await fresh.reindex(registry.storage) == ["a/app", "b"]
+            rebuilt = await fresh.contents()
+        finally:
+            await fresh.close()
+        # Tag push times come from the link files' times: equal to the push's to a second.
+        for key in ("manifests", "blobs"):
+            assert rebuilt[key] == built[key]
+        assert [t[:3] for t in rebuilt["tags"]] == [t[:3] for t in built["tags"]]
+        for a, b in zip(rebuilt["tags"], built["tags"], strict=True):
+            assert abs(a[3] - b[3]) < 1.0
+
+        # Reindexing the index itself keeps what only it knows: the pull times.
+        await registry.index.reindex(registry.storage)
+        assert await registry.index.contents() == built
+        snap = await registry.index.snapshot("a/app")
+        assert snap.manifests[one].pulled == 1234.0
+
+    run(go())
+
+
+def test_verification_notices_changes_made_behind_its_back(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """What registry:2 (or a restore) does to the layout: a tag moved, a tag deleted, a whole
+    repository added or removed. Verification refreshes exactly what differs."""
+    root = tmp_path / "store" / V2 / "repositories"
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        one = await push_image(registry, "r", ["a", "b"], [os.urandom(100)])
+        two = await push_image(registry, "r", ["c"], [os.urandom(100)])
+        await push_image(registry, "same", ["t"], [os.urandom(100)])
+        assert await index.verify(registry.storage) == []
+
+        # Move tag a to two and delete tag b, by hand as registry:2 writes links.
+        (root / "r/_manifests/tags/a/current/link").write_text(str(two))
+        shutil.rmtree(root / "r/_manifests/tags/b")
+        # A repository copied in from elsewhere (a restore), and one removed.
+        shutil.copytree(root / "same", root / "restored")
+        shutil.rmtree(root / "same")
+        assert sorted(await index.verify(registry.storage)) == ["r", "restored", "same"]
+        assert [(t.tag, t.digest) for t in await index.tags("r")] == [("a", two), ("c", two)]
+        assert [t.tag for t in await index.tags("restored")] == ["t"]
+        assert await index.repository("same") is None
+        assert one in (await index.snapshot("r")).manifests  # still stored, untagged
+        assert await index.verify(registry.storage) == []
+
+    run(go())
+
+
+def test_a_failed_index_write_marks_the_repository_for_refresh(registry: Registry) -> None:
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        await push_image(registry, "r", ["a"], [os.urandom(100)])
+        # The index loses a row (as a failed write would): verification restores it.
+        await index._write(lambda c: c.execute("DELETE FROM tags"))
+        await index._write(lambda c: c.execute("UPDATE repositories SET stale=1"))
+        assert await index.verify(registry.storage) == ["r"]
+        assert [t.tag for t in await index.tags("r")] == ["a"]
+
+    run(go())
+
+
+def test_pull_times_are_batched_and_keep_the_latest(registry: Registry, tmp_path: Path) -> None:
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        digest = await push_image(registry, "r", ["a"], [os.urandom(100)])
+        index.note_pull("r", digest, 2000.0)
+        assert (await index.snapshot("r")).manifests[digest].pulled is None  # not yet written
+        await index.flush_pulls()
+        assert (await index.snapshot("r")).tags[0].pulled == 2000.0
+        # Another worker (another index object on the same file) wrote an older pull later.
+        other = MetadataIndex(index.path)
+        try:
+            other.note_pull("r", digest, 1000.0)
+            await other.flush_pulls()
+        finally:
+            await other.close()
+        assert (await index.snapshot("r")).manifests[digest].pulled == 2000.0
+
+    run(go())
+
+
+def test_paging_through_100k_tags_costs_o_page(registry: Registry) -> None:
+    """Each page is a seek on the primary key and ``limit`` rows: the SQLite VM executes about
+    the same number of instructions for the first page as for the last, and for a repository
+    of 100 000 tags as for one of 1 000."""
+    index = registry.index
+    assert index is not None
+    digest = "sha256:" + "0" * 64
+
+    def fill(name: str, count: int) -> Any:
+        rows = [(name, f"tag-{i:06d}", digest, 1.0) for i in range(count)]
+        return index._write(lambda c: c.executemany("INSERT INTO tags VALUES (?, ?, ?, ?)", rows))
+
+    async def steps_of(name: str, after: str | None) -> int:
+        counted = [0]
+
+        def counting() -> int:
+            counted[0] += 1
+            return 0
+
+        await index._run(lambda c: c.set_progress_handler(counting, 1))
+        page = await index.tags(name, after=after, limit=100)
+        await index._run(lambda c: c.set_progress_handler(None, 1))
+        assert len(page) == 100
+        return counted[0]
+
+    async def go() -> None:
+        await fill("big", 100_000)
+        await fill("small", 1_000)
+        first = await steps_of("big", None)
+        last = await steps_of("big", "tag-099899")
+        middle = await steps_of("big", "tag-050000")
+        small = await steps_of("small", "tag-000500")
+        assert max(first, last, middle, small) < 1.5 * min(first, last, middle, small)
+        # and it is the page: 100 rows take a few thousand instructions, not 100 000
+        assert first < 20 * 100
+
+    run(go())
+
+
+def test_reindex_drops_what_the_layout_no_longer_has(registry: Registry, tmp_path: Path) -> None:
+    index = registry.index
+    assert index is not None
+
+    async def go() -> None:
+        await push_image(registry, "gone", ["a"], [os.urandom(100)])
+        shutil.rmtree(tmp_path / "store" / V2 / "repositories" / "gone")
+        assert await index.reindex(registry.storage) == []
+        assert await index.repositories() == []
+        assert (await index.usage("*")).bytes == 0
+
+    run(go())
+
+
+def test_layout_paths_are_the_index_sources() -> None:
+    # The index reads only registry:2's own files (the layout module is the one place paths are
+    # built): a tag's time is its current link's.
+    assert layout.tag_current_link("a", "t").endswith("/_manifests/tags/t/current/link")
