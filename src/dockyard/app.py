@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from dockyard import metrics, tracing
-from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads, version
+from dockyard.api import blobs, catalog, health, manifests, referrers, tags, uploads, v1, version
 from dockyard.api.base import PROXY_KEY, REGISTRY_KEY
 from dockyard.api.middleware import (
     encoded_separator_middleware,
@@ -66,6 +66,8 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     else:
         middlewares.append(heartbeat.write_gate)
     app = web.Application(middlewares=middlewares)
+    if not config.storage.maintenance.readonly.enabled:
+        app[v1.WRITES_KEY] = heartbeat.accepting_writes  # the retention route's own gate
     app[INFLIGHT_KEY] = inflight
     app[REGISTRY_KEY] = registry
     cache = None
@@ -81,7 +83,7 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
         app[EVENTS_KEY] = events
     prefix = config.http.prefix
     # Order matters only where patterns could overlap; the most specific come first.
-    for module in (version, catalog, tags, manifests, referrers, uploads, blobs, health):
+    for module in (version, catalog, tags, manifests, referrers, uploads, blobs, health, v1):
         app.add_routes(module.routes(prefix))
     if auth is not None and auth.token_server is not None:
         from dockyard.api import token  # loads the JWT stack only when it is used

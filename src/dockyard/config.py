@@ -21,17 +21,19 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from dockyard.config_base import Duration, Section, parse_duration
+from dockyard.config_base import ByteSize, Duration, Section, parse_duration
 from dockyard.errors import ConfigError
 from dockyard.notificationsconfig import NotificationsConfig
 from dockyard.proxyconfig import ProxyConfig, check_proxy
@@ -374,6 +376,26 @@ class HtpasswdAuthConfig(Section):
     path: str
     #: Dockyard's addition: how long a successful bcrypt verification is remembered (0: off)
     cachettl: Duration = 300.0
+    #: Dockyard's addition: the users who may use the JSON API's admin routes (every user may
+    #: still push, pull and delete everything, as in registry:2); empty: nobody
+    admins: list[str] = Field(default_factory=list)
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _admins_comma_separated(cls, v: Any) -> Any:
+        # REGISTRY_AUTH_HTPASSWD_ADMINS=alice,bob reads as one string
+        if isinstance(v, str):
+            return [entry.strip() for entry in v.split(",") if entry.strip()]
+        return v
+
+    @field_validator("admins")
+    @classmethod
+    def _user_names(cls, v: list[str]) -> list[str]:
+        for user in v:
+            # htpasswd separates the name from the hash with ':', so no user can have one
+            if not user or ":" in user or user != user.strip():
+                raise ValueError(f"{user!r} cannot be an htpasswd user name")
+        return v
 
 
 Action = Literal["pull", "push", "delete", "*"]
@@ -462,13 +484,122 @@ class CatalogConfig(Section):
 class IndexConfig(Section):
     """Dockyard: the metadata index (``dockyard.registry.index``), derived from the layout."""
 
+    #: where it lives: ``sqlite`` (a file per host), ``redis`` (in ``redis``, shared by every
+    #: instance: ``registry.index_redis``) or ``auto``: Redis when ``redis.addr`` is set and
+    #: storage is not the filesystem driver (the S3 + Redis multi-instance deployment), else SQLite
+    backend: Literal["auto", "sqlite", "redis"] = "auto"
     #: the SQLite file's directory; default ``<filesystem rootdirectory>/dockyard/index``, else
     #: ``/var/lib/dockyard/index`` (a local disk)
     directory: str = ""
     #: pull times wait in memory at most this long before they are written
     pullflush: Duration = Field(default=5.0, gt=0)
     #: how often the index is compared with the layout (changes registry:2 or a restore made)
-    verifyinterval: Duration = Field(default=600.0, gt=0)
+    verifyinterval: Duration = Field(default=3600.0, gt=0)
+
+
+class QuotaConfig(Section):
+    """Dockyard: the most space the repositories of ``scope`` may use together, each blob
+    counted once within the scope, uploads in progress included (``dockyard.registry.quotas``).
+    ``scope`` is one repository (``team-a/app``), a namespace (``team-a/*``: every repository
+    under ``team-a/``) or ``*`` (the whole registry). Every quota whose scope holds a
+    repository applies to it."""
+
+    scope: str
+    limit: ByteSize
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, scope: str) -> str:
+        name = scope[:-2] if scope.endswith("/*") else scope
+        if scope != "*" and not _REPOSITORY_NAME.fullmatch(name):
+            raise ValueError(
+                f"{scope!r} is not a repository name, a namespace such as team-a/* or *"
+            )
+        return scope
+
+
+#: the OCI distribution spec's repository name rule
+_REPOSITORY_NAME = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
+
+
+def _check_patterns(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+    return patterns
+
+
+def parse_retention_period(value: Any) -> float:
+    """A Go duration, optionally led by days (``30d``, ``1d12h``): retention periods are
+    counted in days, which Go durations lack. Must be positive."""
+    days, rest = 0.0, value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)d(.*)", value)
+        if match is not None:
+            days, rest = float(match.group(1)), match.group(2).strip()
+    try:
+        seconds = days * 86400 + (parse_duration(rest) if rest != "" else 0.0)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a period (use e.g. 30d, 1d12h, 24h)") from None
+    if seconds <= 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
+#: a retention period (``7d``, ``24h``), held as seconds
+RetentionPeriod = Annotated[float, BeforeValidator(parse_retention_period)]
+
+
+class RetentionConfig(Section):
+    """Dockyard's addition: which tags and manifests of a policy's repositories are deleted
+    (``dockyard retention``, and on the garbage collection's schedule; see
+    ``dockyard.registry.retention``). A tag is deleted only when no keep rule keeps it; with no
+    tag rule at all (only ``untaggedafter``) every tag is kept."""
+
+    #: keep the N most recently pushed tags: also the floor, a repository never keeps fewer
+    keeplatest: int = Field(default=0, ge=0)
+    keeppushedwithin: RetentionPeriod | None = None
+    #: keep tags whose manifest was pulled within this long
+    keeppulledwithin: RetentionPeriod | None = None
+    #: regular expressions; a tag any of them matches whole (``re.fullmatch``) is kept
+    keeptags: list[str] = Field(default_factory=list)
+    #: manifests untagged (and unused) for longer than this are deleted; unset: only the
+    #: manifests this run's tag deletions leave unreferenced are
+    untaggedafter: RetentionPeriod | None = None
+    #: a run that would delete more than this share of a repository's tags only reports,
+    #: unless confirmed (``dockyard retention --confirm``)
+    maxshare: float = Field(default=0.5, gt=0, le=1)
+
+    @field_validator("keeptags")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        return _check_patterns(patterns)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> RetentionConfig:
+        # Elsewhere an unknown key is a warning; here a misspelt keep rule would delete what
+        # it was meant to keep.
+        unknown = sorted(self.model_extra or {})
+        if unknown:
+            raise ValueError(
+                f"unknown key {unknown[0]!r} (known: {', '.join(type(self).model_fields)})"
+            )
+        if not (
+            self.keeplatest
+            or self.keeppushedwithin
+            or self.keeppulledwithin
+            or self.keeptags
+            or self.untaggedafter
+        ):
+            raise ValueError(
+                "no rule: set keeplatest, keeppushedwithin, keeppulledwithin, keeptags or "
+                "untaggedafter"
+            )
+        return self
 
 
 class PolicyConfig(Section):
@@ -480,16 +611,12 @@ class PolicyConfig(Section):
     #: regular expressions a whole tag must match (``re.fullmatch``) to be immutable: once it
     #: exists, pushing another manifest to it or deleting it is refused with 403 DENIED
     immutabletags: list[str] = Field(default_factory=list)
+    retention: RetentionConfig | None = None
 
     @field_validator("immutabletags")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
-        return patterns
+        return _check_patterns(patterns)
 
 
 class ValidationURLsConfig(Section):
@@ -533,6 +660,7 @@ class Config(Section):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     policies: list[PolicyConfig] = Field(default_factory=list)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    quotas: list[QuotaConfig] = Field(default_factory=list)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     middleware: dict[str, Any] = Field(default_factory=dict)
     reporting: dict[str, Any] = Field(default_factory=dict)
@@ -796,6 +924,8 @@ def _reject_unsupported(config: Config) -> None:
     check_proxy(config.proxy)
     if config.storage.cache.blobdescriptor == "redis" and not config.redis.addr:
         raise ConfigError("redis.addr", "required with storage.cache.blobdescriptor: redis")
+    if config.index.backend == "redis" and not config.redis.addr:
+        raise ConfigError("redis.addr", "required with index.backend: redis")
     for key in ACCEPTED_WITHOUT_EFFECT:
         if getattr(config, key):
             log.warning("configuration key %s is accepted but has no effect yet", key)
@@ -838,6 +968,10 @@ def _warn_unknown(model: BaseModel, prefix: str) -> None:
         value = getattr(model, field)
         if isinstance(value, BaseModel):
             _warn_unknown(value, f"{prefix}{field}.")
+        elif isinstance(value, list | tuple):  # policies[], quotas[], endpoints[], ...
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    _warn_unknown(item, f"{prefix}{field}[{i}].")
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:

@@ -43,6 +43,26 @@ def parse_duration(value: Any) -> float:
     return total
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGTP])(i?)B?|B)?", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """A size in bytes: a number, or a number with a unit: ``50GiB``, ``500MiB`` (binary),
+    ``2GB``, ``10G`` (decimal, as ``df -H``)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected a size such as 50GiB or 500MB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (use e.g. 50GiB, 500MB or a number of bytes)")
+    number, prefix, binary = match.groups()
+    power = "kmgtp".index(prefix.lower()) + 1 if prefix else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
 class Section(BaseModel):
     """A config section: frozen; unknown keys are kept aside so they can be warned about."""
 
@@ -51,3 +71,5 @@ class Section(BaseModel):
 
 #: a Go duration (``168h``, ``1h30m``) or a number of seconds, held as seconds
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+#: a size (``50GiB``, ``500MB``) or a number of bytes, held as bytes
+ByteSize = Annotated[int, BeforeValidator(parse_size)]

@@ -1,8 +1,9 @@
 """Scheduled maintenance while serving: upload purging (registry:2's
 ``storage.maintenance.uploadpurging``, on by default) and online garbage collection
-(``storage.maintenance.gc``, off by default), and the pull-through cache's expiry (each
-upstream's ``ttl``). All are skipped in read-only mode. Across
-instances, garbage collection runs one at a time (its lease); purging is idempotent."""
+(``storage.maintenance.gc``, off by default) preceded by the retention policies
+(``policies[].retention``), and the pull-through cache's expiry (each upstream's ``ttl``). All
+are skipped in read-only mode. Across instances, garbage collection and retention each run one
+at a time (their leases); purging is idempotent."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.purge import purge_uploads
 from dockyard.registry.repository import Registry
+from dockyard.registry.retention import RetentionPolicies
+from dockyard.registry.retention_run import run_retention
 from dockyard.storage.driver import StorageError
 
 log = logging.getLogger("dockyard.maintenance")
@@ -53,6 +56,41 @@ async def _every(
         await asyncio.sleep(interval)
 
 
+async def scheduled_retention(config: Config, registry: Registry, dry_run: bool) -> None:
+    """The retention policies, as the schedule runs them: never confirmed, so a policy's first
+    run and a repository over its ``maxshare`` are only reported, loudly, and nothing of them
+    is deleted until ``dockyard retention --confirm``. A failure is logged, not raised: the
+    collection that follows must still run."""
+    # Here, not at the top: the server's parent imports this module and must not load the HTTP
+    # stack (aiohttp) before it forks its workers.
+    from dockyard.events.deletes import delete_listener
+
+    listener = None if dry_run else delete_listener(config, "dockyard retention (scheduled)")
+    try:
+        report = await run_retention(registry, config.policies, dry_run=dry_run, deletions=listener)
+    except LeaseBusy as exc:
+        log.info("scheduled retention skipped: %s", exc)
+        return
+    except (StorageError, OSError) as exc:
+        log.error("scheduled retention failed (will retry): %s", exc)
+        return
+    except Exception:
+        log.exception("scheduled retention failed (will retry)")
+        return
+    for run in report.withheld:
+        log.warning(
+            "scheduled retention deleted nothing in %s: %s; it would delete %d tags and %d "
+            "manifests (dockyard retention --dry-run lists them)",
+            run.plan.repository,
+            run.withheld,
+            len(run.plan.deleted_tags),
+            len(run.plan.order),
+        )
+    for error in report.errors:
+        log.error("scheduled retention: %s", error)
+    log.info("scheduled %s", report.summary())
+
+
 async def run(config: Config, registry: Registry) -> None:
     """Run the configured schedules on ``registry`` (the server's) until cancelled."""
     storage = registry.storage
@@ -70,8 +108,11 @@ async def run(config: Config, registry: Registry) -> None:
         )
     if m.gc.enabled:
         gc = m.gc
+        retention = bool(RetentionPolicies(config.policies))
 
         async def collect() -> None:
+            if retention:  # first, so that this collection reclaims what it unreferences
+                await scheduled_retention(config, registry, gc.dryrun)
             report = await GarbageCollector(
                 storage,
                 grace=gc.grace,

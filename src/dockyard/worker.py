@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from dockyard import maintenance
+from dockyard import maintenance, metrics
 from dockyard.api.accesslog import ACCESS_LOGGER, AccessLogger
 from dockyard.api.admission import AdmissionSite
 from dockyard.api.base import REGISTRY_KEY
@@ -28,6 +28,7 @@ from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
 from dockyard.connections import ConnectionLimiter
 from dockyard.errors import ConfigError
+from dockyard.registry.repository import Registry
 from dockyard.shared import Shared
 from dockyard.tls import server_context, watch_certificate
 
@@ -135,6 +136,8 @@ async def serve_worker(
     if with_maintenance:
         background.append(asyncio.create_task(maintenance.run(config, app[REGISTRY_KEY])))
     registry = app[REGISTRY_KEY]
+    if debug_runner is not None and registry.index is not None and metrics.active is not None:
+        background.append(asyncio.create_task(_quota_gauges(registry)))
     if worker == 0 and registry.index is not None:
         # One worker per instance compares the index with the layout: soon after start (a
         # store registry:2 wrote is indexed at once) and every index.verifyinterval after.
@@ -167,11 +170,26 @@ async def serve_worker(
         await debug_runner.cleanup()
 
 
+async def _quota_gauges(registry: Registry, every: float = 5.0) -> None:
+    """The quotas' usage for the debug server's scrapes, read from the index every ``every``
+    seconds (a scrape never waits on the index)."""
+    from dockyard.registry.quotas import QuotaGauges, Quotas
+
+    gauges = QuotaGauges(registry.quotas or Quotas((), registry.index))
+    assert metrics.active is not None
+    metrics.active.set_scrape_collector("quotas", gauges)
+    while True:
+        try:
+            await gauges.refresh()
+        except Exception:  # the index unreachable for a moment: keep the last values
+            log.exception("reading quota usage for the metrics failed")
+        await asyncio.sleep(every)
+
+
 async def _start_debug_server(
     config: Config, app: web.Application, sock: socket.socket | None
 ) -> web.AppRunner:
     """registry:2's debug listener: ``/debug/health`` with details, and the metrics."""
-    from dockyard import metrics
     from dockyard.api.metrics import debug_app
     from dockyard.app import metrics_wanted
 

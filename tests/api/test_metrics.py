@@ -512,3 +512,27 @@ def test_event_metrics_per_endpoint(start_server: ServerFactory) -> None:
 
 
 INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def test_quota_usage_and_limits(start_server: ServerFactory) -> None:
+    """Each configured quota's limit and usage (from the metadata index, refreshed every few
+    seconds, never at scrape time), and the registry's space used."""
+    port = free_port()
+    s = start_server(
+        **debug_config(port),
+        quotas=[{"scope": "team/*", "limit": "1MiB"}, {"scope": "x", "limit": 5}],
+    )
+    s.push_image("team/app", "1", [os.urandom(10_000)])
+    s.push_image("other", "1", [os.urandom(20_000)])
+    deadline = time.monotonic() + 15
+    while True:
+        samples = scrape(port)
+        used = value(samples, "dockyard_quota_used_bytes", scope="team/*")
+        if used > 10_000 and value(samples, "dockyard_index_used_bytes") > 30_000:
+            break
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.2)
+    assert value(samples, "dockyard_quota_limit_bytes", scope="team/*") == 1024 * 1024
+    assert value(samples, "dockyard_quota_limit_bytes", scope="x") == 5
+    assert value(samples, "dockyard_quota_used_bytes", scope="x") == 0
+    assert used < 20_000  # the other repository is not in the scope

@@ -356,3 +356,28 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ("quotas: [{scope: 'a/*', limit: 1GiB, limt: 2GiB}]", "quotas[0].limt"),
+        (
+            "policies: [{repositories: ['*'], immutabletags: [x]}, "
+            "{repositories: ['b'], imutabletags: [y]}]",
+            "policies[1].imutabletags",
+        ),
+        (
+            "notifications: {endpoints: [{name: a, url: 'http://x', timeuot: 1s}]}",
+            "notifications.endpoints[0].timeuot",
+        ),
+    ],
+)
+def test_unknown_keys_in_list_entries_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, warned: str
+) -> None:
+    """A misspelt key in an entry of a list (a quota, a policy, an endpoint) is named, as
+    everywhere else: never silently ignored."""
+    load_config(write(tmp_path, CLASSIC + text + "\n"), {})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"unknown configuration key {warned}" in w for w in warnings), warnings

@@ -1,6 +1,7 @@
 """The metadata index (registry.index) on a real filesystem store, without HTTP: what pushes and
 deletes write into it, that a rebuild from the layout gives the same content, that it notices
-changes made behind its back, and that paging costs O(page)."""
+changes made behind its back, and that paging costs O(page). Every test runs on both backends:
+SQLite (``MetadataIndex``) and Redis (``RedisIndex``, the S3 + Redis deployments')."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,14 @@ import pytest
 from dockyard.oci import mediatypes as mt
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
-from dockyard.registry.index import MetadataIndex
+from dockyard.registry.cache import redis_client
+from dockyard.registry.index import Index, MetadataIndex
+from dockyard.registry.index_redis import RedisIndex
 from dockyard.registry.repository import Registry
 from dockyard.storage.filesystem import FilesystemDriver
 from dockyard.storage.store import Store
+from harness import flush_redis
+from harness import redis_client as sync_redis
 
 V2 = "docker/registry/v2"
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -31,13 +36,39 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+#: ``open_index(name)``: an index of the test's backend; the same name is the same index (as
+#: another worker, or another instance, sees it), another name a separate one
+IndexFactory = Callable[[str], Index]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def open_index(request: pytest.FixtureRequest, tmp_path: Path) -> IndexFactory:
+    if request.param == "sqlite":
+        return lambda name: MetadataIndex(str(tmp_path / name / "metadata.sqlite3"))
+    addr = request.getfixturevalue("redis_addr")
+    flush_redis(addr)
+    return lambda name: RedisIndex(lambda: redis_client(addr, "", "", 0), namespace=name)
+
+
+async def lose_tags_and_mark_stale(index: Index, name: str) -> None:
+    """What a failed index write leaves: rows missing, the repository marked stale."""
+    if isinstance(index, MetadataIndex):
+        await index._write(lambda c: c.execute("DELETE FROM tags"))
+        await index._write(lambda c: c.execute("UPDATE repositories SET stale=1"))
+        return
+    assert isinstance(index, RedisIndex)
+    keys = [await index._key(name, kind) for kind in ("tags", "tagdigest", "tagpushed")]
+    await index._client().delete(*keys)
+    await index._call("stale", name)
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
+def registry(tmp_path: Path, open_index: IndexFactory) -> Iterator[Registry]:
     registry = Registry(
         Store(FilesystemDriver(str(tmp_path / "store"), max_threads=8)),
         secret="s",
         delete_enabled=True,
-        index=MetadataIndex(str(tmp_path / "index" / "metadata.sqlite3")),
+        index=open_index("index"),
     )
     yield registry
     run(registry.close())
@@ -183,7 +214,9 @@ def test_scope_names_are_not_patterns(registry: Registry) -> None:
     run(go())
 
 
-def test_a_rebuild_from_the_layout_gives_the_same_index(registry: Registry, tmp_path: Path) -> None:
+def test_a_rebuild_from_the_layout_gives_the_same_index(
+    registry: Registry, open_index: IndexFactory
+) -> None:
     async def go() -> None:
         one = await push_image(registry, "a/app", ["v1", "v2"], [os.urandom(2000)])
         await push_index(registry, "a/app", ["multi"], [one])
@@ -195,7 +228,7 @@ def test_a_rebuild_from_the_layout_gives_the_same_index(registry: Registry, tmp_
         await registry.index.flush_pulls()
         built = await registry.index.contents()
 
-        fresh = MetadataIndex(str(tmp_path / "fresh.sqlite3"))
+        fresh = open_index("fresh")
         try:
             assert await fresh.reindex(registry.storage) == ["a/app", "b"]
             rebuilt = await fresh.contents()
@@ -255,15 +288,16 @@ def test_a_failed_index_write_marks_the_repository_for_refresh(registry: Registr
     async def go() -> None:
         await push_image(registry, "r", ["a"], [os.urandom(100)])
         # The index loses a row (as a failed write would): verification restores it.
-        await index._write(lambda c: c.execute("DELETE FROM tags"))
-        await index._write(lambda c: c.execute("UPDATE repositories SET stale=1"))
+        await lose_tags_and_mark_stale(index, "r")
         assert await index.verify(registry.storage) == ["r"]
         assert [t.tag for t in await index.tags("r")] == ["a"]
 
     run(go())
 
 
-def test_pull_times_are_batched_and_keep_the_latest(registry: Registry, tmp_path: Path) -> None:
+def test_pull_times_are_batched_and_keep_the_latest(
+    registry: Registry, open_index: IndexFactory
+) -> None:
     index = registry.index
     assert index is not None
 
@@ -274,7 +308,7 @@ def test_pull_times_are_batched_and_keep_the_latest(registry: Registry, tmp_path
         await index.flush_pulls()
         assert (await index.snapshot("r")).tags[0].pulled == 2000.0
         # Another worker (another index object on the same file) wrote an older pull later.
-        other = MetadataIndex(index.path)
+        other = open_index("index")
         try:
             other.note_pull("r", digest, 1000.0)
             await other.flush_pulls()
@@ -285,12 +319,11 @@ def test_pull_times_are_batched_and_keep_the_latest(registry: Registry, tmp_path
     run(go())
 
 
-def test_paging_through_100k_tags_costs_o_page(registry: Registry) -> None:
+def test_paging_through_100k_tags_costs_o_page_in_sqlite(tmp_path: Path) -> None:
     """Each page is a seek on the primary key and ``limit`` rows: the SQLite VM executes about
     the same number of instructions for the first page as for the last, and for a repository
     of 100 000 tags as for one of 1 000."""
-    index = registry.index
-    assert index is not None
+    index = MetadataIndex(str(tmp_path / "metadata.sqlite3"))
     digest = "sha256:" + "0" * 64
 
     def fill(name: str, count: int) -> Any:
@@ -320,8 +353,69 @@ def test_paging_through_100k_tags_costs_o_page(registry: Registry) -> None:
         assert max(first, last, middle, small) < 1.5 * min(first, last, middle, small)
         # and it is the page: 100 rows take a few thousand instructions, not 100 000
         assert first < 20 * 100
+        await index.close()
 
     run(go())
+
+
+def test_paging_through_100k_tags_costs_o_page_in_redis(redis_addr: str) -> None:
+    """Each page is one ``ZRANGEBYLEX`` with ``LIMIT`` (O(log N + page) in Redis) and ``HMGET``s
+    of the page's fields: MONITOR shows the same commands, moving the same number of entries,
+    for the first page as for the last, and for 100 000 tags as for 1 000."""
+    flush_redis(redis_addr)
+    index = RedisIndex(lambda: redis_client(redis_addr, "", "", 0), namespace="paging")
+    digest = "sha256:" + "0" * 64
+    watcher = sync_redis(redis_addr)
+
+    async def fill(name: str, count: int) -> None:
+        tags = [f"tag-{i:06d}" for i in range(count)]
+        client = index._client()
+        for start in range(0, count, 10_000):
+            part = tags[start : start + 10_000]
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.zadd(await index._key(name, "tags"), dict.fromkeys(part, 0))
+                pipe.hset(await index._key(name, "tagdigest"), mapping=dict.fromkeys(part, digest))
+                pipe.hset(await index._key(name, "tagpushed"), mapping=dict.fromkeys(part, "1.0"))
+                await pipe.execute()
+
+    async def commands_of(name: str, after: str | None) -> list[list[str]]:
+        """The commands one page runs inside Redis (its script's calls), split into words."""
+        marker = f"end-of-page-{os.urandom(4).hex()}"
+        with watcher.monitor() as monitor:
+            page = await index.tags(name, after=after, limit=100)
+            watcher.echo(marker)
+            seen = []
+            while marker not in (command := monitor.next_command())["command"]:
+                if command["client_type"] == "lua":
+                    seen.append(command["command"].split())
+        assert len(page) == 100
+        assert page[0].tag > (after or "")
+        return seen
+
+    def shape(commands: list[list[str]]) -> list[tuple[str, int]]:
+        return [(c[0], len(c)) for c in commands]
+
+    async def go() -> None:
+        await fill("big", 100_000)
+        await fill("small", 1_000)
+        await index.tags("big", limit=1)  # loads the script: later calls are EVALSHA alone
+        first = await commands_of("big", None)
+        last = await commands_of("big", "tag-099899")
+        middle = await commands_of("big", "tag-050000")
+        small = await commands_of("small", "tag-000500")
+        assert shape(first) == shape(last) == shape(middle) == shape(small)
+        names = [c[0] for c in first]
+        assert names == ["ZRANGEBYLEX", "HMGET", "HMGET", "HMGET"], first
+        # ZRANGEBYLEX <key> <min> + LIMIT 0 100: a seek and 100 entries
+        assert first[0][-3:] == ["LIMIT", "0", "100"]
+        # each HMGET asks for the page's 100 fields: digests, push times, the digests' pulls
+        assert [len(c) - 2 for c in first[1:]] == [100, 100, 100]
+        await index.close()
+
+    try:
+        run(go())
+    finally:
+        watcher.close()
 
 
 def test_reindex_drops_what_the_layout_no_longer_has(registry: Registry, tmp_path: Path) -> None:

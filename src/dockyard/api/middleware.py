@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dockyard.api.base import CONTINUE_SENT, EXPECTS_CONTINUE
+from dockyard.api.v1.common import ROOT as API_ROOT
 from dockyard.auth.access import Need, need_of
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.responses import Handler, error_response
@@ -106,15 +107,16 @@ _ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
 
 
 def encoded_separator_middleware(prefix: str) -> web.Middleware:
-    """``%2F`` (or ``%5C``) in a ``/v2`` path is refused with NAME_INVALID: aiohttp's router
-    decodes it, so ``/v2/a%2Fb/...`` would name the repository ``a/b``, a name the path never
-    spelled. Refused before authentication, so no token scope is ever checked against one."""
-    v2 = prefix + "/v2/"
+    """``%2F`` (or ``%5C``) in a ``/v2`` or JSON API path is refused with NAME_INVALID:
+    aiohttp's router decodes it, so ``/v2/a%2Fb/...`` would name the repository ``a/b``, a name
+    the path never spelled. Refused before authentication, so no token scope is ever checked
+    against one."""
+    roots = (prefix + "/v2/", prefix + API_ROOT + "/")
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
-        if path.startswith(v2) and _ENCODED_SEPARATOR.search(path):
+        if path.startswith(roots) and _ENCODED_SEPARATOR.search(path):
             raise RegistryError(
                 ErrorCode.NAME_INVALID,
                 "an encoded '/' or '\\' (%2F, %5C) in the path is not a separator",

@@ -28,6 +28,9 @@ class Need(Enum):
     PUSH = ("pull", "push")  # registry:2 asks both for uploads and manifest pushes
     DELETE = ("delete",)
     CATALOG = ("*",)
+    #: Dockyard's administration (the JSON API's admin routes): the scope ``dockyard:admin:*``
+    #: (:data:`ADMIN_SCOPE`), not a repository action; the value only keeps members distinct
+    ADMIN = ("admin",)
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -84,9 +87,22 @@ def parse_scopes(values: Iterable[str]) -> list[Scope]:
     return out
 
 
+#: What makes a caller a Dockyard administrator: the built-in token server grants it to its
+#: ``admins``; an external token server grants it to whom it chooses (its ``access`` claim
+#: entry ``{"type": "dockyard", "name": "admin", "actions": ["*"]}``); with htpasswd the users
+#: of ``auth.htpasswd.admins`` hold it.
+ADMIN_SCOPE = Scope("dockyard", "admin", ("*",))
+
+
+def is_admin_scope(scope: Scope) -> bool:
+    return scope.type == ADMIN_SCOPE.type and scope.name == ADMIN_SCOPE.name
+
+
 def scope_for(need: Need, name: str | None) -> Scope | None:
     if need is Need.CATALOG:
         return Scope("registry", "catalog", ("*",))
+    if need is Need.ADMIN:
+        return ADMIN_SCOPE
     if need is Need.AUTHENTICATED or name is None:
         return None
     return Scope("repository", name, need.actions)
@@ -142,6 +158,8 @@ class Policy:
             # Listing is granted to any authenticated user; the catalog then shows only the
             # repositories the caller may pull.
             return scope if user is not None else None
+        if is_admin_scope(scope):
+            return ADMIN_SCOPE if user is not None and user in self.admins else None
         if scope.type != "repository":
             return None
         wanted = set(ACTIONS) if "*" in scope.actions else set(scope.actions)
@@ -155,8 +173,8 @@ class Policy:
 
 
 class Grants:
-    """Everything: no auth configured, or htpasswd (every user may do everything, as in
-    registry:2)."""
+    """Everything: no auth configured (anyone may do anything, Dockyard's administration
+    included, as registry:2 without auth lets anyone delete)."""
 
     def allows(self, scope: Scope) -> bool:
         return True
@@ -164,6 +182,18 @@ class Grants:
     def lists(self, repository: str) -> bool:
         """Whether the catalog shows ``repository`` to this caller."""
         return True
+
+
+@dataclass(frozen=True)
+class BasicGrants(Grants):
+    """htpasswd: every user may push, pull and delete everything, as in registry:2; only the
+    users of ``auth.htpasswd.admins`` hold :data:`ADMIN_SCOPE` (htpasswd has no other way to say
+    who administers, and an empty list means nobody rather than everybody)."""
+
+    admin: bool = False
+
+    def allows(self, scope: Scope) -> bool:
+        return self.admin if is_admin_scope(scope) else True
 
 
 @dataclass(frozen=True)
@@ -199,6 +229,12 @@ class Identity:
 
     def may_pull(self, repository: str) -> bool:
         return self.grants.allows(Scope("repository", repository, ("pull",)))
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the caller holds :data:`ADMIN_SCOPE` (a token must carry it: being one of
+        the token server's ``admins`` is not enough for a token issued for something else)."""
+        return self.grants.allows(ADMIN_SCOPE)
 
     def lists(self, repository: str) -> bool:
         return self.grants.lists(repository)

@@ -24,7 +24,7 @@ from aiohttp import web
 from dockyard import tracing
 from dockyard.auth.access import (
     EVERYONE,
-    Grants,
+    BasicGrants,
     Identity,
     Need,
     need_of,
@@ -78,11 +78,13 @@ class Authenticator(Protocol):
 
 
 class BasicAuthenticator:
-    """registry:2's ``auth.htpasswd``: every user may do everything."""
+    """registry:2's ``auth.htpasswd``: every user may do everything registry:2 allows; Dockyard's
+    administration only the users of ``auth.htpasswd.admins``."""
 
-    def __init__(self, realm: str, login: Login) -> None:
+    def __init__(self, realm: str, login: Login, admins: frozenset[str] = frozenset()) -> None:
         self.realm = realm
         self.login = login
+        self.admins = admins
 
     def challenge(
         self, request: web.Request, need: Need, name: str | None, error: str | None = None
@@ -108,7 +110,7 @@ class BasicAuthenticator:
             raise unauthorized(
                 self.challenge(request, need, name), "incorrect username or password"
             ) from None
-        return Identity(user=user, grants=Grants())
+        return Identity(user=user, grants=BasicGrants(admin=user in self.admins))
 
 
 def auth_middleware(authenticator: Authenticator, prefix: str) -> web.Middleware:

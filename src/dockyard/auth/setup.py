@@ -119,7 +119,9 @@ def build_auth(config: Config, failures: FailureTable | None = None) -> Auth | N
     if auth.htpasswd is not None:
         throttle = build_throttle(config, failures)
         users = _users(auth.htpasswd.path, auth.htpasswd.cachettl, "auth.htpasswd.path")
-        authenticator = BasicAuthenticator(auth.htpasswd.realm, Login(users, throttle))
+        authenticator = BasicAuthenticator(
+            auth.htpasswd.realm, Login(users, throttle), frozenset(auth.htpasswd.admins)
+        )
         return Auth(auth_middleware(authenticator, prefix), throttle)
     token = auth.token
     if token is None:

@@ -89,7 +89,15 @@ def check_config(config_path: str | None) -> None:
 
 
 # The subcommands register themselves on ``main``.
-from dockyard.cli import events, index, maintenance, proxy, users  # noqa: E402,F401
+from dockyard.cli import (  # noqa: E402,F401
+    events,
+    index,
+    maintenance,
+    proxy,
+    remote_commands,
+    retention,
+    users,
+)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,5 +1,5 @@
-"""``dockyard gc``, ``du``, ``fsck`` and ``purge-uploads``: maintenance that runs against the
-store directly, while the registry keeps serving (``gc --grace 0`` with its writable servers
+"""``dockyard gc``, ``du``, ``fsck``, ``purge-uploads`` and ``rm``: maintenance that runs against
+the store directly, while the registry keeps serving (``gc --grace 0`` with its writable servers
 read-only or stopped)."""
 
 from __future__ import annotations
@@ -14,16 +14,24 @@ import click
 
 from dockyard.cli import load, main
 from dockyard.cli.output import Column, echo_json, echo_table, format_size, progress_bars
+from dockyard.cli.remote import remote_du, remote_options, remote_rm
 from dockyard.config import Config, parse_duration
-from dockyard.errors import ConfigError
+from dockyard.errors import ConfigError, ErrorCode, RegistryError
+from dockyard.events import (
+    command_request,
+    command_source,
+    record_from_command,
+    repository_delete_events,
+)
 from dockyard.registry.cache import redis_from_config
 from dockyard.registry.configured import open_store
+from dockyard.registry.deletion import RepositoryDeletion
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.lease import LeaseBusy
 from dockyard.registry.presence import ImmediateCollectionRefused, PresenceRecords
 from dockyard.registry.purge import purge_uploads
 from dockyard.registry.repository import Registry
-from dockyard.registry.usage import measure
+from dockyard.registry.usage import StoreUsage, measure
 from dockyard.storage.driver import StorageError
 
 T = TypeVar("T")
@@ -164,9 +172,36 @@ def gc(
 @main.command()
 @config_argument
 @json_option
-def du(config_path: str | None, as_json: bool) -> None:
-    """Space used per repository (unique to it, shared with others) and by the whole store."""
-    usage = _run(load(config_path), lambda registry: measure(registry.storage))
+@remote_options
+def du(
+    config_path: str | None,
+    as_json: bool,
+    url: str | None,
+    username: str | None,
+    password_stdin: bool,
+) -> None:
+    """Space used per repository (unique to it, shared with others) and by the whole store,
+    and per quota (``quotas``): what the walk of the store finds and what the metadata index
+    counts (which quotas enforce, with uploads in progress).
+
+    With --url, no CONFIG: what the registry at URL reports through its JSON API, from its
+    metadata index, for the repositories your credentials may pull (and, for an
+    administrator, the whole registry and every quota)."""
+    if url:
+        remote_du(url, username, password_stdin, as_json)
+        return
+    config = load(config_path)
+
+    async def work(registry: Registry) -> StoreUsage:
+        limits = [(q.scope, q.limit) for q in config.quotas]
+        usage = await measure(registry.storage, limits)
+        if registry.index is not None:
+            for scope in usage.scopes:
+                counted = await registry.index.usage(scope.scope)
+                scope.indexed, scope.uploading = counted.bytes, counted.uploading
+        return usage
+
+    usage = _run(config, work)
     if as_json:
         echo_json(usage.to_json())
         return
@@ -196,6 +231,29 @@ def du(config_path: str | None, as_json: bool) -> None:
         f"{format_size(usage.unreferenced_bytes)} in {usage.unreferenced_blobs} unreferenced "
         "blobs that gc would reclaim)"
     )
+    if usage.scopes:
+        click.echo()
+        echo_table(
+            [
+                Column("QUOTA"),
+                Column("USED", numeric=True),
+                Column("UPLOADING", numeric=True),
+                Column("LIMIT", numeric=True),
+                Column("USE%", numeric=True),
+            ],
+            [
+                [
+                    s.scope,
+                    format_size(s.used),
+                    format_size(s.uploading),
+                    format_size(s.limit),
+                    f"{100 * (s.indexed if s.indexed is not None else s.used) / s.limit:.0f}%"
+                    if s.limit
+                    else "-",
+                ]
+                for s in usage.scopes
+            ],
+        )
 
 
 @main.command()
@@ -259,6 +317,94 @@ def purge_uploads_command(
     for item in report.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {item}")
     click.echo(f"{len(report.removed)} abandoned uploads")
+
+
+@main.command("rm")
+@click.argument("repository")
+@config_argument
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
+@json_option
+@remote_options
+def rm(
+    repository: str,
+    config_path: str | None,
+    dry_run: bool,
+    as_json: bool,
+    url: str | None,
+    username: str | None,
+    password_stdin: bool,
+) -> None:
+    """Delete the repository REPOSITORY: its tags, manifests, layer links and uploads in
+    progress. It leaves the catalog at once; blobs only it used are reclaimed by the next gc
+    once older than the grace period (the blobs of other repositories are never touched).
+    Repositories nested in it (REPOSITORY/sub) stay. Safe while the registry serves: a push
+    racing it completes before it (and is removed) or fails.
+
+    \b
+    The operator's command: it works whether or not storage.delete.enabled is set (that
+    setting governs what clients may delete through the API) and removes immutable tags
+    too. With notifications configured, delete events (one per manifest and tag, and one
+    for the repository) go into the outbox of CONFIG, delivered by the server using it.
+
+    Exit status: 3 when there is no such repository, 4 when pushes to it kept arriving
+    while it was deleted (run it again), 2 for a name no repository can have, 1 on a storage
+    or outbox failure.
+
+    \b
+    With --url the server does it (DELETE /dockyard/api/v1/repositories/REPOSITORY): the
+    caller needs the delete right on the repository, and admin where an immutable tag
+    would go; events name the caller."""
+    if url is not None:
+        remote_rm(url, username, password_stdin, repository, dry_run, as_json)
+        return
+    config = load(config_path)
+    try:
+        deletion: RepositoryDeletion = _run(
+            config, lambda registry: registry.delete_repository(repository, dry_run=dry_run)
+        )
+    except RegistryError as exc:
+        if exc.code is ErrorCode.NAME_UNKNOWN:
+            click.echo(f"dockyard: no repository named {repository}", err=True)
+            sys.exit(3)
+        click.echo(f"dockyard: {repository!r}: {exc.message}", err=True)
+        sys.exit(2)
+    except StorageError as exc:
+        click.echo(f"dockyard: deleting {repository} failed: {exc}", err=True)
+        sys.exit(1)
+    status = 0
+    if not dry_run:
+        events = repository_delete_events(
+            deletion.name,
+            deletion.manifest_tags(),
+            deletion.stray_tags(),
+            command_request("rm"),
+            "dockyard rm",  # the actor: the operator's command (as retention's events name it)
+            command_source(config),
+        )
+        try:
+            record_from_command(config, events)
+        except OSError as exc:
+            click.echo(f"dockyard: the repository is deleted, its events are not: {exc}", err=True)
+            status = 1
+        if not deletion.settled:
+            click.echo(
+                f"dockyard: pushes to {repository} kept arriving during {deletion.passes} "
+                "passes; what they wrote last may remain: run dockyard rm again",
+                err=True,
+            )
+            status = status or 4
+    if as_json:
+        echo_json(deletion.to_json())
+        sys.exit(status)
+    verb = "would remove" if dry_run else "removed"
+    for tag, digest in sorted(deletion.tags.items()):
+        click.echo(f"{verb} tag {deletion.name}:{tag} ({digest})")
+    for digest in sorted(deletion.manifests, key=str):
+        click.echo(f"{verb} manifest {deletion.name}@{digest}")
+    for upload in sorted(deletion.uploads):
+        click.echo(f"{verb} upload {deletion.name}/_uploads/{upload}")
+    click.echo(deletion.summary())
+    sys.exit(status)
 
 
 @main.command()

@@ -2,7 +2,11 @@
 every configured endpoint (``notifications`` in the configuration).
 
 A handler calls one function once its request has succeeded: :func:`manifest_event`,
-:func:`blob_event` or :func:`delete_event`. Push, mount and delete events are on disk before
+:func:`blob_event` or :func:`delete_event`. Tags and manifests deleted outside a request
+(``dockyard retention``, the maintenance schedule) make the same delete events with
+``events.deletes.record_deletes``. A repository deleted (``dockyard rm``, the admin
+API) makes :func:`repository_delete_events`; a command outside the server appends them to the
+outbox with :func:`record_from_command`. Push, mount and delete events are on disk before
 they return (so before the response is sent); pull events are written by a background task at
 most ``notifications.outbox.pullflush`` later (what a crash can lose). Delivery runs in one
 process of the instance (see :mod:`dockyard.events.delivery`).
@@ -13,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 
+from dockyard import __version__
 from dockyard.auth.middleware import identity_of
 from dockyard.config import Config, ConfigError
 from dockyard.events import envelope
@@ -289,11 +294,87 @@ async def delete_event(
     events = _events_for(request, "delete")
     if events is None:
         return
-    targets = []
-    if digest is not None:
-        targets.append(envelope.target(digest=str(digest), repository=repository))
-    targets.extend(envelope.target(repository=repository, tag=t) for t in tags)
+    targets = envelope.delete_targets(repository, () if digest is None else (digest,), tags)
     request_fields, actor = _request_fields(request), _actor(request)
     built = [envelope.event("delete", t, request_fields, actor, events.source) for t in targets]
     if built:
         await asyncio.to_thread(events.outbox.append, built, True)
+
+
+#: Dockyard's mark in the target of the event of a whole repository deleted, which registry:2
+#: has no event for: ``{"repository": <name>, "dockyard": {"kind": "repository"}}``
+REPOSITORY_DELETED = {"kind": "repository"}
+
+
+def repository_delete_events(
+    repository: str,
+    manifests: Mapping[str, Sequence[str]],
+    tags: Sequence[str],
+    request: dict[str, Any],
+    actor: str | None,
+    source: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The ``delete`` events of a repository deleted. For each manifest (digest -> the tags
+    that pointed at it) what registry:2 sends when a manifest is deleted by digest:
+    ``{digest, repository}``, then ``{repository, tag}`` per tag, so receivers that act on
+    manifests (scanners, CD) need nothing new; one ``{repository, tag}`` for each of ``tags``
+    (tags that pointed at no manifest of the repository); last, the repository's own
+    ``{repository, dockyard: {kind: repository}}``."""
+    targets = []
+    for digest, its_tags in manifests.items():
+        targets += envelope.delete_targets(repository, (digest,), its_tags)
+    targets += envelope.delete_targets(repository, (), tags)
+    targets.append({**envelope.target(repository=repository), "dockyard": dict(REPOSITORY_DELETED)})
+    return [envelope.event("delete", t, request, actor, source) for t in targets]
+
+
+async def repository_deleted(
+    request: web.Request,
+    repository: str,
+    manifests: Mapping[str, Sequence[str]],
+    tags: Sequence[str],
+) -> None:
+    """A repository deleted by a request (the JSON API): :func:`repository_delete_events` with
+    this request and its caller, on disk when this returns, as :func:`delete_event`'s."""
+    events = _events_for(request, "delete")
+    if events is None:
+        return
+    built = repository_delete_events(
+        repository, manifests, tags, _request_fields(request), _actor(request), events.source
+    )
+    await asyncio.to_thread(events.outbox.append, built, True)
+
+
+def command_request(command: str, method: str = "DELETE") -> dict[str, str]:
+    """The ``request`` of an event a ``dockyard`` command makes: no client address or host
+    (there was no HTTP request), the user agent names the command."""
+    return {
+        "id": envelope.new_id(),
+        "addr": "",
+        "host": "",
+        "method": method,
+        "useragent": f"dockyard/{__version__} {command}",
+    }
+
+
+def command_source(config: Config) -> dict[str, str]:
+    return {"addr": envelope.source_addr(config.http.addr), "instanceID": INSTANCE_ID}
+
+
+def record_from_command(config: Config, events: list[dict[str, Any]]) -> int:
+    """Append ``events`` to the outbox of ``config`` from a process that is not a server (a
+    ``dockyard`` command), on disk when this returns; the instance's delivering worker sends
+    them with its own (it reads the file, whoever appended). This is safe beside the workers'
+    writes for the same reason theirs are beside each other's: one ``O_APPEND`` write of whole
+    lines per batch, which a local file system never interleaves with another. Only events an
+    enabled endpoint does not ignore are written; returns how many. Blocking."""
+    endpoints = config.notifications.active
+    wanted = [e for e in events if any(not endpoint.ignores(e) for endpoint in endpoints)]
+    if not wanted:
+        return 0
+    outbox = Outbox(outbox_directory(config))
+    try:
+        outbox.append(wanted, True)
+    finally:
+        outbox.close()
+    return len(wanted)

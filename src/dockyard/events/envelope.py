@@ -6,6 +6,7 @@ import json
 import random
 import socket
 import time
+from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
@@ -119,6 +120,16 @@ def target(
     if references:
         out["references"] = references
     return out
+
+
+def delete_targets(
+    repository: str, digests: Sequence[object] = (), tags: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The targets of registry:2's delete events: one per manifest (or blob) digest, then one
+    per tag, as a DELETE by digest reports a manifest and the tags that pointed at it."""
+    targets = [target(digest=str(d), repository=repository) for d in digests]
+    targets.extend(target(repository=repository, tag=t) for t in tags)
+    return targets
 
 
 _DESCRIPTOR_FIELDS = ("mediaType", "size", "digest", "urls", "annotations", "platform")

@@ -10,9 +10,10 @@ import secrets
 
 from dockyard.config import Config
 from dockyard.errors import ConfigError
-from dockyard.registry.cache import build_cache
-from dockyard.registry.index import MetadataIndex
+from dockyard.registry.cache import build_cache, redis_from_config
+from dockyard.registry.index import Index, MetadataIndex
 from dockyard.registry.policies import Policies
+from dockyard.registry.quotas import Quotas
 from dockyard.registry.repository import Registry
 from dockyard.registry.upload_locks import build_upload_locks
 from dockyard.storage import build_driver
@@ -48,7 +49,26 @@ def index_directory(config: Config) -> str:
     return "/var/lib/dockyard/index"
 
 
-def open_index(config: Config) -> MetadataIndex:
+def index_backend(config: Config) -> str:
+    """``index.backend``, ``auto`` resolved: Redis where several instances share one store
+    (``redis.addr`` set, storage not the filesystem driver), since a SQLite file per host is not
+    shared between instances; SQLite otherwise."""
+    if config.index.backend != "auto":
+        return config.index.backend
+    if config.redis.addr and config.storage.filesystem is None:
+        return "redis"
+    return "sqlite"
+
+
+def open_index(config: Config, storage: Store) -> Index:
+    """The metadata index of ``storage``: a :class:`MetadataIndex` (SQLite, see
+    :func:`index_directory`) or a ``RedisIndex`` (its keys named after the store's id)."""
+    if index_backend(config) == "redis":
+        from dockyard.registry.index_redis import RedisIndex  # loads redis only when used
+
+        return RedisIndex(
+            lambda: redis_from_config(config), storage=storage, pull_flush=config.index.pullflush
+        )
     return MetadataIndex(
         os.path.join(index_directory(config), "metadata.sqlite3"),
         pull_flush=config.index.pullflush,
@@ -60,6 +80,7 @@ def open_store(config: Config, *, secret: str | None = None) -> Registry:
     ``Registry.close`` releases it. ``secret`` signs upload state (``http.secret``); tools
     that never serve uploads leave it out and get a random one."""
     storage = checked_store(build_driver(config))
+    index = open_index(config, storage)
     return Registry(
         storage,
         secret=secret if secret is not None else secrets.token_hex(32),
@@ -70,5 +91,6 @@ def open_store(config: Config, *, secret: str | None = None) -> Registry:
         max_upload_sessions=config.http.limits.uploadsperrepository,
         sparse_manifests=config.validation.manifests.sparse,
         policies=Policies(config.policies),
-        index=open_index(config),
+        index=index,
+        quotas=Quotas(config.quotas, index),
     )

@@ -37,13 +37,13 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from dockyard.errors import RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import read_stored
 from dockyard.registry import inventory, layout
-from dockyard.registry.blobs import BlobStore
+from dockyard.registry.blobs import BlobStore, read_link
 from dockyard.registry.records import (
     ManifestRecord,
     RepositorySnapshot,
@@ -91,6 +91,12 @@ CREATE TABLE IF NOT EXISTS blobs (
     size INTEGER NOT NULL,
     PRIMARY KEY (repository, digest)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploads (
+    repository TEXT NOT NULL,
+    id TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (repository, id)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
 """
 
@@ -110,10 +116,22 @@ class RepositorySummary:
 @dataclass(frozen=True, slots=True)
 class Usage:
     scope: str
-    #: bytes of the distinct blobs used within the scope (each counted once)
+    #: bytes of the distinct blobs used within the scope (each counted once) plus ``uploading``
     bytes: int
     blobs: int
     repositories: int
+    #: bytes of uploads in progress (received or reserved by a request being received)
+    uploading: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaExceeded:
+    """What refused a reservation: the scope, its limit, what it uses, what was asked for."""
+
+    scope: str
+    limit: int
+    used: int
+    wanted: int
 
 
 def scope_condition(scope: str) -> tuple[str, tuple[str, ...]]:
@@ -126,6 +144,58 @@ def scope_condition(scope: str) -> tuple[str, tuple[str, ...]]:
         # A range on the primary key rather than LIKE: names may hold '%' and '_' literally.
         return "repository >= ? AND repository < ?", (prefix, prefix[:-1] + chr(ord("/") + 1))
     return "repository = ?", (scope,)
+
+
+class Index(Protocol):
+    """What the registry, quotas, retention, ``du`` and ``reindex`` use of a metadata index; two
+    backends with the same semantics: :class:`MetadataIndex` (SQLite, shared by the workers of
+    one host) and :class:`dockyard.registry.index_redis.RedisIndex` (Redis, shared by every
+    instance of an S3 + Redis deployment). ``registry.configured.open_index`` picks one."""
+
+    pull_flush: float
+
+    async def manifest_pushed(
+        self, name: str, record: ManifestRecord, tags: Iterable[str], blobs: dict[Digest, int]
+    ) -> None: ...
+    async def blob_linked(self, name: str, digest: Digest, size: int) -> None: ...
+    async def tag_deleted(self, name: str, tag: str) -> None: ...
+    async def manifest_deleted(self, name: str, digest: Digest) -> None: ...
+    async def repository_deleted(self, name: str) -> None: ...
+    def note_pull(self, name: str, digest: Digest | str, when: float | None = None) -> None: ...
+    async def flush_pulls(self) -> None: ...
+    async def set_pulled(self, name: str, digest: Digest, when: float) -> None: ...
+    async def run_pull_flusher(self) -> None: ...
+    async def tags(
+        self, name: str, after: str | None = None, limit: int = 100
+    ) -> list[TagRecord]: ...
+    async def snapshot(self, name: str) -> RepositorySnapshot: ...
+    async def repositories(
+        self,
+        after: str | None = None,
+        limit: int | None = None,
+        keep: Callable[[str], bool] | None = None,
+    ) -> list[RepositorySummary]: ...
+    async def manifests(
+        self, name: str, digests: Iterable[Digest]
+    ) -> dict[Digest, ManifestRecord]: ...
+    async def repository(self, name: str) -> RepositorySummary | None: ...
+    async def usage(self, scope: str) -> Usage: ...
+    async def reserve(
+        self,
+        name: str,
+        upload: str,
+        total: int,
+        limits: list[tuple[str, int]],
+        digest: Digest | None = None,
+    ) -> QuotaExceeded | None: ...
+    async def release(self, name: str, upload: str, total: int | None = None) -> None: ...
+    async def contents(self) -> dict[str, Any]: ...
+    async def refresh(self, storage: Store, name: str) -> bool: ...
+    async def indexed_repositories(self) -> set[str]: ...
+    async def reindex(self, storage: Store) -> list[str]: ...
+    async def verify(self, storage: Store) -> list[str]: ...
+    async def run_verifier(self, storage: Store, interval: float, first_delay: float) -> None: ...
+    async def close(self) -> None: ...
 
 
 class MetadataIndex:
@@ -271,7 +341,7 @@ class MetadataIndex:
 
     async def repository_deleted(self, name: str) -> None:
         def work(c: sqlite3.Connection) -> None:
-            for table in ("tags", "manifests", "blobs"):
+            for table in ("tags", "manifests", "blobs", "uploads"):
                 c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
             c.execute("DELETE FROM repositories WHERE name=?", (name,))
 
@@ -361,20 +431,49 @@ class MetadataIndex:
         return await self._run(work)
 
     async def repositories(
-        self, after: str | None = None, limit: int | None = None
+        self,
+        after: str | None = None,
+        limit: int | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> list[RepositorySummary]:
-        """Repositories with at least one manifest, sorted by name, after ``after``."""
+        """Repositories with at least one manifest, sorted by name, after ``after``. With
+        ``keep`` (called on the index's thread: it must be quick and thread-safe), only the
+        names it accepts, ``limit`` of them: the names it refuses are read past in the same
+        scan and summarised never, so a page costs the names skipped plus the page."""
 
         def work(c: sqlite3.Connection) -> list[RepositorySummary]:
-            names = [
-                r[0]
-                for r in c.execute(
-                    "SELECT DISTINCT repository FROM manifests WHERE repository > ? "
-                    "ORDER BY repository LIMIT ?",
-                    (after or "", -1 if limit is None else limit),
-                )
-            ]
+            rows = c.execute(
+                "SELECT DISTINCT repository FROM manifests WHERE repository > ? "
+                "ORDER BY repository LIMIT ?",
+                (after or "", -1 if limit is None or keep is not None else limit),
+            )
+            names: list[str] = []
+            for (name,) in rows:
+                if limit is not None and len(names) >= limit:
+                    break
+                if keep is None or keep(name):
+                    names.append(name)
             return [_summary(c, n) for n in names]
+
+        return await self._run(work)
+
+    async def manifests(self, name: str, digests: Iterable[Digest]) -> dict[Digest, ManifestRecord]:
+        """The records of those of ``digests`` that ``name`` holds (a page's worth: one seek
+        each)."""
+        wanted = sorted({str(d) for d in digests})
+
+        def work(c: sqlite3.Connection) -> dict[Digest, ManifestRecord]:
+            found: dict[Digest, ManifestRecord] = {}
+            for digest in wanted:
+                row = c.execute(
+                    "SELECT digest, media_type, size, pushed, pulled, subject, artifact_type, "
+                    "children FROM manifests WHERE repository=? AND digest=?",
+                    (name, digest),
+                ).fetchone()
+                if row is not None:
+                    record = _manifest_from_row(row)
+                    found[record.digest] = record
+            return found
 
         return await self._run(work)
 
@@ -387,22 +486,62 @@ class MetadataIndex:
         return await self._run(work)
 
     async def usage(self, scope: str) -> Usage:
-        """Space used within ``scope`` (see :func:`scope_condition`), each blob once."""
-        condition, params = scope_condition(scope)
+        """Space used within ``scope`` (see :func:`scope_condition`), each blob once, with
+        the uploads in progress."""
+        return await self._run(lambda c: _usage(c, scope))
 
-        def work(c: sqlite3.Connection) -> Usage:
-            size, count = c.execute(
-                "SELECT coalesce(sum(size), 0), count(*) FROM (SELECT digest, max(size) AS size "
-                f"FROM blobs WHERE {condition} GROUP BY digest)",
-                params,
-            ).fetchone()
-            (repos,) = c.execute(
-                f"SELECT count(DISTINCT repository) FROM blobs WHERE {condition}",
-                params,
-            ).fetchone()
-            return Usage(scope, size, count, repos)
+    # -- quotas: reservations for uploads -------------------------------------------------
 
-        return await self._run(work)
+    async def reserve(
+        self,
+        name: str,
+        upload: str,
+        total: int,
+        limits: list[tuple[str, int]],
+        digest: Digest | None = None,
+    ) -> QuotaExceeded | None:
+        """Count ``total`` bytes for the upload ``upload`` of ``name`` (replacing what it
+        counted before) unless that takes a scope of ``limits`` (scope, bytes) over its limit;
+        then nothing changes and the scope is returned. ``digest``: the blob the bytes are, when
+        known: within a scope that uses it already they take no space.
+
+        The check and the update are one transaction that excludes every other writer (of
+        every worker sharing the file), so concurrent reservations never overshoot a limit."""
+
+        def work(c: sqlite3.Connection) -> QuotaExceeded | None:
+            row = c.execute(
+                "SELECT bytes FROM uploads WHERE repository=? AND id=?", (name, upload)
+            ).fetchone()
+            before = row[0] if row else 0
+            for scope, limit in limits:
+                wanted = total
+                if digest is not None and _uses(c, scope, digest):
+                    wanted = 0
+                used = _usage(c, scope).bytes - before
+                if used + wanted > limit:
+                    return QuotaExceeded(scope, limit, used, wanted)
+            c.execute("INSERT OR REPLACE INTO uploads VALUES (?, ?, ?)", (name, upload, total))
+            return None
+
+        return await self._write(work)
+
+    async def release(self, name: str, upload: str, total: int | None = None) -> None:
+        """The upload counts ``total`` bytes from now on (what it really holds after a
+        request), or nothing (``None``: committed, cancelled, or a transient reservation)."""
+        if total is None:
+            await self._safely(
+                name,
+                lambda c: c.execute(
+                    "DELETE FROM uploads WHERE repository=? AND id=?", (name, upload)
+                ),
+            )
+        else:
+            await self._safely(
+                name,
+                lambda c: c.execute(
+                    "INSERT OR REPLACE INTO uploads VALUES (?, ?, ?)", (name, upload, total)
+                ),
+            )
 
     async def contents(self) -> dict[str, Any]:
         """Everything but pull times, canonically ordered: what a rebuild must reproduce."""
@@ -506,29 +645,40 @@ class MetadataIndex:
         for gone in await self.indexed_repositories() - set(names):
             await self.repository_deleted(gone)
             changed.append(gone)
+        await self._forget_finished_uploads(storage)
         if changed:
             log.info("index verification refreshed %d repositories: %s", len(changed), changed[:10])
         return changed
 
+    async def _forget_finished_uploads(self, storage: Store) -> None:
+        """Uploads whose session is gone from the layout (purged as abandoned, or ended by a
+        server that died before it could say so) count no more."""
+        counted = await self._run(
+            lambda c: c.execute("SELECT repository, id FROM uploads").fetchall()
+        )
+        for name, upload in counted:
+            if upload.startswith(TRANSIENT):
+                continue
+            try:
+                await storage.stat(layout.upload_started_at(name, upload))
+            except PathNotFound:
+                await self.release(name, upload)
+
     async def _matches_layout(self, storage: Store, name: str) -> bool:
-        repo = await inventory.read_repository(storage, name)
+        repo = await _glance(storage, name)
 
         def work(c: sqlite3.Connection) -> bool:
             row = c.execute("SELECT stale FROM repositories WHERE name=?", (name,)).fetchone()
             if row is None or row[0]:
                 return False
             tags = dict(c.execute("SELECT tag, digest FROM tags WHERE repository=?", (name,)))
-            if tags != {t: str(d) for t, d in repo.tags.items()}:
-                return False
             manifests = {
                 r[0] for r in c.execute("SELECT digest FROM manifests WHERE repository=?", (name,))
             }
-            if manifests != {str(d) for d in repo.revisions}:
-                return False
             blobs = {
                 r[0] for r in c.execute("SELECT digest FROM blobs WHERE repository=?", (name,))
             }
-            return {str(d) for d in repo.layers} <= blobs
+            return same_as_layout(repo, tags, manifests, blobs)
 
         return await self._run(work)
 
@@ -542,6 +692,41 @@ class MetadataIndex:
             except Exception:  # a bug or a storage failure must not end verification for good
                 log.exception("index verification failed (will retry)")
             await asyncio.sleep(interval)
+
+
+async def _glance(storage: Store, name: str) -> inventory.RepositoryInventory:
+    """What verification compares: the tags with their targets, and the revisions and layer
+    links by their directories alone (a link's content is its directory's name, so listing is
+    enough); the tag links are read together. Several times cheaper than reading every link."""
+    repo = inventory.RepositoryInventory(name)
+    revisions, layers = await asyncio.gather(
+        inventory.digests_under(storage, layout.revisions_dir(name)),
+        inventory.digests_under(storage, f"{layout.repository(name)}/_layers"),
+    )
+    repo.revisions = dict.fromkeys(revisions, 0.0)
+    repo.layers = set(layers)
+    try:
+        tags = await storage.list(layout.tags_dir(name))
+    except PathNotFound:
+        tags = []
+    targets = await asyncio.gather(
+        *(read_link(storage, layout.tag_current_link(name, tag)) for tag in tags)
+    )
+    repo.tags = {t: d for t, d in zip(tags, targets, strict=True) if d is not None}
+    return repo
+
+
+def same_as_layout(
+    repo: inventory.RepositoryInventory, tags: dict[str, str], manifests: set[str], blobs: set[str]
+) -> bool:
+    """Whether an index entry (tag -> digest, manifest digests, blob digests) agrees with what
+    :func:`_glance` found: the same tags and revisions, and every layer link counted (the index
+    also counts blobs that manifests reference without a link, so a superset)."""
+    return (
+        tags == {t: str(d) for t, d in repo.tags.items()}
+        and manifests == {str(d) for d in repo.revisions}
+        and {str(d) for d in repo.layers} <= blobs
+    )
 
 
 @dataclass
@@ -578,6 +763,34 @@ async def _read_layout(storage: Store, name: str) -> _LayoutRepository | None:
             continue
         found.tags.append(TagRecord(tag, digest, pushed))
     return found
+
+
+#: the prefix of reservations that are not upload sessions (a mount, a manifest being stored)
+TRANSIENT = "transient-"
+
+
+def _usage(c: sqlite3.Connection, scope: str) -> Usage:
+    condition, params = scope_condition(scope)
+    size, count = c.execute(
+        "SELECT coalesce(sum(size), 0), count(*) FROM (SELECT digest, max(size) AS size "
+        f"FROM blobs WHERE {condition} GROUP BY digest)",
+        params,
+    ).fetchone()
+    (repos,) = c.execute(
+        f"SELECT count(DISTINCT repository) FROM blobs WHERE {condition}", params
+    ).fetchone()
+    (uploading,) = c.execute(
+        f"SELECT coalesce(sum(bytes), 0) FROM uploads WHERE {condition}", params
+    ).fetchone()
+    return Usage(scope, size + uploading, count, repos, uploading)
+
+
+def _uses(c: sqlite3.Connection, scope: str, digest: Digest) -> bool:
+    condition, params = scope_condition(scope)
+    row = c.execute(
+        f"SELECT 1 FROM blobs WHERE digest=? AND ({condition}) LIMIT 1", (str(digest), *params)
+    ).fetchone()
+    return row is not None
 
 
 def _ensure_repository(c: sqlite3.Connection, name: str) -> None:

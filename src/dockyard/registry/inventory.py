@@ -46,7 +46,7 @@ async def repository_names(storage: Store) -> list[str]:
     return await repository_dirs(storage, REPOSITORY_MARKERS)
 
 
-async def _digests_under(storage: Store, path: str) -> list[Digest]:
+async def digests_under(storage: Store, path: str) -> list[Digest]:
     """``<path>/<alg>/<hex>`` entries as digests (skipping anything that is not one)."""
     out = []
     for algorithm in await _list(storage, path):
@@ -58,9 +58,15 @@ async def _digests_under(storage: Store, path: str) -> list[Digest]:
     return out
 
 
+async def layer_digests(storage: Store, layers: str) -> list[Digest]:
+    """The digests with an entry under a ``_layers`` directory, wherever it is: a repository's,
+    or one a repository delete moved aside (registry.deletion)."""
+    return await digests_under(storage, layers)
+
+
 async def read_repository(storage: Store, name: str) -> RepositoryInventory:
     inventory = RepositoryInventory(name)
-    for digest in await _digests_under(storage, layout.revisions_dir(name)):
+    for digest in await digests_under(storage, layout.revisions_dir(name)):
         path = layout.revision_link(name, digest)
         if await read_link(storage, path) != digest:
             continue
@@ -72,7 +78,7 @@ async def read_repository(storage: Store, name: str) -> RepositoryInventory:
         target = await read_link(storage, layout.tag_current_link(name, tag))
         if target is not None:
             inventory.tags[tag] = target
-    for digest in await _digests_under(storage, f"{layout.repository(name)}/_layers"):
+    for digest in await digests_under(storage, f"{layout.repository(name)}/_layers"):
         if await read_link(storage, layout.layer_link(name, digest)) == digest:
             inventory.layers.add(digest)
     return inventory

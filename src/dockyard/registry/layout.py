@@ -17,6 +17,9 @@
     /dockyard/                                          Dockyard's own: health probes, leases
                                                         (one GC at a time), quarantined blobs,
       instances/<id>                                    a running server's presence record
+      trash/<time>-<id>/                                what a repository delete moved aside
+                                                        (a rename) before deleting it
+      retention/<policy id>                             a retention policy confirmed to delete
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
 not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it. An
@@ -49,6 +52,10 @@ def repository(name: str) -> str:
 
 def layer_link(name: str, digest: Digest) -> str:
     return f"{REPOSITORIES}/{name}/_layers/{digest.algorithm}/{digest.hex}/link"
+
+
+def layers_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_layers"
 
 
 def manifests_dir(name: str) -> str:
@@ -119,6 +126,12 @@ def cache_epoch() -> str:
     return f"{DOCKYARD}/cache-epoch"
 
 
+def index_id() -> str:
+    """The store's identity for the metadata index in Redis (registry.index_redis): written
+    once, it keeps the indexes of stores sharing one Redis apart."""
+    return f"{DOCKYARD}/index-id"
+
+
 def lease(name: str) -> str:
     return f"{DOCKYARD}/leases/{name}"
 
@@ -129,6 +142,22 @@ def instances_dir() -> str:
 
 def instance(instance_id: str) -> str:
     return f"{DOCKYARD}/instances/{instance_id}"
+
+
+def retention_record(policy_id: str) -> str:
+    """Written when a retention policy's deletions are first confirmed (``dockyard retention
+    --confirm``); until it exists, runs of the policy only report."""
+    return f"{DOCKYARD}/retention/{policy_id}"
+
+
+def trash_dir() -> str:
+    return f"{DOCKYARD}/trash"
+
+
+def trash(entry: str) -> str:
+    """A repository delete's own directory (``<unix time>-<random>``), where the repository's
+    directories are renamed before they are deleted (registry.deletion)."""
+    return f"{DOCKYARD}/trash/{entry}"
 
 
 def quarantine(digest: Digest, stamp: str) -> str:

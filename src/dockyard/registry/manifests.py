@@ -29,6 +29,7 @@ from dockyard.tracing import in_repository, traced
 if TYPE_CHECKING:
     from dockyard.registry.index import MetadataIndex
     from dockyard.registry.policies import TagGuard
+    from dockyard.registry.quotas import Quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +84,12 @@ class ManifestStore:
         referrers: ReferrersIndex,
         bodies: ManifestBodies | None = None,
         index: MetadataIndex | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.name = name
         self.bodies = bodies or ManifestBodies(0)
         self.index = index
+        self.quotas = quotas if quotas is not None and quotas.applies(name) else None
         self.store = store
         self.storage = store.storage
         self.blobs = blobs
@@ -134,6 +137,7 @@ class ManifestStore:
         *,
         sparse: bool = False,
         guard: TagGuard | None = None,
+        quota: bool = True,
     ) -> PushedManifest:
         """Validate and store a manifest, then point ``tags`` at it. ``digest`` is the one the
         client pushed by, if any: the body must hash to it.
@@ -146,7 +150,11 @@ class ManifestStore:
 
         ``guard``: the immutable tags' check (a client's push; not a cache's own refresh). A tag
         it protects is refused before anything is written if it points elsewhere already, and
-        is created exclusively if it does not exist."""
+        is created exclusively if it does not exist.
+
+        ``quota``: the manifest's bytes are reserved against the repository's quotas
+        (registry.quotas) and refused over a limit; off for a pull-through cache's fills, which
+        are counted but never refused (a pull must not fail for a push quota)."""
         manifest = parse_manifest(body, content_type)
         if digest is None:
             digest = Digest.from_bytes(body)
@@ -156,12 +164,31 @@ class ManifestStore:
                 "manifest content does not match the digest it was pushed by",
                 {"digest": str(digest)},
             )
-        await self._check_references(manifest, sparse)
+        held = await self._check_references(manifest, sparse)
         protected = {t: r for t in tags if guard is not None and (r := guard(t)) is not None}
         for tag, refusal in protected.items():
             if await self.tags.current(tag) not in (None, digest):
                 raise refusal
 
+        reservation = None
+        if self.quotas is not None and quota:  # the manifest is a blob of the repository too
+            reservation = self.quotas.transient()
+            await self.quotas.reserve(self.name, reservation, len(body), digest)
+        try:
+            return await self._store(digest, body, manifest, tags, protected, held)
+        finally:
+            if self.quotas is not None and reservation is not None:
+                await self.quotas.release(self.name, reservation)
+
+    async def _store(
+        self,
+        digest: Digest,
+        body: bytes,
+        manifest: Manifest,
+        tags: list[str],
+        protected: dict[str, RegistryError],
+        held: dict[str, Digest],
+    ) -> PushedManifest:
         # Content, then the revision link, then the referrers entry, then tags: every link
         # written points at something already in place.
         await self.store.put(digest, body)
@@ -174,6 +201,7 @@ class ManifestStore:
                 await self.tags.tag(tag, digest)
             else:  # lost a race for a new immutable tag: this manifest stays, untagged
                 await self.tags.tag_once(tag, digest, refusal)
+        await self._confirm(digest, manifest, held)
         if self.index is not None:
             await self._index_push(digest, body, manifest, tags)
         return PushedManifest(digest=digest, manifest=manifest)
@@ -199,21 +227,84 @@ class ManifestStore:
             return False
         return True
 
-    async def _check_references(self, manifest: Manifest, sparse: bool) -> None:
+    async def _check_references(self, manifest: Manifest, sparse: bool) -> dict[str, Digest]:
         """Every reference the repository holds is stamped (the collector's rule 1, in
-        registry.gc), sparse or not; one it does not hold is refused unless ``sparse``."""
+        registry.gc), sparse or not; one it does not hold is refused unless ``sparse``.
+        Returns the links found (path -> digest), for :meth:`_confirm`; none when ``sparse``,
+        whose manifest may lack anything."""
         references = [*manifest.blobs, *manifest.children]
         found = await asyncio.gather(
             *(self._blob_present(d.digest) for d in manifest.blobs),
             *(self._keep(d.digest) for d in manifest.children),
         )
         missing = sorted({str(d.digest) for d, ok in zip(references, found, strict=True) if not ok})
-        if missing and not sparse:
+        if sparse:
+            return {}
+        if missing:
             raise RegistryError(
                 ErrorCode.MANIFEST_BLOB_UNKNOWN,
                 "manifest references content that is not in this repository",
                 {"digests": missing},
             )
+        held = {layout.layer_link(self.name, d.digest): d.digest for d in manifest.blobs}
+        for child in manifest.children:
+            held[layout.revision_link(self.name, child.digest)] = child.digest
+        return held
+
+    async def _confirm(self, digest: Digest, manifest: Manifest, held: dict[str, Digest]) -> None:
+        """After the push's last write: its revision link and every link it checked before
+        writing (``held``) are still there. A repository delete (registry.deletion) racing the
+        push may have taken either; then what this push left no longer stands, so it is
+        withdrawn and the push fails: a push completes before a delete or fails cleanly, never
+        leaving a tag without its manifest or a manifest without its blobs' links. (One storage
+        round trip: the reads go out together.)"""
+        paths = [layout.revision_link(self.name, digest), *held]
+        found = await asyncio.gather(*(read_link(self.storage, path) for path in paths))
+        missing = sorted({str(d) for d, f in zip(held.values(), found[1:], strict=True) if f != d})
+        if found[0] == digest and not missing:
+            return
+        await self._withdraw(digest, manifest)
+        if found[0] != digest:
+            raise RegistryError(
+                ErrorCode.NAME_UNKNOWN,
+                "the repository (or this manifest) was deleted while the manifest was pushed; "
+                "nothing of this push remains",
+                {"name": self.name},
+            )
+        raise RegistryError(
+            ErrorCode.MANIFEST_BLOB_UNKNOWN,
+            "content the manifest references was removed from the repository while it was "
+            "pushed (a repository or blob delete); nothing of this push remains",
+            {"digests": missing},
+        )
+
+    async def _withdraw(self, digest: Digest, manifest: Manifest) -> None:
+        """Remove what a push left that no longer stands (see :meth:`_confirm`): every tag
+        pointing at ``digest`` — not only this push's: any such tag stands on the same revision
+        link — then the revision link and the referrers entry, then the tags once more (a racing
+        push of the same manifest may have tagged it in between: the revision goes before its
+        tags can be checked again, never a tag left pointing at nothing), and the directories
+        left empty: an empty ``_manifests`` would list the repository in the catalog."""
+        for tag in await self.tags.pointing_to(digest):
+            await self.storage.delete_if_present(layout.tag_dir(self.name, tag))
+        revision_dir = layout.revision_link(self.name, digest).rsplit("/", 1)[0]
+        await self.storage.delete_if_present(revision_dir)
+        emptied = [layout.tags_dir(self.name), revision_dir]
+        if manifest.subject is not None:
+            await self.referrers.remove(manifest.subject.digest, digest)
+            referrer = layout.referrer_link(self.name, manifest.subject.digest, digest)
+            emptied.append(referrer.rsplit("/", 1)[0])
+        for tag in await self.tags.pointing_to(digest):
+            await self.storage.delete_if_present(layout.tag_dir(self.name, tag))
+        if self.index is not None:
+            await self.index.manifest_deleted(self.name, digest)
+        top = layout.manifests_dir(self.name)
+        for directory in emptied:
+            # Up to _manifests, each only if empty (a racing writer recreates its parents).
+            while directory.startswith(top + "/"):
+                await self.storage.remove_empty_dir(directory)
+                directory = directory.rsplit("/", 1)[0]
+        await self.storage.remove_empty_dir(top)
 
     @traced("registry.manifest.delete", in_repository, expected=(RegistryError,))
     async def delete(self, digest: Digest, guard: TagGuard | None = None) -> list[str]:

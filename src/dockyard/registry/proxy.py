@@ -397,7 +397,7 @@ class ProxiedRepository:
                 status=502,
             )
         # Sparse: an index's children and an image's blobs arrive when they are asked for.
-        await self.local.manifests.put(body, content_type, digest, tags, sparse=True)
+        await self.local.manifests.put(body, content_type, digest, tags, sparse=True, quota=False)
         # The manifest's layer link records when it was fetched (its revision link is stamped
         # whenever it is used): expiry counts from it (registry.proxy_expiry).
         await self.local.blobs.link(digest)

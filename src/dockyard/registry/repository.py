@@ -22,7 +22,9 @@ from dockyard.storage.driver import PathNotFound, StorageError
 from dockyard.storage.store import Store
 
 if TYPE_CHECKING:
+    from dockyard.registry.deletion import RepositoryDeletion
     from dockyard.registry.index import MetadataIndex
+    from dockyard.registry.quotas import Quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class Repository:
             self.referrers,
             registry.manifest_bodies,
             registry.index,
+            registry.quotas,
         )
         self.uploads = Uploads(
             name,
@@ -81,6 +84,7 @@ class Repository:
             registry.hashers,
             registry.upload_locks,
             registry.max_upload_sessions,
+            registry.quotas,
         )
 
     async def exists(self) -> bool:
@@ -108,8 +112,11 @@ class Registry:
         sparse_manifests: bool = False,
         policies: Policies | None = None,
         index: MetadataIndex | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.storage = storage
+        #: space limits per repository and namespace, counted in ``index``
+        self.quotas = quotas
         #: the metadata index (derived: sorted tags, times, usage); None in bare unit tests
         self.index = index
         #: per-repository rules (immutable tags) for what clients change
@@ -132,6 +139,32 @@ class Registry:
         ``_manifests`` directory (registry:2's rule); ``_``-prefixed directories are never
         names and are not descended into."""
         return await repository_dirs(self.storage, ("_manifests",))
+
+    async def delete_repository(
+        self, name: str, *, dry_run: bool = False, settle: float | None = None
+    ) -> RepositoryDeletion:
+        """Remove the repository ``name``: its tags, manifests, layer links and uploads in
+        progress, never its blobs (garbage collection reclaims those only it used), never a
+        repository nested in it. Gone from the catalog at once; pushes racing it complete before
+        it or fail cleanly (registry.deletion has how). ``dry_run``: only what would go.
+        NAME_UNKNOWN if there is no such repository.
+
+        The entry point of ``dockyard rm`` and of the admin API. It does not consult
+        ``storage.delete.enabled`` (the operator's command always may; an HTTP handler checks
+        with ``api.base.require_delete`` first) and emits no event (the caller records the
+        ``delete`` events, see ``events.repository_delete_events``)."""
+        # Imported here: registry.deletion reads the store through registry.inventory, which
+        # imports this module.
+        from dockyard.registry.deletion import DEFAULT_SETTLE, delete_repository
+
+        return await delete_repository(
+            self.storage,
+            name,
+            cache=self.blobs.cache,
+            index=self.index,
+            dry_run=dry_run,
+            settle=DEFAULT_SETTLE if settle is None else settle,
+        )
 
     async def check_storage(self) -> None:
         """Write, read back and delete a probe file; raises StorageError when storage cannot

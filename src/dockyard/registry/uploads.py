@@ -41,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import CANONICAL_ALGORITHM, Digest, new_hasher
@@ -52,6 +52,9 @@ from dockyard.registry.upload_locks import NoUploadLocks, UploadLocks, upload_bu
 from dockyard.storage.driver import FileWriter, PathNotFound, StorageError
 from dockyard.storage.store import Store
 from dockyard.tracing import in_repository, traced
+
+if TYPE_CHECKING:
+    from dockyard.registry.quotas import Quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +250,7 @@ class Uploads:
         hashers: HasherCache,
         locks: UploadLocks | None = None,
         max_sessions: int = 0,
+        quotas: Quotas | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -256,6 +260,8 @@ class Uploads:
         self.hashers = hashers
         self.locks: UploadLocks = locks or NoUploadLocks()
         self.max_sessions = max_sessions
+        #: the quotas that hold this repository, if any (registry.quotas)
+        self.quotas = quotas if quotas is not None and quotas.applies(name) else None
 
     # -- sessions ----------------------------------------------------------------------------
     @traced("registry.upload.start", in_repository, expected=(RegistryError,))
@@ -263,6 +269,8 @@ class Uploads:
         new_hasher(algorithm)  # rejects an unsupported algorithm before anything is written
         if self.max_sessions:
             await self._check_session_limit()
+        if self.quotas is not None:
+            await self.quotas.check_start(self.name)
         session = UploadSession(
             name=self.name,
             id=str(uuid.uuid4()),
@@ -322,6 +330,8 @@ class Uploads:
         self.hashers.drop(session.id)
         if not await self.storage.delete_if_present(layout.upload_dir(self.name, session.id)):
             raise upload_unknown(session.id)
+        if self.quotas is not None:
+            await self.quotas.release(self.name, session.id)
 
     # -- the chain -------------------------------------------------------------------------------
     async def _chain(self, session: UploadSession, *, whole: bool = True) -> Chain:
@@ -389,9 +399,16 @@ class Uploads:
         hasher = self.hashers.take(session.id, chain, session.algorithm)
         if hasher is None and start == 0:
             hasher = new_hasher(session.algorithm)
+        if self.quotas is not None:
+            # Reserved before a byte is read: the announced length at once, else step by step.
+            if expected is not None:
+                await self.quotas.reserve(self.name, session.id, start + expected)
+            else:
+                body = self.quotas.metered(self.name, session.id, start, body)
         token = secrets.token_hex(16)
         path = layout.upload_chunk(self.name, session.id, token)
         writer = await self.storage.writer(path)
+        received = 0
         try:
             received = await pump(body, writer, hasher)
             if expected is not None and received != expected:
@@ -410,16 +427,28 @@ class Uploads:
             await writer.close()
         except PathNotFound:  # the session was removed meanwhile (cancelled, committed)
             await asyncio.shield(writer.abort())
+            await self._settle_quota(session, start)
             raise upload_unknown(session.id) from None
         except BaseException:
             await asyncio.shield(writer.abort())
+            await self._settle_quota(session, start)
             raise
-        await self._claim(session, start, token, received)
+        try:
+            await self._claim(session, start, token, received)
+        except BaseException:
+            await self._settle_quota(session, start)
+            raise
+        await self._settle_quota(session, start + received)
         if hasher is not None:
             self.hashers.put(
                 session.id, RunningHash(start + received, session.algorithm, token, hasher)
             )
         return start + received
+
+    async def _settle_quota(self, session: UploadSession, size: int) -> None:
+        """After a request: the upload counts what it holds, no longer what was reserved."""
+        if self.quotas is not None:
+            await asyncio.shield(self.quotas.release(self.name, session.id, size))
 
     async def _claim(self, session: UploadSession, offset: int, token: str, size: int) -> None:
         """Claim ``offset`` for the written chunk ``token``, or discard it and say why."""
@@ -451,7 +480,12 @@ class Uploads:
         built: str | None = None
         try:
             if hasher is None or len(chain.parts) != 1:
-                hasher, built = await self._hash_and_join(session, chain, digest.algorithm, hasher)
+                try:
+                    hasher, built = await self._hash_and_join(
+                        session, chain, digest.algorithm, hasher
+                    )
+                except PathNotFound:  # its chunks went: see below
+                    raise upload_unknown(session.id) from None
             actual = Digest(digest.algorithm, hasher.hexdigest())
             if actual != digest:
                 with contextlib.suppress(RegistryError):
@@ -465,13 +499,22 @@ class Uploads:
             # Publish unless the digest is stored already: then the upload is verified and
             # discarded, and the existing blob only linked (stored content is never replaced).
             if not await self.store.exists(digest):
-                await self.store.publish(source, digest)
+                try:
+                    await self.store.publish(source, digest)
+                except PathNotFound:
+                    # The verified chunk went: a racing commit of this upload published it (the
+                    # blob is there), or the session was removed meanwhile (cancelled, or its
+                    # repository deleted: registry.deletion), which the client is told.
+                    if not await self.store.exists(digest):
+                        raise upload_unknown(session.id) from None
             info = await self.store.keep(digest)  # in use from now on, whatever its age
         finally:
             if built is not None:
                 await self.storage.delete_if_present(built)
         await self.storage.delete_if_present(layout.upload_dir(self.name, session.id))
         await self.blobs.link(digest, info.size)
+        if self.quotas is not None:  # counted as a blob of the repository from now on
+            await self.quotas.release(self.name, session.id)
         return BlobInfo(digest=digest, size=info.size, modified=time.time())
 
     async def _sealed_chain(self, session: UploadSession) -> Chain:
@@ -528,7 +571,15 @@ class Uploads:
             info = await self.store.keep(digest)
         except RegistryError:
             return None
-        await self.blobs.link(digest, info.size)
+        if self.quotas is None:
+            await self.blobs.link(digest, info.size)
+            return info
+        reservation = self.quotas.transient()
+        await self.quotas.reserve(self.name, reservation, info.size, digest)
+        try:
+            await self.blobs.link(digest, info.size)
+        finally:
+            await self.quotas.release(self.name, reservation)
         return info
 
 

@@ -8,6 +8,7 @@ garbage collection reclaims them."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import referenced_digests
 from dockyard.registry import inventory
 from dockyard.registry.blobs import BlobStore
+from dockyard.registry.quotas import in_scope
 from dockyard.storage.store import Store
 
 
@@ -34,8 +36,21 @@ class RepositoryUsage:
 
 
 @dataclass
+class ScopeUsage:
+    """A quota's scope: the distinct blobs its repositories use, from the walk (``used``), and
+    the metadata index's count, which adds uploads in progress (what quotas enforce)."""
+
+    scope: str
+    limit: int
+    used: int = 0
+    indexed: int | None = None
+    uploading: int = 0
+
+
+@dataclass
 class StoreUsage:
     repositories: list[RepositoryUsage] = field(default_factory=list)
+    scopes: list[ScopeUsage] = field(default_factory=list)
     blobs: int = 0
     total_bytes: int = 0
     referenced_bytes: int = 0
@@ -47,6 +62,7 @@ class StoreUsage:
             "repositories": [
                 {**asdict(r), "total_bytes": r.total_bytes} for r in self.repositories
             ],
+            "quotas": [asdict(s) for s in self.scopes],
             "store": {
                 "blobs": self.blobs,
                 "total_bytes": self.total_bytes,
@@ -57,7 +73,8 @@ class StoreUsage:
         }
 
 
-async def measure(storage: Store) -> StoreUsage:
+async def measure(storage: Store, quotas: Sequence[tuple[str, int]] = ()) -> StoreUsage:
+    """Walk the store; ``quotas`` (scope, limit) are measured too."""
     store = BlobStore(storage)
     sizes = {b.digest: b.size async for b in inventory.blobs(storage)}
     users: dict[Digest, set[str]] = {}
@@ -83,6 +100,9 @@ async def measure(storage: Store) -> StoreUsage:
             else:
                 entry.shared_bytes += sizes[digest]
     usage.repositories = sorted(per_repo.values(), key=lambda r: (-r.total_bytes, r.name))
+    for scope, limit in quotas:
+        used = sum(sizes[d] for d, names in users.items() if any(in_scope(scope, n) for n in names))
+        usage.scopes.append(ScopeUsage(scope, limit, used))
     usage.blobs = len(sizes)
     usage.total_bytes = sum(sizes.values())
     usage.referenced_bytes = sum(sizes[d] for d in users)

@@ -196,7 +196,9 @@ class Touch(Protocol):
 class AtomicMove(Protocol):
     """A marker: ``move`` is one atomic step (a rename), so a touch either lands before it or
     fails. Drivers whose move is a copy and a delete (object storage) leave it undefined, and
-    ``registry.blobs.stamp`` confirms each touch a moment later."""
+    ``registry.blobs.stamp`` confirms each touch a moment later. With it, ``move`` also takes a
+    directory and everything in it in that one step (a repository delete relies on it to make
+    a repository disappear at once: ``registry.deletion``)."""
 
     atomic_move: Literal[True]
 

@@ -61,10 +61,23 @@ def read_small_file(full: str) -> bytes | None:
 DIR_RACE_ATTEMPTS = 5
 
 
+def makedirs(directory: str) -> None:
+    """``os.makedirs(exist_ok=True)`` that survives a parent being removed while it makes the
+    levels below it (``mkdir`` fails with ENOENT then): a clean-up of empty directories, or a
+    repository delete renaming the repository's directories away. It makes them again."""
+    for attempt in range(DIR_RACE_ATTEMPTS):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == DIR_RACE_ATTEMPTS - 1:
+                raise
+
+
 def write_atomic(full: str, data: bytes, fsync: bool) -> None:
     directory = os.path.dirname(full)
     for attempt in range(DIR_RACE_ATTEMPTS):
-        os.makedirs(directory, exist_ok=True)
+        makedirs(directory)
         tmp = f"{full}.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
@@ -89,7 +102,7 @@ def write_new(full: str, data: bytes, fsync: bool) -> bool:
     """Written to a temporary file, then hard-linked into place: the link fails if the name
     exists, so the file appears complete or not at all, and only once."""
     for attempt in range(DIR_RACE_ATTEMPTS):
-        os.makedirs(os.path.dirname(full), exist_ok=True)
+        makedirs(os.path.dirname(full))
         tmp = f"{full}.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "xb") as f:
@@ -133,7 +146,7 @@ def move(src: str, dst: str) -> None:
     for attempt in range(DIR_RACE_ATTEMPTS):
         if not os.path.exists(src):
             raise FileNotFoundError(errno.ENOENT, "no such file", src)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        makedirs(os.path.dirname(dst))
         try:
             os.replace(src, dst)
             return
@@ -157,7 +170,7 @@ def delete(full: str) -> None:
 def open_temp(full: str) -> tuple[str, Any]:
     directory = os.path.dirname(full)
     for attempt in range(DIR_RACE_ATTEMPTS):
-        os.makedirs(directory, exist_ok=True)
+        makedirs(directory)
         tmp = f"{full}.tmp-{uuid.uuid4().hex}"
         try:
             return tmp, open(tmp, "xb")  # closed by the writer
@@ -194,7 +207,7 @@ def move_new(src: str, dst: str) -> bool:
     """Give ``src`` the name ``dst`` unless ``dst`` exists: a hard link fails if the name is
     taken, so of two movers exactly one wins and an existing file is never replaced."""
     for attempt in range(DIR_RACE_ATTEMPTS):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        makedirs(os.path.dirname(dst))
         try:
             os.link(src, dst)
         except FileExistsError:

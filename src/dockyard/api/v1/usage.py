@@ -1,0 +1,89 @@
+"""Space used, from the metadata index: ``GET /dockyard/api/v1/usage[?n=&last=&q=]``.
+
+Every caller gets a page of the repositories they may pull (as the repository list), each with
+its bytes, uploads in progress and the quotas that hold it, and those quotas' usage beside their
+limits: a team sees how close it is to the quota it pushes against. An administrator also gets
+the whole registry's usage and every configured quota, whether or not it holds a repository of
+the page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from dockyard.api.v1.common import ROOT, index_of, last_of, page_response, page_size
+from dockyard.auth.access import Need, requires
+from dockyard.auth.middleware import identity_of
+from dockyard.http.request import CONFIG_KEY
+from dockyard.registry.index import MetadataIndex, Usage
+from dockyard.registry.quotas import in_scope
+
+
+def usage_json(usage: Usage, limit: int | None) -> dict[str, Any]:
+    return {
+        "scope": usage.scope,
+        "limit": limit,
+        "bytes": usage.bytes,
+        "blobs": usage.blobs,
+        "repositories": usage.repositories,
+        "uploading": usage.uploading,
+    }
+
+
+class _Scopes:
+    """Each scope's usage read once per request, however many repositories of the page it
+    holds."""
+
+    def __init__(self, index: MetadataIndex) -> None:
+        self.index = index
+        self.read: dict[str, Usage] = {}
+
+    async def of(self, scope: str) -> Usage:
+        if scope not in self.read:
+            self.read[scope] = await self.index.usage(scope)
+        return self.read[scope]
+
+
+@requires(Need.CATALOG)
+async def usage(request: web.Request) -> web.Response:
+    identity = identity_of(request)
+    admin = identity.is_admin
+    index = index_of(request)
+    quotas = [(q.scope, q.limit) for q in request.app[CONFIG_KEY].quotas]
+    n = page_size(request)
+    query = request.query.get("q", "")
+
+    def visible(name: str) -> bool:
+        return query in name and identity.lists(name)
+
+    found = await index.repositories(last_of(request), n + 1, visible) if n else []
+    page = found[:n]
+    scopes = _Scopes(index)
+    repositories = []
+    for summary in page:
+        own = await scopes.of(summary.name)  # a repository is a scope of its own
+        repositories.append(
+            {
+                "name": summary.name,
+                "tags": summary.tags,
+                "manifests": summary.manifests,
+                "size": summary.size,
+                "blobs": own.blobs,
+                "uploading": own.uploading,
+                "quotas": [scope for scope, _ in quotas if in_scope(scope, summary.name)],
+            }
+        )
+    named = {scope for entry in repositories for scope in entry["quotas"]}
+    shown = [(scope, limit) for scope, limit in quotas if admin or scope in named]
+    body: dict[str, Any] = {
+        "admin": admin,
+        "total": usage_json(await scopes.of("*"), None) if admin else None,
+        "quotas": [usage_json(await scopes.of(scope), limit) for scope, limit in shown],
+        "repositories": repositories,
+    }
+    return page_response(request, body, n, len(found) > n, page[-1].name if page else None)
+
+
+def routes(prefix: str) -> list[web.AbstractRouteDef]:
+    return [web.get(f"{prefix}{ROOT}/usage", usage)]
