@@ -24,7 +24,7 @@ from dockyard.http.request import CONFIG_KEY, TRACE_ID, client_address_middlewar
 from dockyard.http.responses import add_common_headers
 from dockyard.lifecycle import InFlight
 from dockyard.registry.configured import open_store
-from dockyard.registry.index import MetadataIndex
+from dockyard.registry.index import Index
 from dockyard.shared import Shared
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
@@ -120,7 +120,7 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     return app
 
 
-def _writing_pulls(index: MetadataIndex) -> Callable[[web.Application], AsyncIterator[None]]:
+def _writing_pulls(index: Index) -> Callable[[web.Application], AsyncIterator[None]]:
     """The pull times this worker noted reach the index every ``index.pullflush`` seconds."""
 
     async def writing(_: web.Application) -> AsyncIterator[None]:

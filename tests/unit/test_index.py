@@ -41,10 +41,19 @@ def run(coro):  # type: ignore[no-untyped-def]
 IndexFactory = Callable[[str], Index]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+#: the scopes the tests ask the usage of: tallied by "sqlite-tallied" (kept by triggers),
+#: counted when asked by "sqlite"
+TALLIED = ("*", "team-a/*", "team-a/app", "team-a/db", "team-b/*", "ns", "ns/*", "ns/a", "ns/b")
+
+
+@pytest.fixture(params=["sqlite", "sqlite-tallied", "redis"])
 def open_index(request: pytest.FixtureRequest, tmp_path: Path) -> IndexFactory:
     if request.param == "sqlite":
         return lambda name: MetadataIndex(str(tmp_path / name / "metadata.sqlite3"))
+    if request.param == "sqlite-tallied":
+        return lambda name: MetadataIndex(
+            str(tmp_path / name / "metadata.sqlite3"), scopes=(*TALLIED, "n_s/*")
+        )
     addr = request.getfixturevalue("redis_addr")
     flush_redis(addr)
     return lambda name: RedisIndex(lambda: redis_client(addr, "", "", 0), namespace=name)
@@ -436,3 +445,149 @@ def test_layout_paths_are_the_index_sources() -> None:
     # The index reads only registry:2's own files (the layout module is the one place paths are
     # built): a tag's time is its current link's.
     assert layout.tag_current_link("a", "t").endswith("/_manifests/tags/t/current/link")
+
+
+def test_tallies_match_counting_after_any_sequence_of_changes(tmp_path: Path) -> None:
+    """The triggers' tallies (O(1) usage for quota scopes) equal the usage counted from the
+    blobs after pushes sharing layers, blob links replacing claimed sizes, tag and manifest
+    deletes, refreshes, a repository deleted and a reindex, in a random order."""
+    import random
+
+    from dockyard.registry.index import _counted_usage, _usage
+
+    rng = random.Random(1234)
+    scopes = ("*", "a/*", "a/x", "b/*", "a/x/y")
+    index = MetadataIndex(str(tmp_path / "i.sqlite3"), scopes=scopes)
+    registry = Registry(
+        Store(FilesystemDriver(str(tmp_path / "store"), max_threads=8)),
+        secret="s",
+        delete_enabled=True,
+        index=index,
+    )
+    names = ["a/x", "a/y", "a/x/y", "b/z", "c"]
+    layers = [os.urandom(rng.randrange(100, 5000)) for _ in range(6)]
+
+    async def check() -> None:
+        for scope in scopes:
+            tallied = await index._run(lambda c, s=scope: _usage(c, s))
+            counted = await index._run(lambda c, s=scope: _counted_usage(c, s))
+            assert (tallied.bytes, tallied.blobs) == (counted.bytes, counted.blobs), scope
+
+    async def go() -> None:
+        pushed: dict[str, list[Digest]] = {n: [] for n in names}
+        for step in range(60):
+            name = rng.choice(names)
+            action = rng.random()
+            if action < 0.5 or not pushed[name]:
+                chosen = rng.sample(layers, rng.randrange(1, 3))
+                digest = await push_image(registry, name, [f"t{step}"], chosen)
+                pushed[name].append(digest)
+            elif action < 0.65:
+                digest = pushed[name].pop(rng.randrange(len(pushed[name])))
+                await registry.repository(name).manifests.delete(digest)
+            elif action < 0.75:
+                await index.refresh(registry.storage, name)
+            elif action < 0.8:
+                await index.repository_deleted(name)
+                pushed[name] = []
+            elif action < 0.9:
+                tags = await registry.repository(name).tags.all()
+                if tags:
+                    await registry.repository(name).tags.untag(rng.choice(tags))
+            else:
+                await index.reindex(registry.storage)
+            await check()
+        # a scope tallied only now is counted from what is there
+        late = MetadataIndex(index.path, scopes=("c",))
+        try:
+            tallied = await late.usage("c")
+        finally:
+            await late.close()
+        counted = await index._run(lambda c: _counted_usage(c, "c"))
+        assert tallied.bytes == counted.bytes
+
+    try:
+        run(go())
+    finally:
+        run(registry.close())
+
+
+def test_sqlite_refresh_and_verification_never_lose_a_racing_push(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push indexed while a refresh reads the layout survives the refresh (it reads again);
+    a repository whose first push lands after verification listed the layout is kept; an
+    upload whose session is gone stops counting only at the second verification that finds
+    it gone (a commit removes the session just before it links the blob)."""
+    import dockyard.registry.index as index_module
+
+    index = MetadataIndex(str(tmp_path / "i.sqlite3"), scopes=("*",))
+    registry = Registry(
+        Store(FilesystemDriver(str(tmp_path / "store"), max_threads=8)),
+        secret="s",
+        delete_enabled=True,
+        index=index,
+    )
+    read_layout = index_module._read_layout
+    racing: list[str] = []
+
+    async def read_with_a_push_meanwhile(storage: Store, name: str) -> Any:
+        found = await read_layout(storage, name)
+        if racing:
+            await push_image(registry, name, [racing.pop()], [os.urandom(100)])
+        return found
+
+    async def go() -> None:
+        await push_image(registry, "r", ["a"], [os.urandom(100)])
+        monkeypatch.setattr(index_module, "_read_layout", read_with_a_push_meanwhile)
+        racing.append("b")
+        await index.refresh(registry.storage, "r")
+        assert [t.tag for t in await index.tags("r")] == ["a", "b"]
+        monkeypatch.setattr(index_module, "_read_layout", read_layout)
+
+        listing = index_module.inventory.repository_names
+
+        async def listed_before_the_push(storage: Store) -> list[str]:
+            names = await listing(storage)
+            await push_image(registry, "new", ["1"], [os.urandom(100)])
+            return names
+
+        monkeypatch.setattr(index_module.inventory, "repository_names", listed_before_the_push)
+        await index.verify(registry.storage)
+        monkeypatch.setattr(index_module.inventory, "repository_names", listing)
+        assert [t.tag for t in await index.tags("new")] == ["1"]
+
+        assert await index.reserve("r", "gone-session", 1000, [("*", 10**9)]) is None
+        await index.verify(registry.storage)
+        assert (await index.usage("*")).uploading == 1000
+        await index.verify(registry.storage)
+        assert (await index.usage("*")).uploading == 0
+
+    try:
+        run(go())
+    finally:
+        run(registry.close())
+
+
+def test_an_index_of_another_schema_is_rebuilt(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "i.sqlite3"
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        c.execute("INSERT INTO meta VALUES ('schema', '1')")
+        c.execute("CREATE TABLE repositories (name TEXT PRIMARY KEY, stale INTEGER)")
+        c.execute("INSERT INTO repositories VALUES ('old', 0)")
+    index = MetadataIndex(str(path))
+
+    async def go() -> set[str]:
+        try:
+            return await index.indexed_repositories()
+        finally:
+            await index.close()
+
+    assert run(go()) == set()
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM meta").fetchone() == ("2",)
+        columns = [r[1] for r in c.execute("PRAGMA table_info(repositories)")]
+        assert "version" in columns

@@ -22,7 +22,7 @@ from dockyard.storage.store import LocalRange, Store, StreamedRange
 from dockyard.tracing import in_repository, traced
 
 if TYPE_CHECKING:
-    from dockyard.registry.index import MetadataIndex
+    from dockyard.registry.index import Index
 
 #: A blob's bytes opened for a response: a local file to send with zero-copy sendfile, or a
 #: stream (see storage.store.Store.open_range).
@@ -172,7 +172,7 @@ class BlobStore:
 class LinkedBlobs:
     """One repository's blobs: those linked under its ``_layers``."""
 
-    def __init__(self, name: str, store: BlobStore, index: MetadataIndex | None = None) -> None:
+    def __init__(self, name: str, store: BlobStore, index: Index | None = None) -> None:
         self.name = name
         self.store = store
         self.storage = store.storage

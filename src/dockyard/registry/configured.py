@@ -72,6 +72,7 @@ def open_index(config: Config, storage: Store) -> Index:
     return MetadataIndex(
         os.path.join(index_directory(config), "metadata.sqlite3"),
         pull_flush=config.index.pullflush,
+        scopes=[q.scope for q in config.quotas],
     )
 
 

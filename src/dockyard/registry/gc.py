@@ -74,7 +74,7 @@ from dockyard.storage.driver import PathNotFound
 from dockyard.storage.store import Store
 
 if TYPE_CHECKING:
-    from dockyard.registry.index import MetadataIndex
+    from dockyard.registry.index import Index
 
 log = logging.getLogger("dockyard.gc")
 
@@ -130,7 +130,7 @@ class GarbageCollector:
         cache: BlobDescriptorCache | None = None,
         immediate: bool = False,
         presences: PresenceRecords | None = None,
-        index: MetadataIndex | None = None,
+        index: Index | None = None,
     ) -> None:
         self.storage = storage
         #: refreshed for the repositories the collection changed (their usage, untagged ones)

@@ -58,13 +58,16 @@ log = logging.getLogger("dockyard.index")
 T = TypeVar("T")
 
 #: bumped when the schema changes: an index of another version is rebuilt from the layout
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS repositories (
     name TEXT PRIMARY KEY,
-    stale INTEGER NOT NULL DEFAULT 0
+    stale INTEGER NOT NULL DEFAULT 0,
+    -- bumped by every write of the repository: a refresh applies what it read of the layout
+    -- only if no write came meanwhile (it would erase that write)
+    version INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tags (
     repository TEXT NOT NULL,
@@ -98,6 +101,56 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (repository, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
+-- Quota scopes' tallies, kept by triggers on ``blobs`` so that a scope's usage is one row
+-- read, whatever its size: per tracked scope (the repositories in [lo, hi)) each blob with
+-- the number of its repositories using it, and the scope's total.
+CREATE TABLE IF NOT EXISTS scopes (
+    scope TEXT PRIMARY KEY,
+    lo TEXT NOT NULL,
+    hi TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scope_blobs (
+    scope TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    refs INTEGER NOT NULL,
+    PRIMARY KEY (scope, digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scope_totals (
+    scope TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL,
+    blobs INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS blob_used AFTER INSERT ON blobs BEGIN
+    INSERT INTO scope_blobs (scope, digest, size, refs)
+        SELECT scope, NEW.digest, NEW.size, 1 FROM scopes
+        WHERE NEW.repository >= lo AND NEW.repository < hi
+        ON CONFLICT (scope, digest) DO UPDATE
+        SET refs = refs + 1, size = max(size, excluded.size);
+END;
+CREATE TRIGGER IF NOT EXISTS blob_resized AFTER UPDATE OF size ON blobs BEGIN
+    UPDATE scope_blobs SET size = max(size, NEW.size)
+        WHERE digest = NEW.digest AND scope IN (
+            SELECT scope FROM scopes WHERE NEW.repository >= lo AND NEW.repository < hi
+        );
+END;
+CREATE TRIGGER IF NOT EXISTS blob_unused AFTER DELETE ON blobs BEGIN
+    UPDATE scope_blobs SET refs = refs - 1
+        WHERE digest = OLD.digest AND scope IN (
+            SELECT scope FROM scopes WHERE OLD.repository >= lo AND OLD.repository < hi
+        );
+    DELETE FROM scope_blobs WHERE digest = OLD.digest AND refs <= 0;
+END;
+CREATE TRIGGER IF NOT EXISTS tally_in AFTER INSERT ON scope_blobs BEGIN
+    UPDATE scope_totals SET bytes = bytes + NEW.size, blobs = blobs + 1
+        WHERE scope = NEW.scope;
+END;
+CREATE TRIGGER IF NOT EXISTS tally_resized AFTER UPDATE OF size ON scope_blobs BEGIN
+    UPDATE scope_totals SET bytes = bytes + NEW.size - OLD.size WHERE scope = NEW.scope;
+END;
+CREATE TRIGGER IF NOT EXISTS tally_out AFTER DELETE ON scope_blobs BEGIN
+    UPDATE scope_totals SET bytes = bytes - OLD.size, blobs = blobs - 1 WHERE scope = OLD.scope;
+END;
 """
 
 
@@ -203,14 +256,19 @@ class MetadataIndex:
     one in tests). Safe to share between the worker processes of one host; each process opens
     its own connection on its own thread (after a fork, a new one)."""
 
-    def __init__(self, path: str, *, pull_flush: float = 5.0) -> None:
+    def __init__(self, path: str, *, pull_flush: float = 5.0, scopes: Iterable[str] = ()) -> None:
         self.path = path
         self.pull_flush = pull_flush
+        #: the quota scopes whose usage is tallied (kept by triggers; any other scope's
+        #: usage is counted when asked)
+        self.scopes = tuple(sorted(set(scopes)))
         #: (repository, digest) -> latest pull time not yet written
         self._pulls: dict[tuple[str, str], float] = {}
         self._pid = -1
         self._executor: ThreadPoolExecutor | None = None
         self._local = threading.local()
+        #: uploads counted whose session the last verification found gone
+        self._missing_uploads: set[tuple[str, str]] = set()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -224,12 +282,13 @@ class MetadataIndex:
             # Derived data: losing the last transactions on a power cut costs a refresh, not
             # data; a sync per push would cost every push.
             conn.execute("PRAGMA synchronous=NORMAL")
+            # INSERT OR REPLACE on blobs must fire the delete trigger of the row it replaces,
+            # or a scope's tally would count the blob twice.
+            conn.execute("PRAGMA recursive_triggers=ON")
+            _replace_other_schema(conn)
             conn.executescript(_SCHEMA)
-            version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if version is None:
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-                )
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            _track_scopes(conn, self.scopes)
             self._local.conn = conn
         return conn
 
@@ -269,8 +328,8 @@ class MetadataIndex:
             with contextlib.suppress(sqlite3.Error):
                 await self._write(
                     lambda c: c.execute(
-                        "INSERT INTO repositories VALUES (?, 1) "
-                        "ON CONFLICT(name) DO UPDATE SET stale=1",
+                        "INSERT INTO repositories (name, stale) VALUES (?, 1) "
+                        "ON CONFLICT(name) DO UPDATE SET stale=1, version=version+1",
                         (name,),
                     )
                 )
@@ -303,7 +362,7 @@ class MetadataIndex:
         tags = list(tags)
 
         def work(c: sqlite3.Connection) -> None:
-            _ensure_repository(c, name)
+            _touch(c, name)
             _put_manifest(c, name, record, keep_times=True)
             for tag in tags:
                 c.execute(
@@ -317,16 +376,18 @@ class MetadataIndex:
 
     async def blob_linked(self, name: str, digest: Digest, size: int) -> None:
         def work(c: sqlite3.Connection) -> None:
-            _ensure_repository(c, name)
+            _touch(c, name)
             # The stored size is the truth; it replaces a size a manifest's descriptor claimed.
             c.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", (name, str(digest), size))
 
         await self._safely(name, work)
 
     async def tag_deleted(self, name: str, tag: str) -> None:
-        await self._safely(
-            name, lambda c: c.execute("DELETE FROM tags WHERE repository=? AND tag=?", (name, tag))
-        )
+        def work(c: sqlite3.Connection) -> None:
+            _touch(c, name)
+            c.execute("DELETE FROM tags WHERE repository=? AND tag=?", (name, tag))
+
+        await self._safely(name, work)
 
     async def manifest_deleted(self, name: str, digest: Digest) -> None:
         """The manifest and the tags that pointed at it are gone; the blobs it used are still
@@ -334,6 +395,7 @@ class MetadataIndex:
         until the collector's refresh."""
 
         def work(c: sqlite3.Connection) -> None:
+            _touch(c, name)
             c.execute("DELETE FROM tags WHERE repository=? AND digest=?", (name, str(digest)))
             c.execute("DELETE FROM manifests WHERE repository=? AND digest=?", (name, str(digest)))
 
@@ -564,59 +626,31 @@ class MetadataIndex:
 
     async def refresh(self, storage: Store, name: str) -> bool:
         """Make the index's entry for ``name`` what the layout holds now; pull times and the
-        push times of manifests still there are kept. Returns whether the repository exists."""
-        found = await _read_layout(storage, name)
+        push times of manifests and tags still there are kept. Returns whether the repository
+        exists.
 
-        def work(c: sqlite3.Connection) -> None:
-            old = {
-                row[0]: (row[1], row[2])
-                for row in c.execute(
-                    "SELECT digest, pushed, pulled FROM manifests WHERE repository=?", (name,)
-                )
-            }
-            old_tags = {
-                (row[0], row[1]): row[2]
-                for row in c.execute(
-                    "SELECT tag, digest, pushed FROM tags WHERE repository=?", (name,)
-                )
-            }
-            for table in ("tags", "manifests", "blobs"):
-                c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
-            if found is None:
-                c.execute("DELETE FROM repositories WHERE name=?", (name,))
-                return
-            c.execute("INSERT OR REPLACE INTO repositories VALUES (?, 0)", (name,))
-            for record in found.manifests.values():
-                pushed, pulled = old.get(str(record.digest), (record.pushed, None))
-                _put_manifest(
-                    c,
-                    name,
-                    ManifestRecord(
-                        record.digest,
-                        record.media_type,
-                        record.size,
-                        min(pushed, record.pushed),
-                        pulled,
-                        record.subject,
-                        record.artifact_type,
-                        record.children,
-                    ),
-                    keep_times=False,
-                )
-            c.executemany(
-                "INSERT INTO tags VALUES (?, ?, ?, ?)",
-                [
-                    (name, t.tag, str(t.digest), old_tags.get((t.tag, str(t.digest)), t.pushed))
-                    for t in found.tags
-                ],
-            )
-            c.executemany(
-                "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
-                [(name, str(d), s) for d, s in found.blobs.items()],
-            )
+        A write of the repository while the layout is read (a push on any worker) would be
+        erased by what was read before it: the entry is replaced only if the repository's
+        version did not move meanwhile, else the layout is read again; after three tries the
+        repository is marked stale for the next verification (the pushes stay indexed)."""
+        for _ in range(3):
+            before = await self._run(lambda c: _version(c, name))
+            found = await _read_layout(storage, name)
 
-        await self._write(work)
-        return found is not None
+            def work(
+                c: sqlite3.Connection,
+                found: _LayoutRepository | None = found,
+                before: int | None = before,
+            ) -> bool:
+                if _version(c, name) != before:
+                    return False
+                _replace_entry(c, name, found)
+                return True
+
+            if await self._write(work):
+                return found is not None
+        await self._write(lambda c: _mark_stale(c, name))
+        return True
 
     async def indexed_repositories(self) -> set[str]:
         def work(c: sqlite3.Connection) -> set[str]:
@@ -630,7 +664,8 @@ class MetadataIndex:
         for name in names:
             await self.refresh(storage, name)
         for gone in await self.indexed_repositories() - set(names):
-            await self.repository_deleted(gone)
+            # Refreshed, not dropped: its first push may have come after the listing.
+            await self.refresh(storage, gone)
         return names
 
     async def verify(self, storage: Store) -> list[str]:
@@ -643,7 +678,9 @@ class MetadataIndex:
                 await self.refresh(storage, name)
                 changed.append(name)
         for gone in await self.indexed_repositories() - set(names):
-            await self.repository_deleted(gone)
+            # Refreshed, not dropped: its first push may have come after the listing (then the
+            # layout has it now, and it stays).
+            await self.refresh(storage, gone)
             changed.append(gone)
         await self._forget_finished_uploads(storage)
         if changed:
@@ -652,17 +689,24 @@ class MetadataIndex:
 
     async def _forget_finished_uploads(self, storage: Store) -> None:
         """Uploads whose session is gone from the layout (purged as abandoned, or ended by a
-        server that died before it could say so) count no more."""
+        server that died before it could say so) count no more. Only once gone at two
+        verifications running: a commit removes the session just before it links the blob and
+        releases the reservation itself, and the bytes must count all along."""
         counted = await self._run(
             lambda c: c.execute("SELECT repository, id FROM uploads").fetchall()
         )
+        missing = set()
         for name, upload in counted:
             if upload.startswith(TRANSIENT):
                 continue
             try:
                 await storage.stat(layout.upload_started_at(name, upload))
             except PathNotFound:
-                await self.release(name, upload)
+                if (name, upload) in self._missing_uploads:
+                    await self.release(name, upload)
+                else:
+                    missing.add((name, upload))
+        self._missing_uploads = missing
 
     async def _matches_layout(self, storage: Store, name: str) -> bool:
         repo = await _glance(storage, name)
@@ -769,7 +813,59 @@ async def _read_layout(storage: Store, name: str) -> _LayoutRepository | None:
 TRANSIENT = "transient-"
 
 
+def scope_range(scope: str) -> tuple[str, str]:
+    """The repository names of ``scope`` as a range [lo, hi) (names are lower-case ASCII:
+    nothing sorts after DEL; a name is never followed by NUL in another)."""
+    if scope == "*":
+        return "", "\x7f"
+    if scope.endswith("/*"):
+        prefix = scope[:-1]
+        return prefix, prefix[:-1] + chr(ord("/") + 1)
+    return scope, scope + "\x00"
+
+
+def _track_scopes(c: sqlite3.Connection, scopes: tuple[str, ...]) -> None:
+    """Tally ``scopes`` from now on: a scope not tallied yet is counted from ``blobs`` once
+    (every worker races to do it: IMMEDIATE serialises them, and the later ones find it done).
+    A tally is never dropped: another process may open the index with other scopes (a command
+    with another configuration), and a tally kept current costs only its triggers."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        tracked = {row[0] for row in c.execute("SELECT scope FROM scopes")}
+        for scope in set(scopes) - tracked:
+            lo, hi = scope_range(scope)
+            c.execute("INSERT INTO scope_totals VALUES (?, 0, 0)", (scope,))
+            c.execute(
+                "INSERT INTO scope_blobs SELECT ?, digest, max(size), count(*) FROM blobs "
+                "WHERE repository >= ? AND repository < ? GROUP BY digest",
+                (scope, lo, hi),
+            )
+            c.execute("INSERT INTO scopes VALUES (?, ?, ?)", (scope, lo, hi))
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+
+
 def _usage(c: sqlite3.Connection, scope: str) -> Usage:
+    condition, params = scope_condition(scope)
+    tallied = c.execute("SELECT bytes, blobs FROM scope_totals WHERE scope=?", (scope,)).fetchone()
+    if tallied is not None:
+        size, count = tallied
+        (uploading,) = c.execute(
+            f"SELECT coalesce(sum(bytes), 0) FROM uploads WHERE {condition}", params
+        ).fetchone()
+        # the repositories: a seek per distinct name, cheap next to the tally it replaces
+        (repos,) = c.execute(
+            "SELECT count(*) FROM repositories WHERE name >= ? AND name < ?",
+            scope_range(scope),
+        ).fetchone()
+        return Usage(scope, size + uploading, count, repos, uploading)
+    return _counted_usage(c, scope)
+
+
+def _counted_usage(c: sqlite3.Connection, scope: str) -> Usage:
+    """A scope's usage counted from ``blobs`` (O(its blobs)): for a scope without a tally."""
     condition, params = scope_condition(scope)
     size, count = c.execute(
         "SELECT coalesce(sum(size), 0), count(*) FROM (SELECT digest, max(size) AS size "
@@ -793,8 +889,106 @@ def _uses(c: sqlite3.Connection, scope: str, digest: Digest) -> bool:
     return row is not None
 
 
-def _ensure_repository(c: sqlite3.Connection, name: str) -> None:
-    c.execute("INSERT OR IGNORE INTO repositories VALUES (?, 0)", (name,))
+def _touch(c: sqlite3.Connection, name: str) -> None:
+    """A write of ``name``: its version moves (see :meth:`MetadataIndex.refresh`)."""
+    c.execute(
+        "INSERT INTO repositories (name, version) VALUES (?, 1) "
+        "ON CONFLICT(name) DO UPDATE SET version=version+1",
+        (name,),
+    )
+
+
+def _version(c: sqlite3.Connection, name: str) -> int | None:
+    row = c.execute("SELECT version FROM repositories WHERE name=?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _mark_stale(c: sqlite3.Connection, name: str) -> None:
+    c.execute(
+        "INSERT INTO repositories (name, stale) VALUES (?, 1) "
+        "ON CONFLICT(name) DO UPDATE SET stale=1",
+        (name,),
+    )
+
+
+def _replace_other_schema(c: sqlite3.Connection) -> None:
+    """An index written by another version of Dockyard is dropped (it is derived data): the
+    next verification, at start, rebuilds it from the layout. Pull times are lost with it."""
+    has_meta = c.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+    ).fetchone()
+    if not has_meta:
+        return
+    row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    if row is not None and row[0] == str(SCHEMA_VERSION):
+        return
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None or row[0] != str(SCHEMA_VERSION):  # not already done by another worker
+            log.warning("the metadata index has another schema: rebuilding it from the layout")
+            for kind, name in c.execute(
+                "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'trigger') "
+                "AND name NOT LIKE 'sqlite_%'"
+            ).fetchall():
+                c.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+
+
+def _replace_entry(c: sqlite3.Connection, name: str, found: _LayoutRepository | None) -> None:
+    """The entry of ``name`` becomes ``found`` (None: the repository is gone from the layout),
+    keeping what only the index knows of what is still there: pull times, push times."""
+    old = {
+        row[0]: (row[1], row[2])
+        for row in c.execute(
+            "SELECT digest, pushed, pulled FROM manifests WHERE repository=?", (name,)
+        )
+    }
+    old_tags = {
+        (row[0], row[1]): row[2]
+        for row in c.execute("SELECT tag, digest, pushed FROM tags WHERE repository=?", (name,))
+    }
+    for table in ("tags", "manifests", "blobs"):
+        c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
+    if found is None:
+        c.execute("DELETE FROM repositories WHERE name=?", (name,))
+        return
+    c.execute(
+        "INSERT INTO repositories (name, stale) VALUES (?, 0) "
+        "ON CONFLICT(name) DO UPDATE SET stale=0",
+        (name,),
+    )
+    for record in found.manifests.values():
+        pushed, pulled = old.get(str(record.digest), (record.pushed, None))
+        _put_manifest(
+            c,
+            name,
+            ManifestRecord(
+                record.digest,
+                record.media_type,
+                record.size,
+                min(pushed, record.pushed),
+                pulled,
+                record.subject,
+                record.artifact_type,
+                record.children,
+            ),
+            keep_times=False,
+        )
+    c.executemany(
+        "INSERT INTO tags VALUES (?, ?, ?, ?)",
+        [
+            (name, t.tag, str(t.digest), old_tags.get((t.tag, str(t.digest)), t.pushed))
+            for t in found.tags
+        ],
+    )
+    c.executemany(
+        "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+        [(name, str(d), s) for d, s in found.blobs.items()],
+    )
 
 
 def _put_manifest(

@@ -27,7 +27,7 @@ from dockyard.storage.driver import PathNotFound
 from dockyard.tracing import in_repository, traced
 
 if TYPE_CHECKING:
-    from dockyard.registry.index import MetadataIndex
+    from dockyard.registry.index import Index
     from dockyard.registry.policies import TagGuard
     from dockyard.registry.quotas import Quotas
 
@@ -83,7 +83,7 @@ class ManifestStore:
         tags: TagStore,
         referrers: ReferrersIndex,
         bodies: ManifestBodies | None = None,
-        index: MetadataIndex | None = None,
+        index: Index | None = None,
         quotas: Quotas | None = None,
     ) -> None:
         self.name = name

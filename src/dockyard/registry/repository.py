@@ -23,7 +23,7 @@ from dockyard.storage.store import Store
 
 if TYPE_CHECKING:
     from dockyard.registry.deletion import RepositoryDeletion
-    from dockyard.registry.index import MetadataIndex
+    from dockyard.registry.index import Index
     from dockyard.registry.quotas import Quotas
 
 
@@ -111,7 +111,7 @@ class Registry:
         max_upload_sessions: int = 0,
         sparse_manifests: bool = False,
         policies: Policies | None = None,
-        index: MetadataIndex | None = None,
+        index: Index | None = None,
         quotas: Quotas | None = None,
     ) -> None:
         self.storage = storage

@@ -16,7 +16,7 @@ from dockyard.storage.store import Store
 from dockyard.tracing import in_repository, traced
 
 if TYPE_CHECKING:
-    from dockyard.registry.index import MetadataIndex
+    from dockyard.registry.index import Index
 
 
 def manifest_unknown(reference: str) -> RegistryError:
@@ -24,7 +24,7 @@ def manifest_unknown(reference: str) -> RegistryError:
 
 
 class TagStore:
-    def __init__(self, name: str, storage: Store, index: MetadataIndex | None = None) -> None:
+    def __init__(self, name: str, storage: Store, index: Index | None = None) -> None:
         self.name = name
         self.storage = storage
         self.index = index

@@ -438,7 +438,8 @@ class Uploads:
         except BaseException:
             await self._settle_quota(session, start)
             raise
-        await self._settle_quota(session, start + received)
+        if expected is None:  # reserved in steps ahead of the body: count what came
+            await self._settle_quota(session, start + received)
         if hasher is not None:
             self.hashers.put(
                 session.id, RunningHash(start + received, session.algorithm, token, hasher)

@@ -15,7 +15,7 @@ from dockyard.api.base import body_stream, int_query, registry_of
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.request import CONFIG_KEY
 from dockyard.http.responses import json_response
-from dockyard.registry.index import MetadataIndex
+from dockyard.registry.index import Index
 
 #: the JSON API's root under ``http.prefix``; bump the version for an incompatible change
 ROOT = "/dockyard/api/v1"
@@ -35,7 +35,7 @@ NAME_PATTERN = r"[^/-][^/]*(?:/[^/-][^/]*)*"
 WRITES_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("writes_accepted")
 
 
-def index_of(request: web.Request) -> MetadataIndex:
+def index_of(request: web.Request) -> Index:
     index = registry_of(request).index
     if index is None:  # open_store always builds one; only a bare test registry lacks it
         raise RegistryError(ErrorCode.UNAVAILABLE, "the metadata index is not available")

@@ -16,7 +16,7 @@ from dockyard.api.v1.common import ROOT, index_of, last_of, page_response, page_
 from dockyard.auth.access import Need, requires
 from dockyard.auth.middleware import identity_of
 from dockyard.http.request import CONFIG_KEY
-from dockyard.registry.index import MetadataIndex, Usage
+from dockyard.registry.index import Index, Usage
 from dockyard.registry.quotas import in_scope
 
 
@@ -35,7 +35,7 @@ class _Scopes:
     """Each scope's usage read once per request, however many repositories of the page it
     holds."""
 
-    def __init__(self, index: MetadataIndex) -> None:
+    def __init__(self, index: Index) -> None:
         self.index = index
         self.read: dict[str, Usage] = {}
 
