@@ -154,6 +154,21 @@ END;
 """
 
 
+def _statements(script: str) -> list[str]:
+    """``script`` as statements (a trigger's body holds ``;`` too), to run in a transaction:
+    ``executescript`` would commit first."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    return statements
+
+
+_STATEMENTS = _statements(_SCHEMA)
+
+
 @dataclass(frozen=True, slots=True)
 class RepositorySummary:
     name: str
@@ -233,6 +248,7 @@ class Index(Protocol):
     ) -> dict[Digest, ManifestRecord]: ...
     async def repository(self, name: str) -> RepositorySummary | None: ...
     async def usage(self, scope: str) -> Usage: ...
+    async def tally(self, scopes: Iterable[str]) -> None: ...
     async def reserve(
         self,
         name: str,
@@ -278,17 +294,29 @@ class MetadataIndex:
             if self.path != ":memory:":
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             # Derived data: losing the last transactions on a power cut costs a refresh, not
             # data; a sync per push would cost every push.
             conn.execute("PRAGMA synchronous=NORMAL")
             # INSERT OR REPLACE on blobs must fire the delete trigger of the row it replaces,
             # or a scope's tally would count the blob twice.
             conn.execute("PRAGMA recursive_triggers=ON")
-            _replace_other_schema(conn)
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            _track_scopes(conn, self.scopes)
+            # Every worker opens the file at once on a fresh start: the schema is checked and
+            # made in one exclusive transaction, so none sees another's half-made one.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                _replace_other_schema(conn)
+                for statement in _STATEMENTS:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+                _track_scopes(conn, self.scopes)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                conn.close()
+                raise
+            conn.execute("COMMIT")
             self._local.conn = conn
         return conn
 
@@ -551,6 +579,14 @@ class MetadataIndex:
         """Space used within ``scope`` (see :func:`scope_condition`), each blob once, with
         the uploads in progress."""
         return await self._run(lambda c: _usage(c, scope))
+
+    async def tally(self, scopes: Iterable[str]) -> None:
+        """Keep ``scopes`` tallied from now on, so their usage is one row read (the quotas'
+        scopes are from the start; the metrics add ``*``)."""
+        wanted = tuple(sorted(set(self.scopes) | set(scopes)))
+        if wanted != self.scopes:
+            self.scopes = wanted
+            await self._write(lambda c: _track_scopes(c, wanted))
 
     # -- quotas: reservations for uploads -------------------------------------------------
 
@@ -825,26 +861,21 @@ def scope_range(scope: str) -> tuple[str, str]:
 
 
 def _track_scopes(c: sqlite3.Connection, scopes: tuple[str, ...]) -> None:
-    """Tally ``scopes`` from now on: a scope not tallied yet is counted from ``blobs`` once
-    (every worker races to do it: IMMEDIATE serialises them, and the later ones find it done).
+    """Tally ``scopes`` from now on, within the caller's write transaction: a scope not tallied
+    yet is counted from ``blobs`` once (every worker races to do it: the transaction serialises
+    them, and the later ones find it done).
     A tally is never dropped: another process may open the index with other scopes (a command
     with another configuration), and a tally kept current costs only its triggers."""
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        tracked = {row[0] for row in c.execute("SELECT scope FROM scopes")}
-        for scope in set(scopes) - tracked:
-            lo, hi = scope_range(scope)
-            c.execute("INSERT INTO scope_totals VALUES (?, 0, 0)", (scope,))
-            c.execute(
-                "INSERT INTO scope_blobs SELECT ?, digest, max(size), count(*) FROM blobs "
-                "WHERE repository >= ? AND repository < ? GROUP BY digest",
-                (scope, lo, hi),
-            )
-            c.execute("INSERT INTO scopes VALUES (?, ?, ?)", (scope, lo, hi))
-    except BaseException:
-        c.execute("ROLLBACK")
-        raise
-    c.execute("COMMIT")
+    tracked = {row[0] for row in c.execute("SELECT scope FROM scopes")}
+    for scope in set(scopes) - tracked:
+        lo, hi = scope_range(scope)
+        c.execute("INSERT INTO scope_totals VALUES (?, 0, 0)", (scope,))
+        c.execute(
+            "INSERT INTO scope_blobs SELECT ?, digest, max(size), count(*) FROM blobs "
+            "WHERE repository >= ? AND repository < ? GROUP BY digest",
+            (scope, lo, hi),
+        )
+        c.execute("INSERT INTO scopes VALUES (?, ?, ?)", (scope, lo, hi))
 
 
 def _usage(c: sqlite3.Connection, scope: str) -> Usage:
@@ -913,29 +944,35 @@ def _mark_stale(c: sqlite3.Connection, name: str) -> None:
 
 def _replace_other_schema(c: sqlite3.Connection) -> None:
     """An index written by another version of Dockyard is dropped (it is derived data): the
-    next verification, at start, rebuilds it from the layout. Pull times are lost with it."""
+    next verification, at start, rebuilds it from the layout. Pull times are lost with it.
+    Called in the exclusive transaction that makes the schema."""
     has_meta = c.execute(
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
     ).fetchone()
     if not has_meta:
         return
     row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-    if row is not None and row[0] == str(SCHEMA_VERSION):
+    if row is None or row[0] == str(SCHEMA_VERSION):
         return
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None or row[0] != str(SCHEMA_VERSION):  # not already done by another worker
-            log.warning("the metadata index has another schema: rebuilding it from the layout")
-            for kind, name in c.execute(
-                "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'trigger') "
-                "AND name NOT LIKE 'sqlite_%'"
-            ).fetchall():
-                c.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
-    except BaseException:
-        c.execute("ROLLBACK")
-        raise
-    c.execute("COMMIT")
+    log.warning("the metadata index has another schema: rebuilding it from the layout")
+    for kind, name in c.execute(
+        "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'trigger') "
+        "AND name NOT LIKE 'sqlite_%'"
+    ).fetchall():
+        c.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+
+
+def _use_wal(c: sqlite3.Connection) -> None:
+    """WAL mode (readers never wait for the writer). Switching a new file to it takes a lock
+    that SQLite's busy handler does not wait for: several workers opening a fresh file at once
+    retry for a while."""
+    for _ in range(200):
+        try:
+            c.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.05)
+    c.execute("PRAGMA journal_mode=WAL")
 
 
 def _replace_entry(c: sqlite3.Connection, name: str, found: _LayoutRepository | None) -> None:

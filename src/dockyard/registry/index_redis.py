@@ -1067,6 +1067,12 @@ class RedisIndex:
             return QuotaExceeded(_text(scope), int(limit), int(used), int(wanted))
         raise RuntimeError(f"the usage of {[s for s, _ in limits]} could not be counted")
 
+    async def tally(self, scopes: Iterable[str]) -> None:
+        """Keep ``scopes`` tallied from now on (counted now, step by step, if they are not), so
+        their usage is read, not counted in a script that would hold Redis."""
+        for scope in scopes:
+            await self._count_tally(scope, "building")
+
     async def _count_tally(self, scope: str, which: str) -> None:
         """Count the tally of ``scope`` (``building``) or its shadow (``recounting``), step
         by step (or finish the counting another client began and left)."""

@@ -29,6 +29,7 @@ which docker and podman print."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from dockyard.config import QuotaConfig
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry.index import TRANSIENT, Index, QuotaExceeded
+
+log = logging.getLogger("dockyard.quotas")
 
 #: the reservation step while reading a body of unknown length
 STEP = 8 * 1024 * 1024
@@ -122,7 +125,18 @@ class Quotas:
             return
         if strict:
             limits = [(scope, limit - 1) for scope, limit in limits]
-        exceeded = await self.index.reserve(repository, upload, total, limits, digest)
+        try:
+            exceeded = await self.index.reserve(repository, upload, total, limits, digest)
+        except Exception as exc:
+            # Whatever the backend (SQLite, Redis) failed with: quotas fail closed, and the
+            # client is told to come back (503, which clients retry), not that it erred.
+            log.error("quota reservation for %s failed: %s", repository, exc)
+            raise RegistryError(
+                ErrorCode.UNAVAILABLE,
+                "the quota accounting is unavailable for a moment: retry",
+                {"repository": repository},
+                headers={"Retry-After": "5"},
+            ) from exc
         if exceeded is not None:
             if strict:
                 exceeded = QuotaExceeded(exceeded.scope, exceeded.limit + 1, exceeded.used, 1)
@@ -169,11 +183,15 @@ class QuotaGauges:
         self.quotas = quotas
         self.used: dict[str, int] = {}
         self.total: int | None = None
+        self.tallied = False
 
     async def refresh(self) -> None:
         index = self.quotas.index
         if index is None:
             return
+        if not self.tallied:  # the registry's total is read every few seconds: keep a tally
+            await index.tally(["*", *(q.scope for q in self.quotas.quotas)])
+            self.tallied = True
         self.used = {q.scope: (await index.usage(q.scope)).bytes for q in self.quotas.quotas}
         self.total = (await index.usage("*")).bytes
 

@@ -76,6 +76,8 @@ async def usage(request: web.Request) -> web.Response:
         )
     named = {scope for entry in repositories for scope in entry["quotas"]}
     shown = [(scope, limit) for scope, limit in quotas if admin or scope in named]
+    # Read from tallies, never counted per request (with Redis a count would hold it).
+    await index.tally([*(["*"] if admin else []), *(scope for scope, _ in shown)])
     body: dict[str, Any] = {
         "admin": admin,
         "total": usage_json(await scopes.of("*"), None) if admin else None,
