@@ -32,3 +32,16 @@ def test_a_reservation_the_index_cannot_make_is_503_not_500() -> None:
         asyncio.run(quotas.reserve("a/b", "upload", 5))
     assert refused.value.code is ErrorCode.UNAVAILABLE
     assert refused.value.status == 503
+
+
+class _UnreachableIndex:
+    async def tally(self, scopes: Any) -> None:
+        raise ConnectionError("Redis is not answering")
+
+
+def test_a_start_the_index_cannot_check_is_503_not_500() -> None:
+    quotas = Quotas([QuotaConfig(scope="a/*", limit=10)], _UnreachableIndex())  # type: ignore[arg-type]
+    with pytest.raises(RegistryError) as refused:
+        asyncio.run(quotas.check_start("a/b"))
+    assert refused.value.status == 503
+    asyncio.run(quotas.check_start("elsewhere"))  # no quota holds it: nothing asked

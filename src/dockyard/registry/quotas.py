@@ -80,6 +80,15 @@ def quota_exceeded(repository: str, exceeded: QuotaExceeded) -> RegistryError:
     )
 
 
+def _unavailable(repository: str) -> RegistryError:
+    return RegistryError(
+        ErrorCode.UNAVAILABLE,
+        "the quota accounting is unavailable for a moment: retry",
+        {"repository": repository},
+        headers={"Retry-After": "5"},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     scope: str
@@ -90,6 +99,8 @@ class Quotas:
     def __init__(self, configs: Sequence[QuotaConfig] = (), index: Index | None = None):
         self.quotas = tuple(Quota(c.scope, c.limit) for c in configs)
         self.index = index
+        #: whether this process has asked the index to keep the quota scopes tallied
+        self._tallied = False
 
     def __bool__(self) -> bool:
         return bool(self.quotas) and self.index is not None
@@ -102,10 +113,25 @@ class Quotas:
         return self.index is not None and any(in_scope(q.scope, repository) for q in self.quotas)
 
     async def check_start(self, repository: str) -> None:
-        """Refuse a new upload while a scope of ``repository`` is at or over its limit."""
-        await self.reserve(repository, TRANSIENT + "start", 0, strict=True)
-        assert self.index is not None
-        await self.index.release(repository, TRANSIENT + "start")
+        """Refuse a new upload while a scope of ``repository`` is at or over its limit: a read
+        of each scope's tally (nothing is reserved yet, so no write is needed; the bytes are
+        reserved when they come)."""
+        limits = self.limits(repository)
+        if self.index is None or not limits:
+            return
+        try:
+            if not self._tallied:  # a scope's first reading counts it, then it is kept
+                await self.index.tally([q.scope for q in self.quotas])
+                self._tallied = True
+            for scope, limit in limits:
+                used = (await self.index.usage(scope)).bytes
+                if used >= limit:
+                    raise quota_exceeded(repository, QuotaExceeded(scope, limit, used, 1))
+        except RegistryError:
+            raise
+        except Exception as exc:  # as in reserve: fail closed, and say to come back
+            log.error("quota check for %s failed: %s", repository, exc)
+            raise _unavailable(repository) from exc
 
     async def reserve(
         self,
@@ -113,33 +139,21 @@ class Quotas:
         upload: str,
         total: int,
         digest: Digest | None = None,
-        *,
-        strict: bool = False,
     ) -> None:
-        """Count ``total`` bytes for ``upload``; DENIED if a scope would go over its limit
-        (``strict``: or reach it — a new upload needs room for at least a byte)."""
+        """Count ``total`` bytes for ``upload``; DENIED if a scope would go over its limit."""
         if self.index is None:
             return
         limits = self.limits(repository)
         if not limits:
             return
-        if strict:
-            limits = [(scope, limit - 1) for scope, limit in limits]
         try:
             exceeded = await self.index.reserve(repository, upload, total, limits, digest)
         except Exception as exc:
             # Whatever the backend (SQLite, Redis) failed with: quotas fail closed, and the
             # client is told to come back (503, which clients retry), not that it erred.
             log.error("quota reservation for %s failed: %s", repository, exc)
-            raise RegistryError(
-                ErrorCode.UNAVAILABLE,
-                "the quota accounting is unavailable for a moment: retry",
-                {"repository": repository},
-                headers={"Retry-After": "5"},
-            ) from exc
+            raise _unavailable(repository) from exc
         if exceeded is not None:
-            if strict:
-                exceeded = QuotaExceeded(exceeded.scope, exceeded.limit + 1, exceeded.used, 1)
             raise quota_exceeded(repository, exceeded)
 
     async def release(self, repository: str, upload: str, total: int | None = None) -> None:
