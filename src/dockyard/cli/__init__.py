@@ -1,4 +1,8 @@
-"""The ``dockyard`` command: ``serve``, ``check-config``, ``user ...``, ``gc``, ``du``, ``fsck``."""
+"""The ``dockyard`` command: ``serve`` and ``check-config`` here; the rest register themselves
+from their modules: ``user`` (users.py), ``gc``, ``du``, ``fsck``, ``purge-uploads``,
+``healthcheck`` and ``rm`` (maintenance.py), ``retention`` (retention.py), ``reindex``
+(index.py), ``events`` (events.py), ``proxy`` (proxy.py), and the remote-only ``repos``,
+``tags`` and ``api`` (remote_commands.py; ``--url`` is remote.py)."""
 
 from __future__ import annotations
 
