@@ -19,6 +19,7 @@ import requests
 import yaml
 
 from harness import ServerFactory, sha256
+from harness.client import upload_in_steps
 
 KiB = 1024
 QUOTAS = [
@@ -130,18 +131,8 @@ def test_concurrent_pushes_never_exceed_the_limit(start_server: ServerFactory) -
         statuses = []
         for part in range(3):  # three 40 KiB blobs each, some chunked, some whole
             data = os.urandom(40 * KiB)
-            r = session.post(s.v2(f"ns/repo{i % 5}/blobs/uploads/"))
-            if r.status_code != 202:
-                statuses.append(r.status_code)
-                continue
-            location = urljoin(s.url, r.headers["Location"])
-            body: Any = data if part % 2 else iter([data[: 20 * KiB], data[20 * KiB :]])
-            r = session.patch(location, data=body)
-            if r.status_code != 202:
-                statuses.append(r.status_code)
-                continue
-            r = session.put(urljoin(s.url, r.headers["Location"]), params={"digest": sha256(data)})
-            statuses.append(r.status_code)
+            repo = f"ns/repo{i % 5}"
+            statuses.append(upload_in_steps(session, s, repo, data, chunked=not part % 2))
         with lock:
             outcomes.extend(statuses)
 

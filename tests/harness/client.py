@@ -185,6 +185,24 @@ def chunked_push(
     return sha256(manifest)
 
 
+def upload_in_steps(
+    session: requests.Session, registry: Loopback, repo: str, data: bytes, *, chunked: bool
+) -> int:
+    """POST, one PATCH (``chunked``: the body in two pieces of a chunked transfer, no length
+    announced; else whole), then ``PUT ?digest=``: the status of the first request that was
+    not accepted, or the PUT's (201)."""
+    r = session.post(registry.v2(f"{repo}/blobs/uploads/"))
+    if r.status_code != 202:
+        return r.status_code
+    half = len(data) // 2
+    body: Any = iter([data[:half], data[half:]]) if chunked else data
+    r = session.patch(urljoin(registry.url, r.headers["Location"]), data=body)
+    if r.status_code != 202:
+        return r.status_code
+    r = session.put(urljoin(registry.url, r.headers["Location"]), params={"digest": sha256(data)})
+    return r.status_code
+
+
 def assert_error(r: requests.Response, status: int, code: str) -> dict[str, Any]:
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["Content-Type"].startswith("application/json")

@@ -25,7 +25,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -35,7 +34,7 @@ from dockyard.registry.configured import open_store
 from dockyard.registry.index import Index
 from dockyard.registry.index_redis import RedisIndex
 from harness import DockyardProcess, S3Endpoint, flush_redis, new_bucket, sha256
-from harness.client import OCI_MANIFEST
+from harness.client import OCI_MANIFEST, upload_in_steps
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -179,22 +178,10 @@ def test_concurrent_pushes_across_instances_never_exceed_the_limit(
         server = instances[i % 3]
         session = requests.Session()
         statuses = []
-        for part in range(3):
+        for part in range(3):  # three 40 KiB blobs each, some chunked, some whole
             data = os.urandom(40 * KiB)
-            r = session.post(server.v2(f"{NAMESPACE}/repo{i % 5}/blobs/uploads/"))
-            if r.status_code != 202:
-                statuses.append(r.status_code)
-                continue
-            location = urljoin(server.url, r.headers["Location"])
-            body: Any = data if part % 2 else iter([data[: 20 * KiB], data[20 * KiB :]])
-            r = session.patch(location, data=body)
-            if r.status_code != 202:
-                statuses.append(r.status_code)
-                continue
-            r = session.put(
-                urljoin(server.url, r.headers["Location"]), params={"digest": sha256(data)}
-            )
-            statuses.append(r.status_code)
+            repo = f"{NAMESPACE}/repo{i % 5}"
+            statuses.append(upload_in_steps(session, server, repo, data, chunked=not part % 2))
         with lock:
             outcomes.extend(statuses)
 

@@ -13,13 +13,20 @@ from typing import Any, TypeVar
 import click
 
 from dockyard.cli import load, main
-from dockyard.cli.output import Column, echo_json, echo_table, format_size, progress_bars
+from dockyard.cli.output import (
+    Column,
+    echo_json,
+    echo_quotas,
+    echo_table,
+    format_size,
+    progress_bars,
+)
 from dockyard.cli.remote import remote_du, remote_options, remote_rm
 from dockyard.config import Config, parse_duration
 from dockyard.errors import ConfigError, ErrorCode, RegistryError
 from dockyard.events import (
     command_request,
-    command_source,
+    instance_source,
     record_from_command,
     repository_delete_events,
 )
@@ -231,29 +238,12 @@ def du(
         f"{format_size(usage.unreferenced_bytes)} in {usage.unreferenced_blobs} unreferenced "
         "blobs that gc would reclaim)"
     )
-    if usage.scopes:
-        click.echo()
-        echo_table(
-            [
-                Column("QUOTA"),
-                Column("USED", numeric=True),
-                Column("UPLOADING", numeric=True),
-                Column("LIMIT", numeric=True),
-                Column("USE%", numeric=True),
-            ],
-            [
-                [
-                    s.scope,
-                    format_size(s.used),
-                    format_size(s.uploading),
-                    format_size(s.limit),
-                    f"{100 * (s.indexed if s.indexed is not None else s.used) / s.limit:.0f}%"
-                    if s.limit
-                    else "-",
-                ]
-                for s in usage.scopes
-            ],
-        )
+    echo_quotas(
+        [
+            (s.scope, s.used, s.uploading, s.limit, s.indexed if s.indexed is not None else s.used)
+            for s in usage.scopes
+        ]
+    )
 
 
 @main.command()
@@ -379,7 +369,7 @@ def rm(
             deletion.stray_tags(),
             command_request("rm"),
             "dockyard rm",  # the actor: the operator's command (as retention's events name it)
-            command_source(config),
+            instance_source(config),
         )
         try:
             record_from_command(config, events)

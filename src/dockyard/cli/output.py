@@ -76,6 +76,34 @@ def echo_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None
     Console().print(table)
 
 
+def echo_quotas(quotas: Sequence[tuple[str, int, int, int, int]]) -> None:
+    """The quotas table of ``dockyard du`` (local or ``--url``), after a blank line: per
+    quota (scope, bytes used as shown, bytes uploading, limit, bytes counted against the
+    limit for USE%)."""
+    if not quotas:
+        return
+    click.echo()
+    echo_table(
+        [
+            Column("QUOTA"),
+            Column("USED", numeric=True),
+            Column("UPLOADING", numeric=True),
+            Column("LIMIT", numeric=True),
+            Column("USE%", numeric=True),
+        ],
+        [
+            [
+                scope,
+                format_size(used),
+                format_size(uploading),
+                format_size(limit),
+                f"{100 * counted / limit:.0f}%" if limit else "-",
+            ]
+            for scope, used, uploading, limit, counted in quotas
+        ],
+    )
+
+
 def echo_list(header: str, items: Sequence[str]) -> None:
     """A one-column listing: a table under ``header`` on a terminal, one item a line (no
     header) when piped, for ``xargs`` and ``while read``."""

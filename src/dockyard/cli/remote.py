@@ -35,7 +35,7 @@ import click
 
 from dockyard import __version__
 from dockyard.cli.credentials import Credentials, CredentialsError, lookup
-from dockyard.cli.output import Column, echo_json, echo_table, format_size
+from dockyard.cli.output import Column, echo_json, echo_quotas, echo_table, format_size
 
 #: the JSON API's root (``dockyard.api.v1.common.ROOT``, not imported: that loads the server's
 #: HTTP stack; a unit test keeps the two equal)
@@ -435,27 +435,9 @@ def remote_du(url: str, username: str | None, password_stdin: bool, as_json: boo
             f"\nregistry: {format_size(total['bytes'])} in {total['blobs']} blobs used by "
             f"{total['repositories']} repositories ({format_size(total['uploading'])} uploading)"
         )
-    if usage["quotas"]:
-        click.echo()
-        echo_table(
-            [
-                Column("QUOTA"),
-                Column("USED", numeric=True),
-                Column("UPLOADING", numeric=True),
-                Column("LIMIT", numeric=True),
-                Column("USE%", numeric=True),
-            ],
-            [
-                [
-                    q["scope"],
-                    format_size(q["bytes"]),
-                    format_size(q["uploading"]),
-                    format_size(q["limit"]),
-                    f"{100 * q['bytes'] / q['limit']:.0f}%" if q["limit"] else "-",
-                ]
-                for q in usage["quotas"]
-            ],
-        )
+    echo_quotas(
+        [(q["scope"], q["bytes"], q["uploading"], q["limit"], q["bytes"]) for q in usage["quotas"]]
+    )
 
 
 def remote_rm(

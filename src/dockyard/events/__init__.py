@@ -66,7 +66,7 @@ class Events:
     def __init__(self, config: Config) -> None:
         self.config = config.notifications
         self.outbox = Outbox(outbox_directory(config))
-        self.source = {"addr": envelope.source_addr(config.http.addr), "instanceID": INSTANCE_ID}
+        self.source = instance_source(config)
         self.actions = {
             action
             for action in ("push", "pull", "mount", "delete")
@@ -357,7 +357,8 @@ def command_request(command: str, method: str = "DELETE") -> dict[str, str]:
     }
 
 
-def command_source(config: Config) -> dict[str, str]:
+def instance_source(config: Config) -> dict[str, str]:
+    """The ``source`` of this instance's events, whether a server or a command records them."""
     return {"addr": envelope.source_addr(config.http.addr), "instanceID": INSTANCE_ID}
 
 

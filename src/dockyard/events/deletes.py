@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from dockyard.config import Config
-from dockyard.events import command_request, command_source, envelope, record_from_command
+from dockyard.events import command_request, envelope, instance_source, record_from_command
 
 
 def delete_events(
@@ -28,7 +28,7 @@ def delete_events(
     ``repository``, deleted by ``dockyard <command>`` (the request's user agent) on behalf of
     ``actor`` (the event's ``actor.name``)."""
     request = command_request(command)
-    source = command_source(config)
+    source = instance_source(config)
     return [
         envelope.event("delete", target, request, actor, source)
         for target in envelope.delete_targets(repository, digests, tags)

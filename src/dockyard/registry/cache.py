@@ -222,7 +222,12 @@ class RedisCache:
 
 async def read_epoch(storage: Store) -> str:
     """The store's epoch, created on first use (exactly once, whoever races)."""
-    path = layout.cache_epoch()
+    return await read_token(storage, layout.cache_epoch())
+
+
+async def read_token(storage: Store, path: str) -> str:
+    """The random token at ``path`` in the store, written on first use (an exclusive create:
+    exactly once, whoever races): the cache's epoch, the metadata index's store id."""
     for _ in range(3):
         try:
             return (await storage.read(path)).decode("ascii", "replace").strip()

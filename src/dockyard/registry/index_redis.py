@@ -94,6 +94,7 @@ from redis.exceptions import RedisError
 
 from dockyard.oci.digest import Digest
 from dockyard.registry import inventory, layout
+from dockyard.registry.cache import read_token
 from dockyard.registry.index import (
     TRANSIENT,
     QuotaExceeded,
@@ -831,7 +832,7 @@ class RedisIndex:
             namespace = self.namespace
             if namespace is None:
                 assert self.storage is not None
-                namespace = await _store_id(self.storage)
+                namespace = await read_token(self.storage, layout.index_id())
             self._prefix_text = f"dockyard:index:{{{namespace}}}:"
         return self._prefix_text
 
@@ -1299,14 +1300,3 @@ class RedisIndex:
                 log.exception("index verification failed (will retry)")
             _check_cancelled()
             await asyncio.sleep(min(interval, VERIFY_TICK))
-
-
-async def _store_id(storage: Store) -> str:
-    """The store's index id, created on first use (exactly once, whoever races)."""
-    path = layout.index_id()
-    for _ in range(3):
-        try:
-            return (await storage.read(path)).decode("ascii", "replace").strip()
-        except PathNotFound:
-            await storage.write_new(path, secrets.token_hex(8).encode())
-    return (await storage.read(path)).decode("ascii", "replace").strip()
