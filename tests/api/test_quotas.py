@@ -9,17 +9,18 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 import requests
 import yaml
 
 from harness import ServerFactory, sha256
-from harness.client import upload_in_steps
+from harness.client import RawConnection, upload_in_steps
 
 KiB = 1024
 QUOTAS = [
@@ -93,6 +94,28 @@ def test_a_chunked_body_is_cut_off_at_the_limit(start_server: ServerFactory) -> 
     # Cancelling the upload frees the space.
     assert s.session.delete(urljoin(s.url, r.headers["Location"])).status_code == 204
     assert start_upload(s, "team-a/small").status_code == 202
+
+
+def test_a_refused_patch_is_answered_not_reset(start_server: ServerFactory) -> None:
+    """A client that sends its whole body before it reads (as docker's and skopeo's transports
+    may, writing and reading on two goroutines) reads the 403 and its message, not a connection
+    reset: the server takes in the rest of a refused body before closing. Closing with bytes
+    unread makes the kernel send a reset, which throws away the answer the client had not read
+    yet (CI saw skopeo print "connection reset by peer" instead of the quota message)."""
+    s = start_server(quotas=QUOTAS)
+    location = urlsplit(urljoin(s.url, start_upload(s, "team-a/small").headers["Location"]))
+    body = os.urandom(4 * 1024 * KiB)
+    with RawConnection(s.port, timeout=30) as conn:
+        conn.send(
+            f"PATCH {location.path}?{location.query} HTTP/1.1\r\nHost: {s.host}\r\n"
+            f"Content-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        conn.send(body)  # all of it before reading anything
+        time.sleep(0.3)  # the server has answered and closed by now
+        answer = conn.response()
+    assert answer.status == 403
+    assert "quota exceeded for team-a/*:" in answer.json()["errors"][0]["message"]
 
 
 def test_uploads_without_manifests_count(start_server: ServerFactory) -> None:

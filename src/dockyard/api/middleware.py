@@ -21,10 +21,13 @@ from dockyard.storage.driver import StorageError
 log = logging.getLogger("dockyard.api")
 
 #: An error answered before the request body was read (a 401 before an upload, a 413 part-way
-#: through a manifest) closes the connection; before closing, at most this much of the unread
-#: body is read and discarded, for at most this long, so that the client is reading the answer
-#: rather than a connection reset. aiohttp alone would go on reading for 10 s.
-UNREAD_BODY_DRAIN_BYTES = 256 * 1024
+#: through a manifest, a quota refusal) closes the connection; before closing, the unread body
+#: is read and discarded for at most this long and this much, so that the client reads the
+#: answer rather than a connection reset: closing with bytes unread makes the kernel send a
+#: reset, and a client that was still writing loses the answer it had not read yet. The time is
+#: the bound that matters (a client reads its answer within it); the byte cap only stops one
+#: second of loopback from costing a second of CPU. aiohttp alone would go on reading for 10 s.
+UNREAD_BODY_DRAIN_BYTES = 64 * 1024 * 1024
 UNREAD_BODY_DRAIN_SECONDS = 1.0
 
 
