@@ -20,6 +20,8 @@
       trash/<time>-<id>/                                what a repository delete moved aside
                                                         (a rename) before deleting it
       retention/<policy id>                             a retention policy confirmed to delete
+      gc/last-run.json                                  the last collection's figures (the UI)
+      layer-listings/<alg>/<hex[0:2]>/<hex>.json.gz     a layer's file listing (derived, cached)
 
 A ``link`` file holds ``<alg>:<hex>`` with no newline. registry:2 ignores directories it does
 not know, so the ``referrers`` index (Dockyard's addition) leaves the store readable by it. An
@@ -144,10 +146,20 @@ def instance(instance_id: str) -> str:
     return f"{DOCKYARD}/instances/{instance_id}"
 
 
+def gc_last_run() -> str:
+    return f"{DOCKYARD}/gc/last-run.json"
+
+
 def retention_record(policy_id: str) -> str:
     """Written when a retention policy's deletions are first confirmed (``dockyard retention
     --confirm``); until it exists, runs of the policy only report."""
     return f"{DOCKYARD}/retention/{policy_id}"
+
+
+def layer_listing(digest: Digest) -> str:
+    """The cached file listing of the layer ``digest`` (registry.layer_listing): derived from
+    the blob, so it may be deleted at any time and is made again when next asked for."""
+    return f"{DOCKYARD}/layer-listings/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}.json.gz"
 
 
 def trash_dir() -> str:
