@@ -45,7 +45,9 @@ from dockyard.oci.manifest import read_stored
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore, read_link
 from dockyard.registry.records import (
+    REPOSITORY_SORTS,
     ManifestRecord,
+    RepositoryKey,
     RepositorySnapshot,
     TagRecord,
     record_of,
@@ -58,7 +60,7 @@ log = logging.getLogger("dockyard.index")
 T = TypeVar("T")
 
 #: bumped when the schema changes: an index of another version is rebuilt from the layout
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -67,7 +69,13 @@ CREATE TABLE IF NOT EXISTS repositories (
     stale INTEGER NOT NULL DEFAULT 0,
     -- bumped by every write of the repository: a refresh applies what it read of the layout
     -- only if no write came meanwhile (it would erase that write)
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    -- its aggregates, kept by the triggers below: its number of tags and of manifests, the
+    -- sum of its blobs' sizes, its latest tag push (NULL without tags)
+    tags INTEGER NOT NULL DEFAULT 0,
+    manifests INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL DEFAULT 0,
+    pushed REAL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tags (
     repository TEXT NOT NULL,
@@ -101,6 +109,52 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (repository, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
+-- The listed repositories (those with a manifest) by each sort of ``repositories_sorted``: a
+-- page in either direction is a seek on (value, name) and the page's rows.
+CREATE INDEX IF NOT EXISTS repositories_listed ON repositories (name) WHERE manifests > 0;
+CREATE INDEX IF NOT EXISTS repositories_by_tags ON repositories (tags, name) WHERE manifests > 0;
+CREATE INDEX IF NOT EXISTS repositories_by_size ON repositories (size, name) WHERE manifests > 0;
+CREATE INDEX IF NOT EXISTS repositories_by_pushed ON repositories (pushed, name)
+    WHERE manifests > 0;
+-- The repositories' aggregates. An insert creates the repository's row if it has none. The
+-- latest tag push is counted again from the repository's tags (a range of their primary key)
+-- only when the tag that held it goes or moves back; NULL stays NULL while a repository's
+-- tags are deleted wholesale (``_clear``, which sets it first: no recount per row).
+CREATE TRIGGER IF NOT EXISTS repository_tag_in AFTER INSERT ON tags BEGIN
+    INSERT INTO repositories (name, tags, pushed) VALUES (NEW.repository, 1, NEW.pushed)
+        ON CONFLICT (name) DO UPDATE
+        SET tags = tags + 1, pushed = max(coalesce(pushed, excluded.pushed), excluded.pushed);
+END;
+CREATE TRIGGER IF NOT EXISTS repository_tag_moved AFTER UPDATE OF pushed ON tags BEGIN
+    UPDATE repositories SET pushed = CASE
+        WHEN pushed IS NULL OR NEW.pushed >= OLD.pushed OR pushed > OLD.pushed
+            THEN max(coalesce(pushed, NEW.pushed), NEW.pushed)
+        ELSE (SELECT max(t.pushed) FROM tags t WHERE t.repository = NEW.repository) END
+        WHERE name = NEW.repository;
+END;
+CREATE TRIGGER IF NOT EXISTS repository_tag_out AFTER DELETE ON tags BEGIN
+    UPDATE repositories SET tags = tags - 1, pushed = CASE
+        WHEN pushed IS NULL OR pushed > OLD.pushed THEN pushed
+        ELSE (SELECT max(t.pushed) FROM tags t WHERE t.repository = OLD.repository) END
+        WHERE name = OLD.repository;
+END;
+CREATE TRIGGER IF NOT EXISTS repository_manifest_in AFTER INSERT ON manifests BEGIN
+    INSERT INTO repositories (name, manifests) VALUES (NEW.repository, 1)
+        ON CONFLICT (name) DO UPDATE SET manifests = manifests + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS repository_manifest_out AFTER DELETE ON manifests BEGIN
+    UPDATE repositories SET manifests = manifests - 1 WHERE name = OLD.repository;
+END;
+CREATE TRIGGER IF NOT EXISTS repository_blob_in AFTER INSERT ON blobs BEGIN
+    INSERT INTO repositories (name, size) VALUES (NEW.repository, NEW.size)
+        ON CONFLICT (name) DO UPDATE SET size = size + excluded.size;
+END;
+CREATE TRIGGER IF NOT EXISTS repository_blob_resized AFTER UPDATE OF size ON blobs BEGIN
+    UPDATE repositories SET size = size + NEW.size - OLD.size WHERE name = NEW.repository;
+END;
+CREATE TRIGGER IF NOT EXISTS repository_blob_out AFTER DELETE ON blobs BEGIN
+    UPDATE repositories SET size = size - OLD.size WHERE name = OLD.repository;
+END;
 -- Quota scopes' tallies, kept by triggers on ``blobs`` so that a scope's usage is one row
 -- read, whatever its size: per tracked scope (the repositories in [lo, hi)) each blob with
 -- the number of its repositories using it, and the scope's total.
@@ -243,6 +297,29 @@ class Index(Protocol):
         limit: int | None = None,
         keep: Callable[[str], bool] | None = None,
     ) -> list[RepositorySummary]: ...
+    async def repositories_sorted(
+        self,
+        sort: str = "name",
+        descending: bool = False,
+        after: RepositoryKey | tuple[Any, str] | None = None,
+        limit: int = 100,
+        keep: Callable[[str], bool] | None = None,
+    ) -> list[RepositorySummary]:
+        """Up to ``limit`` repositories with at least one manifest, sorted by ``sort`` (one
+        of :data:`~dockyard.registry.records.REPOSITORY_SORTS`), after ``after`` (the
+        :class:`~dockyard.registry.records.RepositoryKey` of the previous page's last row, or
+        the same as a ``(value, name)`` tuple).
+
+        The order is (value, name) ascending, or both descending: ties go by name (compared
+        byte by byte) in the direction of the sort. Sorted by ``pushed``, the repositories
+        without tags (``pushed`` None) come after all the others in both directions, among
+        themselves by name in the direction of the sort. With ``keep`` (called on the
+        index's side: quick and thread-safe), only the names it accepts: those it refuses are
+        read past in the same scan and never summarised. A page costs a seek and the rows read
+        (the page and the names refused), however many repositories there are. ValueError for
+        an unknown sort or a key that is not one of that sort."""
+        ...
+
     async def manifests(
         self, name: str, digests: Iterable[Digest]
     ) -> dict[Digest, ManifestRecord]: ...
@@ -393,8 +470,11 @@ class MetadataIndex:
             _touch(c, name)
             _put_manifest(c, name, record, keep_times=True)
             for tag in tags:
+                # an update, not a replace: the latest push of the repository moves without
+                # a recount
                 c.execute(
-                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)",
+                    "INSERT INTO tags VALUES (?, ?, ?, ?) ON CONFLICT (repository, tag) "
+                    "DO UPDATE SET digest = excluded.digest, pushed = excluded.pushed",
                     (name, tag, str(record.digest), record.pushed),
                 )
             rows = [(name, str(d), s) for d, s in blobs.items()]
@@ -431,8 +511,8 @@ class MetadataIndex:
 
     async def repository_deleted(self, name: str) -> None:
         def work(c: sqlite3.Connection) -> None:
-            for table in ("tags", "manifests", "blobs", "uploads"):
-                c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
+            _clear(c, name)
+            c.execute("DELETE FROM uploads WHERE repository=?", (name,))
             c.execute("DELETE FROM repositories WHERE name=?", (name,))
 
         await self._write(work)
@@ -531,21 +611,26 @@ class MetadataIndex:
         names it accepts, ``limit`` of them: the names it refuses are read past in the same
         scan and summarised never, so a page costs the names skipped plus the page."""
 
-        def work(c: sqlite3.Connection) -> list[RepositorySummary]:
-            rows = c.execute(
-                "SELECT DISTINCT repository FROM manifests WHERE repository > ? "
-                "ORDER BY repository LIMIT ?",
-                (after or "", -1 if limit is None or keep is not None else limit),
-            )
-            names: list[str] = []
-            for (name,) in rows:
-                if limit is not None and len(names) >= limit:
-                    break
-                if keep is None or keep(name):
-                    names.append(name)
-            return [_summary(c, n) for n in names]
+        key = RepositoryKey(None, after) if after else None
+        return await self._run(lambda c: _sorted_page(c, "name", False, key, limit, keep))
 
-        return await self._run(work)
+    async def repositories_sorted(
+        self,
+        sort: str = "name",
+        descending: bool = False,
+        after: RepositoryKey | tuple[Any, str] | None = None,
+        limit: int = 100,
+        keep: Callable[[str], bool] | None = None,
+    ) -> list[RepositorySummary]:
+        """See :meth:`Index.repositories_sorted`. Each sort has its partial index on the
+        repositories' aggregates, (value, name) of those with a manifest: a page is a seek
+        and the rows read (by ``pushed``: those with tags, then those without, two ranges of
+        the same index), in one read transaction; only ``pulled`` is counted, for the rows of
+        the page."""
+        key = checked_key(sort, after)
+        if limit <= 0:
+            return []
+        return await self._run(lambda c: _sorted_page(c, sort, descending, key, limit, keep))
 
     async def manifests(self, name: str, digests: Iterable[Digest]) -> dict[Digest, ManifestRecord]:
         """The records of those of ``digests`` that ``name`` holds (a page's worth: one seek
@@ -569,9 +654,8 @@ class MetadataIndex:
 
     async def repository(self, name: str) -> RepositorySummary | None:
         def work(c: sqlite3.Connection) -> RepositorySummary | None:
-            if c.execute("SELECT 1 FROM manifests WHERE repository=? LIMIT 1", (name,)).fetchone():
-                return _summary(c, name)
-            return None
+            row = c.execute(f"{_LISTED} WHERE name=? AND manifests > 0", (name,)).fetchone()
+            return _summarised(c, row) if row is not None else None
 
         return await self._run(work)
 
@@ -988,8 +1072,7 @@ def _replace_entry(c: sqlite3.Connection, name: str, found: _LayoutRepository | 
         (row[0], row[1]): row[2]
         for row in c.execute("SELECT tag, digest, pushed FROM tags WHERE repository=?", (name,))
     }
-    for table in ("tags", "manifests", "blobs"):
-        c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))
+    _clear(c, name)
     if found is None:
         c.execute("DELETE FROM repositories WHERE name=?", (name,))
         return
@@ -1067,14 +1150,111 @@ def _manifest_from_row(row: tuple[Any, ...]) -> ManifestRecord:
     )
 
 
-def _summary(c: sqlite3.Connection, name: str) -> RepositorySummary:
-    tags, pushed = c.execute(
-        "SELECT count(*), max(pushed) FROM tags WHERE repository=?", (name,)
-    ).fetchone()
-    manifests, pulled = c.execute(
-        "SELECT count(*), max(pulled) FROM manifests WHERE repository=?", (name,)
-    ).fetchone()
-    (size,) = c.execute(
-        "SELECT coalesce(sum(size), 0) FROM blobs WHERE repository=?", (name,)
+def _summarised(c: sqlite3.Connection, row: tuple[Any, ...]) -> RepositorySummary:
+    """The summary of a row (name, tags, manifests, size, pushed) of ``repositories``: its
+    aggregates, and the latest pull of its manifests, counted here (kept as an aggregate, it
+    would add a write per repository to every flush of pull times)."""
+    name, tags, manifests, size, pushed = row
+    (pulled,) = c.execute(
+        "SELECT max(pulled) FROM manifests WHERE repository=?", (name,)
     ).fetchone()
     return RepositorySummary(name, tags, manifests, size, pushed, pulled)
+
+
+def checked_key(sort: str, after: RepositoryKey | tuple[Any, str] | None) -> RepositoryKey | None:
+    """``after`` as a key of a listing sorted by ``sort`` (a ``(value, name)`` tuple is
+    taken too); ValueError for an unknown sort or a key that does not fit it."""
+    if sort not in REPOSITORY_SORTS:
+        raise ValueError(f"unknown sort {sort!r}; one of {', '.join(REPOSITORY_SORTS)}")
+    if after is None:
+        return None
+    if not isinstance(after, RepositoryKey):
+        after = RepositoryKey(*after)
+    return after.checked(sort)
+
+
+#: what a page reads of each listed repository
+_LISTED = "SELECT name, tags, manifests, size, pushed FROM repositories"
+
+
+def _sorted_ranges(
+    sort: str, descending: bool, after: RepositoryKey | None
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The queries (without LIMIT) whose rows, one range after the other, are the listing
+    after ``after``: each a seek on the sort's partial index (``INDEXED BY``: an error, not a
+    scan, if SQLite could not use it) and its rows in order."""
+    op, order = ("<", " DESC") if descending else (">", "")
+    if sort == "name":
+        where, params = ("AND name " + op + " ?", (after.name,)) if after else ("", ())
+        return [
+            (
+                f"{_LISTED} INDEXED BY repositories_listed WHERE manifests > 0 {where} "
+                f"ORDER BY name{order}",
+                params,
+            )
+        ]
+    index = f"repositories_by_{sort}"
+    ranges = []
+    if sort != "pushed" or after is None or after.value is not None:
+        where, params = "", ()
+        if after is not None:
+            where, params = f"AND ({sort}, name) {op} (?, ?)", (after.value, after.name)
+        present = "AND pushed IS NOT NULL" if sort == "pushed" else ""
+        ranges.append(
+            (
+                f"{_LISTED} INDEXED BY {index} WHERE manifests > 0 {present} {where} "
+                f"ORDER BY {sort}{order}, name{order}",
+                params,
+            )
+        )
+    if sort == "pushed":  # without tags: last, by name
+        where, params = "", ()
+        if after is not None and after.value is None:
+            where, params = f"AND name {op} ?", (after.name,)
+        ranges.append(
+            (
+                f"{_LISTED} INDEXED BY {index} WHERE manifests > 0 AND pushed IS NULL {where} "
+                f"ORDER BY name{order}",
+                params,
+            )
+        )
+    return ranges
+
+
+def _sorted_page(
+    c: sqlite3.Connection,
+    sort: str,
+    descending: bool,
+    after: RepositoryKey | None,
+    limit: int | None,
+    keep: Callable[[str], bool] | None,
+) -> list[RepositorySummary]:
+    """Up to ``limit`` (None: all) listed repositories in the order of ``sort``, after
+    ``after``, those ``keep`` accepts, summarised, in one read transaction."""
+    rows: list[tuple[Any, ...]] = []
+    c.execute("BEGIN")
+    try:
+        for query, params in _sorted_ranges(sort, descending, after):
+            wanted = -1 if limit is None or keep is not None else limit - len(rows)
+            cursor = c.execute(f"{query} LIMIT ?", (*params, wanted))
+            try:
+                for row in cursor:
+                    if limit is not None and len(rows) >= limit:
+                        break
+                    if keep is None or keep(row[0]):
+                        rows.append(row)
+            finally:
+                cursor.close()
+            if limit is not None and len(rows) >= limit:
+                break
+        return [_summarised(c, row) for row in rows]
+    finally:
+        c.execute("COMMIT")
+
+
+def _clear(c: sqlite3.Connection, name: str) -> None:
+    """Delete every tag, manifest and blob of ``name``: its latest push is set to NULL first,
+    so that the tags' delete trigger does not count it again for each (see the schema)."""
+    c.execute("UPDATE repositories SET pushed = NULL WHERE name=?", (name,))
+    for table in ("tags", "manifests", "blobs"):
+        c.execute(f"DELETE FROM {table} WHERE repository=?", (name,))

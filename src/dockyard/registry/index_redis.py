@@ -10,13 +10,17 @@ keep apart and an emptied store starts a new index; the braces make it a Redis C
 
 - ``repos`` (sorted set, score 0, ordered by name): every indexed repository;
   ``listed``: those with at least one manifest (``repositories()`` pages it with
-  ``ZRANGEBYLEX ... LIMIT``); ``uploading``: those with reservations; ``stale`` (set): those a
-  failed write left for the next verification;
+  ``ZRANGEBYLEX ... LIMIT``); ``bytags``, ``bysize``, ``bypushed``: the same scored by their
+  number of tags, size and latest tag push (-inf without tags), which ``repositories_sorted``
+  pages by rank (``ranked`` notes that they hold every listed repository: see ``_RANK``);
+  ``uploading``: those with reservations; ``stale`` (set): those a failed write left for the
+  next verification;
 - per repository ``r:<name>:``: ``tags`` (sorted set of names, for O(page) ``ZRANGEBYLEX``
   paging), ``tagdigest``/``tagpushed`` (hashes tag -> digest / push time), ``manifests``
   (digest -> JSON of the record's fixed fields), ``mpushed``/``pulled`` (digest -> time),
-  ``blobs`` (digest -> size), ``uploads`` (upload id -> bytes reserved) and ``v``, a version
-  stamped from a global clock by every write (see refreshes below);
+  ``blobs`` (digest -> size), ``sum`` (its aggregates: ``size``, the sum of its blobs', and
+  ``pushed``, its latest tag push), ``uploads`` (upload id -> bytes reserved) and ``v``, a
+  version stamped from a global clock by every write (see refreshes below);
 - per scope a reservation named (``scopes``, a sorted set scored by the last such
   reservation) its tally ``s:<scope>:``: ``refs`` (digest -> repositories of the scope using
   it), ``sizes`` (digest -> size) and ``bytes`` (their sum); ``building``/``recounting``
@@ -102,9 +106,15 @@ from dockyard.registry.index import (
     Usage,
     _glance,
     _read_layout,
+    checked_key,
     same_as_layout,
 )
-from dockyard.registry.records import ManifestRecord, RepositorySnapshot, TagRecord
+from dockyard.registry.records import (
+    ManifestRecord,
+    RepositoryKey,
+    RepositorySnapshot,
+    TagRecord,
+)
 from dockyard.storage.driver import PathNotFound
 from dockyard.storage.store import Store
 
@@ -124,6 +134,11 @@ SCOPE_IDLE = 7 * 86400.0
 #: blob entries a tally counts per script, so that counting a large scope never blocks Redis
 #: for long (about 0.06 s measured)
 TALLY_BUDGET = 10_000
+#: what ``ranked`` holds once the sorted sets by column hold every listed repository (a new
+#: value makes every index score its repositories again)
+RANKED = "1"
+#: repositories scored per script while they are (see ``_RANK``)
+RANK_BUDGET = 500
 
 # -- the scripts -------------------------------------------------------------------------------
 # ARGV[1] is always the key prefix; KEYS[1] its ``repos`` key, so that a cluster client routes
@@ -277,11 +292,13 @@ local function tally_remove(bases, digest)
   end
 end
 -- keep: an entry the repository has already stays as it is (a manifest's claim of a size)
+-- (the caller makes sure the repository's aggregates are counted first: see counted)
 local function put_blob(bases, name, digest, size, keep)
   local old = redis.call('HGET', key(name, 'blobs'), digest)
   if old and (keep or old == size) then return end
   redis.call('HSET', key(name, 'blobs'), digest, size)
   if old then tally_resize(bases, digest, size) else tally_add(bases, digest, size) end
+  redis.call('HINCRBY', key(name, 'sum'), 'size', int(tonumber(size) - tonumber(old or '0')))
 end
 local function drop_blobs(name)
   local bases = tallies(name)
@@ -313,13 +330,6 @@ local function uses(scope, digest)
   end
   return false
 end
-local function listed(name)
-  if redis.call('HLEN', key(name, 'manifests')) > 0 then
-    redis.call('ZADD', P .. 'listed', 0, name)
-  else
-    redis.call('ZREM', P .. 'listed', name)
-  end
-end
 local function latest(k)
   local best, text = nil, false
   for _, v in ipairs(redis.call('HVALS', k)) do
@@ -328,10 +338,69 @@ local function latest(k)
   end
   return text
 end
-local function summary(name)
+
+-- A repository's aggregates, r:<name>:sum: ``size`` (the sum of its blobs' sizes) and
+-- ``pushed`` (its latest tag push; absent without tags), kept by every write; for the listed
+-- repositories, mirrored as the scores of the sorted sets bytags, bysize and bypushed (-inf
+-- without tags), which order them by (score, name) for repositories_sorted.
+local function blob_bytes(name)
   local size = 0
   for _, v in ipairs(redis.call('HVALS', key(name, 'blobs'))) do size = size + tonumber(v) end
-  return {name, redis.call('ZCARD', key(name, 'tags')), latest(key(name, 'tagpushed')),
+  return size
+end
+local function recount_pushed(name)
+  local pushed = latest(key(name, 'tagpushed'))
+  if pushed then redis.call('HSET', key(name, 'sum'), 'pushed', pushed)
+  else redis.call('HDEL', key(name, 'sum'), 'pushed') end
+end
+local function recount(name)
+  redis.call('HSET', key(name, 'sum'), 'size', int(blob_bytes(name)))
+  recount_pushed(name)
+end
+-- Before a write changes them step by step: counted if they are not (a repository written by
+-- a version of Dockyard without them).
+local function counted(name)
+  if redis.call('HEXISTS', key(name, 'sum'), 'size') == 0 then recount(name) end
+end
+local function grow(name, delta)
+  if delta ~= 0 then redis.call('HINCRBY', key(name, 'sum'), 'size', int(delta)) end
+end
+-- a tag of ``name`` now pushed at ``pushed`` that was pushed at ``old`` (nil: a new tag)
+local function tag_pushed(name, old, pushed)
+  local last = redis.call('HGET', key(name, 'sum'), 'pushed')
+  if not last or tonumber(pushed) > tonumber(last) then
+    redis.call('HSET', key(name, 'sum'), 'pushed', pushed)
+  elseif old and tonumber(old) >= tonumber(last) and tonumber(pushed) < tonumber(old) then
+    recount_pushed(name)
+  end
+end
+-- a tag that was pushed at ``old`` is gone
+local function tag_gone(name, old)
+  local last = redis.call('HGET', key(name, 'sum'), 'pushed')
+  if last and tonumber(old) >= tonumber(last) then recount_pushed(name) end
+end
+local function unlist(name)
+  for _, set in ipairs({'listed', 'bytags', 'bysize', 'bypushed'}) do
+    redis.call('ZREM', P .. set, name)
+  end
+end
+-- after every write: listed (with its scores) if it has a manifest, else not
+local function listed(name)
+  if redis.call('HLEN', key(name, 'manifests')) == 0 then return unlist(name) end
+  counted(name)
+  local sum = redis.call('HMGET', key(name, 'sum'), 'size', 'pushed')
+  redis.call('ZADD', P .. 'listed', 0, name)
+  redis.call('ZADD', P .. 'bytags', redis.call('ZCARD', key(name, 'tags')), name)
+  redis.call('ZADD', P .. 'bysize', sum[1], name)
+  redis.call('ZADD', P .. 'bypushed', sum[2] or '-inf', name)
+end
+local function summary(name)
+  local sum = redis.call('HMGET', key(name, 'sum'), 'size', 'pushed')
+  local size, pushed = sum[1], sum[2]
+  if not size then  -- not counted yet (see counted): counted here, without writing
+    size, pushed = blob_bytes(name), latest(key(name, 'tagpushed'))
+  end
+  return {name, redis.call('ZCARD', key(name, 'tags')), pushed,
           redis.call('HLEN', key(name, 'manifests')), latest(key(name, 'pulled')), size}
 end
 """
@@ -341,36 +410,47 @@ _PUSH = """
 local name, digest, pushed = ARGV[2], ARGV[3], ARGV[5]
 redis.call('ZADD', P .. 'repos', 'NX', 0, name)
 stamp(name)
+counted(name)
 -- a manifest pushed again keeps its first push and its last pull
 if redis.call('HSETNX', key(name, 'manifests'), digest, ARGV[4]) == 1 then
   redis.call('HSET', key(name, 'mpushed'), digest, pushed)
   if ARGV[6] ~= '' then redis.call('HSET', key(name, 'pulled'), digest, ARGV[6]) end
 end
-redis.call('ZADD', P .. 'listed', 0, name)
 local ntags = tonumber(ARGV[7])
 for i = 8, 7 + ntags do
+  local old = redis.call('HGET', key(name, 'tagpushed'), ARGV[i])
   redis.call('ZADD', key(name, 'tags'), 0, ARGV[i])
   redis.call('HSET', key(name, 'tagdigest'), ARGV[i], digest)
   redis.call('HSET', key(name, 'tagpushed'), ARGV[i], pushed)
+  tag_pushed(name, old, pushed)
 end
 local bases = tallies(name)
 for i = 8 + ntags, #ARGV, 2 do put_blob(bases, name, ARGV[i], ARGV[i + 1], true) end
+listed(name)
 """
 
 # ARGV: P, name, digest, size. The stored size is the truth: it replaces a descriptor's claim.
 _LINK = """
 redis.call('ZADD', P .. 'repos', 'NX', 0, ARGV[2])
 stamp(ARGV[2])
+counted(ARGV[2])
 put_blob(tallies(ARGV[2]), ARGV[2], ARGV[3], ARGV[4], false)
+listed(ARGV[2])
 """
 
 # ARGV: P, name, tag
 _UNTAG = """
 local name, tag = ARGV[2], ARGV[3]
 stamp(name)
+local old = redis.call('HGET', key(name, 'tagpushed'), tag)
+if old then counted(name) end
 redis.call('ZREM', key(name, 'tags'), tag)
 redis.call('HDEL', key(name, 'tagdigest'), tag)
 redis.call('HDEL', key(name, 'tagpushed'), tag)
+if old then
+  tag_gone(name, old)
+  listed(name)
+end
 """
 
 # ARGV: P, name, digest. Tags are found by a scan of the repository's tags, as registry:2
@@ -379,16 +459,21 @@ _DROP_MANIFEST = """
 local name, digest = ARGV[2], ARGV[3]
 stamp(name)
 local flat = redis.call('HGETALL', key(name, 'tagdigest'))
+local untagged = false
 for i = 1, #flat, 2 do
   if flat[i + 1] == digest then
     redis.call('ZREM', key(name, 'tags'), flat[i])
     redis.call('HDEL', key(name, 'tagdigest'), flat[i])
     redis.call('HDEL', key(name, 'tagpushed'), flat[i])
+    untagged = true
   end
 end
 redis.call('HDEL', key(name, 'manifests'), digest)
 redis.call('HDEL', key(name, 'mpushed'), digest)
 redis.call('HDEL', key(name, 'pulled'), digest)
+if untagged and redis.call('HEXISTS', key(name, 'sum'), 'size') == 1 then
+  recount_pushed(name)  -- the tags were read already: as cheap as working out whether to
+end
 listed(name)
 """
 
@@ -398,11 +483,12 @@ _DROP_REPOSITORY = """
 local name = ARGV[2]
 if ARGV[3] == 'if' and (redis.call('GET', key(name, 'v')) or '') ~= ARGV[4] then return 0 end
 drop_blobs(name)
-for _, kind in ipairs({'tags', 'tagdigest', 'tagpushed', 'manifests', 'mpushed', 'pulled', 'v'}) do
+for _, kind in ipairs({'tags', 'tagdigest', 'tagpushed', 'manifests', 'mpushed', 'pulled', 'v',
+                       'sum'}) do
   redis.call('DEL', key(name, kind))
 end
 redis.call('ZREM', P .. 'repos', name)
-redis.call('ZREM', P .. 'listed', name)
+unlist(name)
 redis.call('SREM', P .. 'stale', name)
 if ARGV[5] == '1' then
   redis.call('DEL', key(name, 'uploads'))
@@ -509,6 +595,99 @@ for _, name in ipairs(redis.call('ZRANGEBYLEX', P .. 'listed', low, '+', 'LIMIT'
   out[#out + 1] = summary(name)
 end
 return out
+"""
+
+# ARGV: P, sort ('name', 'tags', 'size' or 'pushed'), '1' for descending or '', the key to
+# start after ('' for none: the score as text, '-inf' for a repository without tags, and the
+# name), count, '1' for summaries or '' for names and scores. Up to ``count`` listed
+# repositories in order after the key: {name, score, ...} (score '' by name), or summaries.
+#
+# By name: ZRANGEBYLEX (or ZREVRANGEBYLEX) of ``listed`` with LIMIT. Else the sorted set of the
+# sort orders by (score, name) (Redis orders equal scores by name): the seek is the rank of
+# the key, from ZCOUNT (the ranks of its score) and a binary search by name among the
+# repositories of that score (ZRANGE of one rank per step): O(log^2 N), and the page ZRANGE of
+# ranks, O(log N + page). Repositories without tags (bypushed's -inf, ranks [0, nulls)) come
+# after the others in both directions.
+_SORTED = """
+local sort, desc, count = ARGV[2], ARGV[3] == '1', tonumber(ARGV[7])
+local has_key, score, after = ARGV[4] == '1', ARGV[5], ARGV[6]
+local out = {}
+local function emit(name, value)
+  if ARGV[8] == '1' then out[#out + 1] = summary(name)
+  else out[#out + 1] = name; out[#out + 1] = value end
+end
+if sort == 'name' then
+  local names
+  if desc then
+    local high = '+'
+    if has_key then high = '(' .. after end
+    names = redis.call('ZREVRANGEBYLEX', P .. 'listed', high, '-', 'LIMIT', 0, count)
+  else
+    local low = '-'
+    if has_key then low = '(' .. after end
+    names = redis.call('ZRANGEBYLEX', P .. 'listed', low, '+', 'LIMIT', 0, count)
+  end
+  for _, name in ipairs(names) do emit(name, '') end
+  return out
+end
+local Z = P .. 'by' .. sort
+-- the rank of the first member above the key (at or above it if ``at``)
+local function rank(at)
+  local lo = redis.call('ZCOUNT', Z, '-inf', '(' .. score)
+  local hi = redis.call('ZCOUNT', Z, '-inf', score)
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    local member = redis.call('ZRANGE', Z, mid, mid)[1]
+    local below = upto(member, after)
+    if at and member == after then below = false end
+    if below then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+local total = redis.call('ZCARD', Z)
+local nulls = 0
+if sort == 'pushed' then nulls = redis.call('ZCOUNT', Z, '-inf', '-inf') end
+-- the ranges of ranks [lo, hi) to read, in listing order
+local ranges
+if not has_key then
+  ranges = {{nulls, total}, {0, nulls}}
+elseif desc then
+  local stop = rank(true)
+  if score == '-inf' then ranges = {{0, stop}} else ranges = {{nulls, stop}, {0, nulls}} end
+else
+  local start = rank(false)
+  if score == '-inf' then ranges = {{start, nulls}} else ranges = {{start, total}, {0, nulls}} end
+end
+local left = count
+for _, range in ipairs(ranges) do
+  local lo, hi = range[1], range[2]
+  if left <= 0 then break end
+  if hi > lo then
+    if desc then lo = math.max(lo, hi - left) else hi = math.min(hi, lo + left) end
+    local flat = redis.call('ZRANGE', Z, lo, hi - 1, 'WITHSCORES')
+    local first, last, step = 1, #flat - 1, 2
+    if desc then first, last, step = #flat - 1, 1, -2 end
+    for i = first, last, step do emit(flat[i], flat[i + 1]) end
+    left = left - (hi - lo)
+  end
+end
+return out
+"""
+
+# ARGV: P, after ('' for the start), count. Scores the next ``count`` listed repositories after
+# ``after`` (by name) in the sorted sets by column, counting their aggregates if they are not:
+# what an index written before those existed lacks. Returns the last name, or '' at the end
+# (then ``ranked`` notes it done).
+_RANK = """
+local low = '-'
+if ARGV[2] ~= '' then low = '(' .. ARGV[2] end
+local names = redis.call('ZRANGEBYLEX', P .. 'listed', low, '+', 'LIMIT', 0, tonumber(ARGV[3]))
+for _, name in ipairs(names) do listed(name) end
+if #names < tonumber(ARGV[3]) then
+  redis.call('SET', P .. 'ranked', ARGV[4])
+  return ''
+end
+return names[#names]
 """
 
 # ARGV: P, then names. Summaries of those that have manifests.
@@ -637,6 +816,7 @@ if mode == 'merge' then
     end
   end
   for i = b0, #ARGV, 2 do put_blob(bases, name, ARGV[i], ARGV[i + 1], true) end
+  recount(name)
   listed(name)
   return 1
 end
@@ -644,11 +824,11 @@ redis.call('SREM', P .. 'stale', name)
 if mode == 'gone' then
   drop_blobs(name)
   for _, kind in ipairs({'tags', 'tagdigest', 'tagpushed', 'manifests', 'mpushed', 'pulled',
-                         'v'}) do
+                         'v', 'sum'}) do
     redis.call('DEL', key(name, kind))
   end
   redis.call('ZREM', P .. 'repos', name)
-  redis.call('ZREM', P .. 'listed', name)
+  unlist(name)
   return 1
 end
 local oldpushed, oldpulled = hash(key(name, 'mpushed')), hash(key(name, 'pulled'))
@@ -682,6 +862,7 @@ for digest, _ in pairs(hash(key(name, 'blobs'))) do
   end
 end
 for digest, size in pairs(blobs) do put_blob(bases, name, digest, size, false) end
+recount(name)
 listed(name)
 return 1
 """
@@ -713,6 +894,8 @@ _SCRIPTS = {
     "release": _RELEASE,
     "tags": _TAGS,
     "repositories": _REPOSITORIES,
+    "sorted": _SORTED,
+    "rank": _RANK,
     "repository": _REPOSITORY,
     "summaries": _SUMMARIES,
     "usage": _USAGE,
@@ -780,6 +963,21 @@ def _summary(row: list[Any]) -> RepositorySummary:
         float(pushed) if pushed is not None else None,
         float(pulled) if pulled is not None else None,
     )
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else ""
+
+
+def _position(key: RepositoryKey | None) -> list[str]:
+    """``key`` as the ``sorted`` script's arguments: whether there is one, its score as Redis
+    parses it exactly (a float's repr; '-inf' for a repository without tags), its name."""
+    if key is None:
+        return ["", "", ""]
+    if key.value is None:
+        return ["1", "-inf", key.name]
+    value = key.value
+    return ["1", _time(value) if isinstance(value, float) else str(value), key.name]
 
 
 def _pairs(flat: dict[bytes, bytes]) -> dict[str, str]:
@@ -1002,6 +1200,58 @@ class RedisIndex:
         # a repository deleted since it was listed is left out
         return [_summary(row) for row in await self._call("summaries", *names)]
 
+    async def repositories_sorted(
+        self,
+        sort: str = "name",
+        descending: bool = False,
+        after: RepositoryKey | tuple[Any, str] | None = None,
+        limit: int = 100,
+        keep: Callable[[str], bool] | None = None,
+    ) -> list[RepositorySummary]:
+        """See :meth:`~dockyard.registry.index.Index.repositories_sorted`; the same order as
+        SQLite's. Sorted sets, not a sort: by name ``listed`` (ZRANGEBYLEX), by the others
+        ``bytags``/``bysize``/``bypushed``, kept by every write, whose scores are the
+        repositories' aggregates and whose ties Redis orders by name. A page is a seek (the
+        key's rank: O(log^2 N)) and the page's ranks, in one script; with ``keep``, names and
+        scores are read in batches from there (the names refused read past, never summarised)
+        and the page's summaries read after (a repository deleted meanwhile is left out)."""
+        key = checked_key(sort, after)
+        if limit <= 0:
+            return []
+        await self._ranked()
+        position = _position(key)
+        if keep is None:
+            rows = await self._call("sorted", sort, _flag(descending), *position, limit, "1")
+            return [_summary(row) for row in rows]
+        batch = max(2 * limit, 100)
+        names: list[str] = []
+        while len(names) < limit:
+            flat = await self._call("sorted", sort, _flag(descending), *position, batch, "")
+            found = [(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
+            names += [name for name, _ in found if keep(name)]
+            if len(found) < batch:
+                break
+            name, score = found[-1]
+            position = ["1", score, name]
+            _check_cancelled()
+        names = names[:limit]
+        if not names:
+            return []
+        return [_summary(row) for row in await self._call("summaries", *names)]
+
+    async def _ranked(self) -> None:
+        """Make sure the sorted sets by column hold every listed repository: once for an index
+        written before they existed (or that Redis lost), in steps of :data:`RANK_BUDGET`
+        repositories (every write keeps them after that); a GET otherwise."""
+        if _text(await self._client().get(await self.prefix() + "ranked") or b"") == RANKED:
+            return
+        after = ""
+        while True:
+            after = _text(await self._call("rank", after, RANK_BUDGET, RANKED))
+            if not after:
+                return
+            _check_cancelled()
+
     async def manifests(self, name: str, digests: Iterable[Digest]) -> dict[Digest, ManifestRecord]:
         """The records of those of ``digests`` that ``name`` holds (a page's worth: HMGETs of
         just those)."""
@@ -1187,6 +1437,7 @@ class RedisIndex:
         changed += await self._forget_gone(indexed, names)
         await self._forget_finished_uploads(storage)
         await self._recount()
+        await self._ranked()
         if changed:
             log.info("index verification refreshed %d repositories: %s", len(changed), changed[:10])
         return changed
