@@ -25,6 +25,7 @@ DEBIAN_PACKAGES=(
   ceph-osd        # its object store (one in-memory memstore OSD)
   ceph-common     # ceph, radosgw-admin, monmaptool: the tools rgw-up.sh runs
   redis-server    # the shared cache of several instances; tests start their own on free ports
+  chromium        # the web UI's tests (tests/browser/) drive it with Playwright, headless
 )
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

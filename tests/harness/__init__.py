@@ -7,6 +7,10 @@
 - ``harness.images``: test images, and a Debian base made once and kept
 - ``harness.oci``: OCI image layouts made by hand, for skopeo to push from
 - ``harness.skopeo``: skopeo pushes and pulls, compared with what a registry serves
+- ``harness.browser``: Chromium through Playwright for the web UI's tests: recorded injected
+  script, dialogs, CSP violations and errors; accessibility checked with axe-core
+- ``harness.ui_images``: images for the UI's tests: normal, multi-arch, referrers, hostile
+  (script payloads in every field, a gzip bomb, a million-entry tar, zstd, not a tar)
 - ``harness.mirrors``: clients set up to pull through a mirror (podman's registries.conf,
   containerd's hosts.toml), and Dockyard's access log read back
 - ``harness.faulty_upstream``: an upstream registry that fails on demand, for the proxy's tests

@@ -9,9 +9,10 @@ Tiers are markers, given by the directory a test lives in (``tests/<tier>/``) an
   ``browser``: the web UI in chromium; ``slow``: takes seconds (any tier).
 
 Daemons are started once per session where a test needs them: Ceph RGW once for all workers of
-a pytest-xdist run (``harness.shared``); moto, Redis and dockerd once per worker (tests flush
-Redis and log dockerd in and out, so workers keep their own). Slow tests are handed out first,
-so that parallel workers finish together.
+a pytest-xdist run (``harness.shared``); moto, Redis, dockerd and Chromium once per worker (tests
+flush Redis and log dockerd in and out, so workers keep their own; each browser test has a
+browser context of its own, ``harness.browser``). Slow tests are handed out first, so that
+parallel workers finish together.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from harness import shared
+from harness.browser import Chromium, browser_log, launch_chromium
 from harness.docker import Dockerd, find_dockerd, start_dockerd
 from harness.dockyard import DockyardProcess, InProcessDockyard
 from harness.net import free_port
 from harness.redis import start_redis
 from harness.registry2 import REGISTRY2, Registry2
 from harness.s3 import S3Endpoint, launch_rgw, new_bucket, start_moto
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 TIERS = {
     "unit": "no server: the model, config, drivers, pure parts",
@@ -54,6 +59,8 @@ ServerFactory = Callable[..., Server]
 Registry2Factory = Callable[..., Registry2]
 #: ``s3_bucket_factory(endpoint)``: a new bucket's name
 BucketFactory = Callable[[S3Endpoint], str]
+#: ``new_page(**context_options)``: a page in a new browser context (``harness.browser``)
+PageFactory = Callable[..., "Page"]
 
 
 # -- session set-up and tiers ------------------------------------------------------------------
@@ -359,3 +366,47 @@ def need_binaries(*names: str) -> None:
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+# -- the browser (the web UI's tests) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Chromium]:
+    """This worker's Chromium, driven by Playwright (``harness.browser``), launched at its first
+    browser test and closed at the end of the session; skipped if chromium or playwright is not
+    installed. Tests take ``page`` or ``new_page`` rather than this."""
+    browser = launch_chromium()
+    yield browser
+    browser.close()
+
+
+@pytest.fixture
+def new_page(chromium: Chromium) -> Iterator[PageFactory]:
+    """``new_page(**context_options)``: a page in a new browser context of its own
+    (``bypass_csp=True``, ``base_url=...``, ``extra_http_headers=...``), recording ``__pwned``
+    calls, dialogs, CSP violations, console and page errors (``harness.browser``). At teardown
+    the contexts are closed, and the test fails if script ran in any of them (a ``__pwned`` call
+    or a dialog still in the log: ``browser_log(page).clear()`` after provoking one)."""
+    pages: list[Page] = []
+    ran: list[str] = []
+    with chromium.active():
+
+        def make(**context_options: Any) -> Page:
+            page = chromium.new_page(**context_options)
+            pages.append(page)
+            return page
+
+        yield make
+        for page in pages:
+            ran += [f"{page.url}: {sign}" for sign in browser_log(page).script_ran()]
+            with contextlib.suppress(Exception):
+                page.context.close()
+    if ran:
+        pytest.fail("script ran in the browser:\n  " + "\n  ".join(ran), pytrace=False)
+
+
+@pytest.fixture
+def page(new_page: PageFactory) -> Page:
+    """A fresh page in a browser context of its own (see ``new_page``)."""
+    return new_page()
