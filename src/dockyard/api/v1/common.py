@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from dockyard.api.base import body_stream, int_query, registry_of
+from dockyard.api.base import body_stream, int_query, registry_of, require_delete
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.request import CONFIG_KEY
 from dockyard.http.responses import json_response
@@ -135,3 +135,30 @@ async def json_object(request: web.Request, fields: dict[str, type]) -> dict[str
         if not isinstance(item, wanted):
             raise bad_request(f"{key} must be a {wanted.__name__}", {key: item})
     return value
+
+
+#: how long a client is asked to wait while this server accepts no deletes
+WRITES_RETRY_AFTER = 30
+
+
+def check_writable(request: web.Request) -> None:
+    """What read_only_middleware and the write gate do for routes that declare a delete need:
+    for the routes that delete without declaring one (the retention run deletes only when its
+    body says so; the web UI's delete form is not a registry API route), and then
+    ``storage.delete.enabled``."""
+    if request.app[CONFIG_KEY].storage.maintenance.readonly.enabled:
+        raise RegistryError(
+            ErrorCode.UNSUPPORTED,
+            "the registry is in read-only mode (storage.maintenance.readonly.enabled)",
+            status=405,
+        )
+    accepting = request.app.get(WRITES_KEY)
+    if accepting is not None and not accepting():
+        raise RegistryError(
+            ErrorCode.UNAVAILABLE,
+            "this server does not accept deletes now (an immediate garbage collection is "
+            "running, or it cannot record its presence); try again later",
+            status=503,
+            headers={"Retry-After": str(WRITES_RETRY_AFTER)},
+        )
+    require_delete(request)

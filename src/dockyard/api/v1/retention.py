@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from dockyard.api.base import registry_of, require_delete
-from dockyard.api.v1.common import ROOT, WRITES_KEY, json_object
+from dockyard.api.base import registry_of
+from dockyard.api.v1.common import ROOT, check_writable, json_object
 from dockyard.auth.access import Need, requires
 from dockyard.auth.middleware import identity_of
 from dockyard.errors import ErrorCode, RegistryError
@@ -33,33 +33,12 @@ RETRY_AFTER = 30
 FIELDS: dict[str, type] = {"dry_run": bool, "confirm": bool, "repository": str}
 
 
-def _check_writable(request: web.Request) -> None:
-    """What read_only_middleware and the write gate do for declared deletes: this route
-    declares only that it needs an administrator, and deletes only when its body says so."""
-    if request.app[CONFIG_KEY].storage.maintenance.readonly.enabled:
-        raise RegistryError(
-            ErrorCode.UNSUPPORTED,
-            "the registry is in read-only mode (storage.maintenance.readonly.enabled)",
-            status=405,
-        )
-    accepting = request.app.get(WRITES_KEY)
-    if accepting is not None and not accepting():
-        raise RegistryError(
-            ErrorCode.UNAVAILABLE,
-            "this server does not accept deletes now (an immediate garbage collection is "
-            "running, or it cannot record its presence); try again later",
-            status=503,
-            headers={"Retry-After": str(RETRY_AFTER)},
-        )
-    require_delete(request)
-
-
 @requires(Need.ADMIN)
 async def run(request: web.Request) -> web.Response:
     asked = await json_object(request, FIELDS)
     dry_run: bool = asked.get("dry_run", True)
     if not dry_run:
-        _check_writable(request)
+        check_writable(request)
     user = identity_of(request).user
 
     async def deleted(repository: str, digest: Digest | None, tags: Sequence[str]) -> None:

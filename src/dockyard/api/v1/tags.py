@@ -21,7 +21,9 @@ from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.events import delete_event
 from dockyard.http.responses import json_response
+from dockyard.oci.digest import Digest
 from dockyard.oci.names import validate_name, validate_tag
+from dockyard.registry.repository import Repository
 
 
 @requires(Need.PULL)
@@ -56,20 +58,27 @@ async def list_tags(request: web.Request) -> web.Response:
 
 @requires(Need.DELETE)
 async def delete_tag(request: web.Request) -> web.Response:
-    """Only the tag (its manifest stays), as ``DELETE /v2/<name>/manifests/<tag>``: the same
-    right, the same refusals (deletes disabled, a pull-through cache, an immutable tag) and
-    the same delete event."""
+    """Only the tag (its manifest stays), as ``DELETE /v2/<name>/manifests/<tag>``."""
     repo = writable_repository_of(request)
-    require_delete(request)
     tag = validate_tag(request.match_info["tag"])
+    digest = await untag(request, repo, tag)
+    return json_response({"repository": repo.name, "tag": tag, "digest": str(digest)})
+
+
+async def untag(request: web.Request, repo: Repository, tag: str) -> Digest:
+    """Delete ``tag`` for the caller of ``request`` (this route, or the web UI's delete):
+    the same right as the registry API's delete (checked by the caller), the same refusals
+    (deletes disabled, an immutable tag) and the same delete event. The digest it pointed at;
+    MANIFEST_UNKNOWN for no such tag."""
+    require_delete(request)
     guard = repo.registry.policies.tag_guard(repo.name)
     refusal = guard(tag) if guard is not None else None
     if refusal is not None:
         raise refusal
-    digest = await repo.tags.resolve(tag)  # MANIFEST_UNKNOWN for no such tag
+    digest = await repo.tags.resolve(tag)
     await repo.tags.untag(tag)
     await delete_event(request, repo.name, tags=[tag])
-    return json_response({"repository": repo.name, "tag": tag, "digest": str(digest)})
+    return digest
 
 
 def routes(prefix: str) -> list[web.AbstractRouteDef]:

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from dockyard.api.v1.common import ROOT, index_of, last_of, page_response, page_size
-from dockyard.auth.access import Need, requires
+from dockyard.auth.access import Identity, Need, requires
 from dockyard.auth.middleware import identity_of
 from dockyard.http.request import CONFIG_KEY
 from dockyard.registry.index import Index, Usage
@@ -47,17 +47,27 @@ class _Scopes:
 
 @requires(Need.CATALOG)
 async def usage(request: web.Request) -> web.Response:
-    identity = identity_of(request)
+    n = page_size(request)
+    body, more, last = await usage_report(
+        request, identity_of(request), n, last_of(request), request.query.get("q", "")
+    )
+    return page_response(request, body, n, more, last)
+
+
+async def usage_report(
+    request: web.Request, identity: Identity, n: int, after: str | None, query: str
+) -> tuple[dict[str, Any], bool, str | None]:
+    """The usage body for ``identity`` (this route's, and the web UI's usage page): a page of
+    ``n`` repositories after ``after`` whose names hold ``query``; whether more follow, and
+    the name the page ends at."""
     admin = identity.is_admin
     index = index_of(request)
     quotas = [(q.scope, q.limit) for q in request.app[CONFIG_KEY].quotas]
-    n = page_size(request)
-    query = request.query.get("q", "")
 
     def visible(name: str) -> bool:
         return query in name and identity.lists(name)
 
-    found = await index.repositories(last_of(request), n + 1, visible) if n else []
+    found = await index.repositories(after, n + 1, visible) if n else []
     page = found[:n]
     scopes = _Scopes(index)
     repositories = []
@@ -84,7 +94,7 @@ async def usage(request: web.Request) -> web.Response:
         "quotas": [usage_json(await scopes.of(scope), limit) for scope, limit in shown],
         "repositories": repositories,
     }
-    return page_response(request, body, n, len(found) > n, page[-1].name if page else None)
+    return body, len(found) > n, page[-1].name if page else None
 
 
 def routes(prefix: str) -> list[web.AbstractRouteDef]:
