@@ -136,6 +136,11 @@ class Policy:
     groups: dict[str, frozenset[str]] = field(default_factory=dict)
     admins: frozenset[str] = frozenset()
 
+    @property
+    def has_anonymous(self) -> bool:
+        """Whether any rule lets anonymous callers do something."""
+        return any(rule.anonymous and rule.actions for rule in self.rules)
+
     def groups_of(self, user: str | None) -> frozenset[str]:
         if user is None:
             return frozenset()
@@ -219,6 +224,25 @@ class TokenGrants(Grants):
 
 
 @dataclass(frozen=True)
+class PolicyGrants(Grants):
+    """What the built-in token server's policy grants ``user`` (None: anonymous) now. The web
+    UI's sessions hold no token: they are checked against the policy at every request, so a
+    rule changed or a user removed takes effect at once."""
+
+    user: str | None
+    policy: Policy
+
+    def allows(self, scope: Scope) -> bool:
+        granted = self.policy.grant(self.user, scope)
+        if granted is None:
+            return False
+        return "*" in granted.actions or set(scope.actions) <= set(granted.actions)
+
+    def lists(self, repository: str) -> bool:
+        return "pull" in self.policy.allowed(self.user, repository)
+
+
+@dataclass(frozen=True)
 class Identity:
     user: str | None
     grants: Grants
@@ -229,6 +253,9 @@ class Identity:
 
     def may_pull(self, repository: str) -> bool:
         return self.grants.allows(Scope("repository", repository, ("pull",)))
+
+    def may_delete(self, repository: str) -> bool:
+        return self.grants.allows(Scope("repository", repository, ("delete",)))
 
     @property
     def is_admin(self) -> bool:

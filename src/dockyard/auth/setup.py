@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dockyard.auth.access import Policy, Rule
+from dockyard.auth.accounts import OPEN, AccountKind, Accounts
 from dockyard.auth.htpasswd import Htpasswd
 from dockyard.config import Config, TokenServerConfig
 from dockyard.errors import ConfigError
@@ -30,6 +31,8 @@ class Auth:
     #: None when nothing logs in with a password here (tokens from another token server)
     throttle: LoginThrottle | None = None
     token_server: TokenServer | None = None
+    #: who may sign in to the web UI, and what they may do
+    accounts: Accounts = OPEN
 
 
 def signing_key_path(config: Config, server: TokenServerConfig) -> str:
@@ -119,10 +122,11 @@ def build_auth(config: Config, failures: FailureTable | None = None) -> Auth | N
     if auth.htpasswd is not None:
         throttle = build_throttle(config, failures)
         users = _users(auth.htpasswd.path, auth.htpasswd.cachettl, "auth.htpasswd.path")
-        authenticator = BasicAuthenticator(
-            auth.htpasswd.realm, Login(users, throttle), frozenset(auth.htpasswd.admins)
-        )
-        return Auth(auth_middleware(authenticator, prefix), throttle)
+        login = Login(users, throttle)
+        admins = frozenset(auth.htpasswd.admins)
+        authenticator = BasicAuthenticator(auth.htpasswd.realm, login, admins)
+        accounts = Accounts(AccountKind.HTPASSWD, login, admins)
+        return Auth(auth_middleware(authenticator, prefix), throttle, accounts=accounts)
     token = auth.token
     if token is None:
         return None
@@ -135,6 +139,7 @@ def build_auth(config: Config, failures: FailureTable | None = None) -> Auth | N
     server = None
     policy = None
     throttle = None
+    accounts = Accounts(AccountKind.EXTERNAL)
     if token.server is not None:
         throttle = build_throttle(config, failures)
         issuer = TokenIssuer(
@@ -145,6 +150,8 @@ def build_auth(config: Config, failures: FailureTable | None = None) -> Auth | N
         )
         users = _users(token.server.htpasswd, token.server.cachettl, "auth.token.server.htpasswd")
         policy = policy_of(token.server)
-        server = TokenServer(issuer, Login(users, throttle), policy, token.server.refreshexpiration)
+        login = Login(users, throttle)
+        server = TokenServer(issuer, login, policy, token.server.refreshexpiration)
+        accounts = Accounts(AccountKind.TOKEN_SERVER, login, policy=policy)
     authenticator = BearerAuthenticator(verifier, token.realm, service, policy)
-    return Auth(auth_middleware(authenticator, prefix), throttle, server)
+    return Auth(auth_middleware(authenticator, prefix), throttle, server, accounts)
