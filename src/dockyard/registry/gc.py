@@ -45,6 +45,7 @@ cache first, as always.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -52,7 +53,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dockyard import metrics
 from dockyard.errors import RegistryError
@@ -70,7 +71,7 @@ from dockyard.registry.presence import (
     check_immediate,
 )
 from dockyard.registry.progress import NoProgress, Progress
-from dockyard.storage.driver import PathNotFound
+from dockyard.storage.driver import PathNotFound, StorageError
 from dockyard.storage.store import Store
 
 if TYPE_CHECKING:
@@ -190,6 +191,7 @@ class GarbageCollector:
                 await self.index.refresh(self.storage, name)
         report.seconds = time.time() - started
         self._record(report)
+        await self._keep_figures(report)
         log.info(
             "garbage collection finished",
             extra={
@@ -316,6 +318,24 @@ class GarbageCollector:
         await self.storage.delete(aside)
         return True
 
+    async def _keep_figures(self, report: GCReport) -> None:
+        """The run's figures beside the store, for the web UI's usage page (what a collection
+        would reclaim, as of the last run or dry run)."""
+        figures = {
+            "finished": time.time(),
+            "dry_run": report.dry_run,
+            "repositories": report.repositories,
+            "blobs_removed": report.blobs_removed,
+            "bytes_removed": report.bytes_removed,
+            "manifests_removed": report.manifests_removed,
+            "bytes_seen": self.bytes_seen,
+            "seconds": report.seconds,
+        }
+        try:
+            await self.storage.write(layout.gc_last_run(), json.dumps(figures).encode())
+        except StorageError as exc:
+            log.warning("the collection's figures were not kept: %s", exc)
+
     def _record(self, report: GCReport) -> None:
         """The run in the metrics (when they are on), and the space blobs now use."""
         m = metrics.active
@@ -369,3 +389,12 @@ class GarbageCollector:
 
 async def _nothing() -> None:
     return None
+
+
+async def last_run(storage: Store) -> dict[str, Any] | None:
+    """The figures of the last collection (or dry run) on this store, None before the first."""
+    try:
+        figures = json.loads(await storage.read(layout.gc_last_run()))
+    except (PathNotFound, ValueError):
+        return None
+    return figures if isinstance(figures, dict) else None
