@@ -15,6 +15,7 @@ from dockyard.api.middleware import (
     error_middleware,
     read_only_middleware,
 )
+from dockyard.auth.accounts import OPEN
 from dockyard.auth.setup import build_auth
 from dockyard.clientaddress import TrustedProxies
 from dockyard.config import Config
@@ -61,6 +62,11 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
     ]
     if auth is not None:
         middlewares.append(auth.middleware)
+    if config.ui.enabled:
+        from dockyard import ui  # Jinja2 is loaded only when the UI is on
+
+        # After auth's, which lets the UI's paths through: the UI signs its visitors in itself.
+        middlewares.append(ui.ui_middleware(config.http.prefix))
     if config.storage.maintenance.readonly.enabled:
         middlewares.append(read_only_middleware)
     else:
@@ -90,6 +96,8 @@ def build_app(config: Config, secret: str, shared: Shared | None = None) -> web.
 
         app[token.TOKEN_SERVER_KEY] = auth.token_server
         app.add_routes(token.routes(prefix))
+    if config.ui.enabled:
+        ui.setup(app, config, auth.accounts if auth is not None else OPEN, secret)
     app.on_response_prepare.append(add_common_headers(config.http.headers))
     app.on_response_prepare.append(inflight.on_prepare)
 

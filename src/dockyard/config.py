@@ -477,6 +477,29 @@ class RedisConfig(Section):
         return v
 
 
+class UILayersConfig(Section):
+    """Bounds of the web UI's layer file lists: a layer is read, decompressed and listed at most
+    this far (the list says where it stopped), and each user may have this many layers listed
+    per minute that no earlier listing cached."""
+
+    maxbytes: ByteSize = 2 * 1024**3
+    maxentries: int = Field(default=100_000, ge=1)
+    timeout: Duration = Field(default=10.0, gt=0)
+    perminute: int = Field(default=20, ge=1)
+
+
+class UIConfig(Section):
+    """Dockyard's built-in web UI at ``<http.prefix>/ui/`` (registry:2 has none)."""
+
+    enabled: bool = True
+    #: how long a login lasts
+    sessionlifetime: Duration = Field(default=12 * 3600.0, gt=0)
+    #: the host name the pull commands show (``registry.example.com``); empty: http.host's, or
+    #: the one the browser used
+    pullhost: str = ""
+    layers: UILayersConfig = Field(default_factory=UILayersConfig)
+
+
 class CatalogConfig(Section):
     maxentries: int = Field(default=1000, ge=1)
 
@@ -661,6 +684,7 @@ class Config(Section):
     policies: list[PolicyConfig] = Field(default_factory=list)
     index: IndexConfig = Field(default_factory=IndexConfig)
     quotas: list[QuotaConfig] = Field(default_factory=list)
+    ui: UIConfig = Field(default_factory=UIConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     middleware: dict[str, Any] = Field(default_factory=dict)
     reporting: dict[str, Any] = Field(default_factory=dict)

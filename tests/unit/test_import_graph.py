@@ -15,7 +15,7 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parents[2] / "src" / "dockyard"
 
 #: the HTTP layer and what sits beside it at the top: nothing in the model may reach these
-HTTP_SIDE = {"api", "auth", "http"}
+HTTP_SIDE = {"api", "auth", "http", "ui"}
 
 
 def _module_name(path: Path) -> str:
@@ -135,3 +135,12 @@ def test_the_model_never_imports_the_http_side() -> None:
 
 def test_storage_never_imports_the_model() -> None:
     assert "registry" not in import_graph()["storage"]
+
+
+def test_the_ui_is_on_top_and_never_reaches_storage() -> None:
+    """The web UI uses the model and the JSON API's functions, never a second way into
+    storage; only the application assembles it."""
+    graph = import_graph()
+    assert "storage" not in graph["ui"]
+    assert {"api", "registry"} <= graph["ui"]
+    assert sorted(node for node, targets in graph.items() if "ui" in targets) == ["app"]
