@@ -229,6 +229,8 @@ def test_delete_through_the_ui_with_confirmation_and_csrf(
     r = browser.post(
         s.url + "/ui/r/team/app/-/delete",
         data={"digest": digest, "tag": "2", "csrf": token},
+        # what a browser sends behind a TLS proxy that does not say X-Forwarded-Proto
+        headers={"Origin": f"https://{s.host}", "Sec-Fetch-Site": "same-origin"},
         allow_redirects=False,
     )
     assert r.status_code == 303, r.text
