@@ -192,3 +192,13 @@ def test_bad_certificates_fail_at_start_up(tmp_path: Path) -> None:
         {"certificate": str(server.cert), "key": str(server.key), "clientcas": [str(garbage)]},
     )
     assert "http.tls.clientcas" in err
+
+
+def test_the_ui_session_cookie_is_secure_under_tls(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    ca, server = server_certificate(tmp_path / "pki")
+    s = start_server(http=tls(server.cert, server.key))
+    r = requests.get(s.url + "/ui/login", verify=str(ca.path))
+    cookie = r.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie

@@ -137,7 +137,7 @@ def test_htpasswd_sign_in_sessions_and_sign_out(
     assert cookie.has_nonstandard_attr("HttpOnly")
     assert cookie.get_nonstandard_attr("SameSite") == "Strict"
     assert cookie.path == "/ui/"
-    assert not cookie.secure  # plain http here; under TLS it is Secure (test_ui_tls)
+    assert not cookie.secure  # plain http here; under TLS it is Secure (test_tls.py)
     r = browser.get(s.url + "/ui/r/team/app")
     assert r.status_code == 200 and "Signed in as <strong>alice</strong>" in r.text
     # a forged cookie is a visitor who has not signed in
