@@ -180,6 +180,10 @@ def test_gc_then_reclaims_only_what_the_deleted_repository_used(tmp_path: Path) 
         try:
             app, app_blobs = await push(reg, "app", ["v1"], [b"shared layer", b"app only"])
             other, other_blobs = await push(reg, "other", ["v1"], [b"shared layer"])
+            # the web UI's file lists of two layers: one that goes, one that stays
+            listings = {d: layout.layer_listing(d) for d in app_blobs}
+            for path in listings.values():
+                await reg.storage.write(path, b"{}")
             await reg.delete_repository("app", settle=0)
             report = await GarbageCollector(
                 reg.storage, grace=0, touch_interval=3600, immediate=True
@@ -188,6 +192,9 @@ def test_gc_then_reclaims_only_what_the_deleted_repository_used(tmp_path: Path) 
             assert report.blobs_removed == len(unique) == 3
             for digest in unique:
                 assert not await reg.blobs.exists(digest)
+            for digest, path in listings.items():  # a listing goes with its blob
+                kept = digest in other_blobs
+                assert await reg.storage.delete_if_present(path) == kept, digest
             repo = reg.repository("other")
             assert await repo.tags.resolve("v1") == other
             await repo.manifests.get(other)

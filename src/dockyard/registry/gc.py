@@ -369,6 +369,8 @@ class GarbageCollector:
                 report.removed.append(f"blob {blob.digest} ({blob.size} bytes)")
                 if not self.dry_run:
                     await self.storage.remove_empty_dir(layout.blob_dir(blob.digest))
+                    # its file list (the web UI's, derived) would otherwise outlive it
+                    await self.storage.delete_if_present(layout.layer_listing(blob.digest))
             else:
                 report.blobs_recent += 1
 
