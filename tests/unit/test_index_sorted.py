@@ -149,6 +149,44 @@ def test_pages_in_every_order_concatenate_to_the_sorted_list(index: Index) -> No
     run(go())
 
 
+def test_a_search_by_substring_pages_like_the_filtered_list(index: Index) -> None:
+    """``contains`` on repositories (every sort) and on tags: the names holding it, in the same
+    order and pages as the whole list filtered."""
+
+    async def go() -> None:
+        await populate(index, 60)
+        everything = await index.repositories()
+        for sort, descending in ORDERS:
+            expected = [
+                s for s in sorted_as_listed(everything, sort, descending) if "app-00" in s.name
+            ]
+            rows: list[RepositorySummary] = []
+            after = None
+            while True:
+                page = await index.repositories_sorted(
+                    sort, descending, after, 4, None, contains="app-00"
+                )
+                rows += page
+                if len(page) < 4:
+                    break
+                after = RepositoryKey.of(page[-1], sort)
+            assert rows == expected, (sort, descending)
+        record = ManifestRecord(digest_of("tags"), MANIFEST, 10, 1000.0)
+        tags = [f"v{n}-{'rc' if n % 5 == 0 else 'final'}" for n in range(40)]
+        await index.manifest_pushed("tagged", record, tags, {record.digest: 1})
+        found: list[str] = []
+        after_tag = None
+        while True:
+            page = await index.tags("tagged", after_tag, 3, contains="-rc")
+            found += [t.tag for t in page]
+            if len(page) < 3:
+                break
+            after_tag = page[-1].tag
+        assert found == sorted(t for t in tags if "-rc" in t)
+
+    run(go())
+
+
 def test_bad_sorts_and_keys_are_refused(index: Index) -> None:
     async def go() -> None:
         await populate(index, 3)

@@ -12,6 +12,8 @@ from dockyard.errors import ErrorCode, RegistryError
 # The grammar from the OCI image spec; only the algorithms below are accepted for content.
 _DIGEST_GRAMMAR = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
 
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
+
 #: algorithm -> length of its lowercase hex encoding
 SUPPORTED_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
 CANONICAL_ALGORITHM = "sha256"
@@ -39,7 +41,7 @@ class Digest:
                 f"unsupported digest algorithm {algorithm!r}",
                 {"digest": text, "supported": sorted(SUPPORTED_ALGORITHMS)},
             )
-        if len(encoded) != length or not all(c in "0123456789abcdef" for c in encoded):
+        if len(encoded) != length or not _LOWER_HEX.fullmatch(encoded):
             raise RegistryError(
                 ErrorCode.DIGEST_INVALID,
                 f"{algorithm} digests are {length} lowercase hex characters",

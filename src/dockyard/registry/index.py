@@ -288,8 +288,12 @@ class Index(Protocol):
     async def set_pulled(self, name: str, digest: Digest, when: float) -> None: ...
     async def run_pull_flusher(self) -> None: ...
     async def tags(
-        self, name: str, after: str | None = None, limit: int = 100
-    ) -> list[TagRecord]: ...
+        self, name: str, after: str | None = None, limit: int = 100, contains: str = ""
+    ) -> list[TagRecord]:
+        """Up to ``limit`` tags of ``name`` after ``after``, sorted; with ``contains``, only
+        the tags holding it."""
+        ...
+
     async def snapshot(self, name: str) -> RepositorySnapshot: ...
     async def repositories(
         self,
@@ -304,6 +308,7 @@ class Index(Protocol):
         after: RepositoryKey | tuple[Any, str] | None = None,
         limit: int = 100,
         keep: Callable[[str], bool] | None = None,
+        contains: str = "",
     ) -> list[RepositorySummary]:
         """Up to ``limit`` repositories with at least one manifest, sorted by ``sort`` (one
         of :data:`~dockyard.registry.records.REPOSITORY_SORTS`), after ``after`` (the
@@ -564,16 +569,21 @@ class MetadataIndex:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def tags(self, name: str, after: str | None = None, limit: int = 100) -> list[TagRecord]:
+    async def tags(
+        self, name: str, after: str | None = None, limit: int = 100, contains: str = ""
+    ) -> list[TagRecord]:
         """Up to ``limit`` tags of ``name`` after ``after``, sorted: a seek on the primary key
-        and ``limit`` rows, however many tags there are."""
+        and ``limit`` rows, however many tags there are. With ``contains``, the tags holding
+        it: the rows refused are read past in SQLite, never built into records."""
+
+        search, wanted = ("AND instr(t.tag, ?) > 0 ", (contains,)) if contains else ("", ())
 
         def work(c: sqlite3.Connection) -> list[TagRecord]:
             rows = c.execute(
                 "SELECT t.tag, t.digest, t.pushed, m.pulled FROM tags t "
                 "LEFT JOIN manifests m ON m.repository = t.repository AND m.digest = t.digest "
-                "WHERE t.repository = ? AND t.tag > ? ORDER BY t.tag LIMIT ?",
-                (name, after or "", limit),
+                f"WHERE t.repository = ? AND t.tag > ? {search}ORDER BY t.tag LIMIT ?",
+                (name, after or "", *wanted, limit),
             ).fetchall()
             return [TagRecord(r[0], Digest.parse(r[1]), r[2], r[3]) for r in rows]
 
@@ -621,6 +631,7 @@ class MetadataIndex:
         after: RepositoryKey | tuple[Any, str] | None = None,
         limit: int = 100,
         keep: Callable[[str], bool] | None = None,
+        contains: str = "",
     ) -> list[RepositorySummary]:
         """See :meth:`Index.repositories_sorted`. Each sort has its partial index on the
         repositories' aggregates, (value, name) of those with a manifest: a page is a seek
@@ -630,7 +641,9 @@ class MetadataIndex:
         key = checked_key(sort, after)
         if limit <= 0:
             return []
-        return await self._run(lambda c: _sorted_page(c, sort, descending, key, limit, keep))
+        return await self._run(
+            lambda c: _sorted_page(c, sort, descending, key, limit, keep, contains)
+        )
 
     async def manifests(self, name: str, digests: Iterable[Digest]) -> dict[Digest, ManifestRecord]:
         """The records of those of ``digests`` that ``name`` holds (a page's worth: one seek
@@ -982,6 +995,16 @@ def _usage(c: sqlite3.Connection, scope: str) -> Usage:
 def _counted_usage(c: sqlite3.Connection, scope: str) -> Usage:
     """A scope's usage counted from ``blobs`` (O(its blobs)): for a scope without a tally."""
     condition, params = scope_condition(scope)
+    if condition == "repository = ?":
+        # One repository: its rows are one per digest already (the primary key), so a sum and
+        # a count on the key's prefix, without grouping (the usage page asks this per row).
+        size, count = c.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM blobs WHERE repository = ?", params
+        ).fetchone()
+        (uploading,) = c.execute(
+            "SELECT coalesce(sum(bytes), 0) FROM uploads WHERE repository = ?", params
+        ).fetchone()
+        return Usage(scope, size + uploading, count, 1 if count else 0, uploading)
     size, count = c.execute(
         "SELECT coalesce(sum(size), 0), count(*) FROM (SELECT digest, max(size) AS size "
         f"FROM blobs WHERE {condition} GROUP BY digest)",
@@ -1178,19 +1201,20 @@ _LISTED = "SELECT name, tags, manifests, size, pushed FROM repositories"
 
 
 def _sorted_ranges(
-    sort: str, descending: bool, after: RepositoryKey | None
+    sort: str, descending: bool, after: RepositoryKey | None, contains: str = ""
 ) -> list[tuple[str, tuple[Any, ...]]]:
     """The queries (without LIMIT) whose rows, one range after the other, are the listing
     after ``after``: each a seek on the sort's partial index (``INDEXED BY``: an error, not a
     scan, if SQLite could not use it) and its rows in order."""
     op, order = ("<", " DESC") if descending else (">", "")
+    search, wanted = ("AND instr(name, ?) > 0", (contains,)) if contains else ("", ())
     if sort == "name":
         where, params = ("AND name " + op + " ?", (after.name,)) if after else ("", ())
         return [
             (
-                f"{_LISTED} INDEXED BY repositories_listed WHERE manifests > 0 {where} "
+                f"{_LISTED} INDEXED BY repositories_listed WHERE manifests > 0 {where} {search} "
                 f"ORDER BY name{order}",
-                params,
+                (*params, *wanted),
             )
         ]
     index = f"repositories_by_{sort}"
@@ -1202,9 +1226,9 @@ def _sorted_ranges(
         present = "AND pushed IS NOT NULL" if sort == "pushed" else ""
         ranges.append(
             (
-                f"{_LISTED} INDEXED BY {index} WHERE manifests > 0 {present} {where} "
+                f"{_LISTED} INDEXED BY {index} WHERE manifests > 0 {present} {where} {search} "
                 f"ORDER BY {sort}{order}, name{order}",
-                params,
+                (*params, *wanted),
             )
         )
     if sort == "pushed":  # without tags: last, by name
@@ -1214,8 +1238,8 @@ def _sorted_ranges(
         ranges.append(
             (
                 f"{_LISTED} INDEXED BY {index} WHERE manifests > 0 AND pushed IS NULL {where} "
-                f"ORDER BY name{order}",
-                params,
+                f"{search} ORDER BY name{order}",
+                (*params, *wanted),
             )
         )
     return ranges
@@ -1228,13 +1252,16 @@ def _sorted_page(
     after: RepositoryKey | None,
     limit: int | None,
     keep: Callable[[str], bool] | None,
+    contains: str = "",
 ) -> list[RepositorySummary]:
     """Up to ``limit`` (None: all) listed repositories in the order of ``sort``, after
-    ``after``, those ``keep`` accepts, summarised, in one read transaction."""
+    ``after``, whose names hold ``contains`` (refused in SQLite: a search of 10,000 names
+    builds no row for the others) and that ``keep`` accepts, summarised, in one read
+    transaction."""
     rows: list[tuple[Any, ...]] = []
     c.execute("BEGIN")
     try:
-        for query, params in _sorted_ranges(sort, descending, after):
+        for query, params in _sorted_ranges(sort, descending, after, contains):
             wanted = -1 if limit is None or keep is not None else limit - len(rows)
             cursor = c.execute(f"{query} LIMIT ?", (*params, wanted))
             try:

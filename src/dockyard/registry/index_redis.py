@@ -1134,10 +1134,26 @@ class RedisIndex:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def tags(self, name: str, after: str | None = None, limit: int = 100) -> list[TagRecord]:
+    async def tags(
+        self, name: str, after: str | None = None, limit: int = 100, contains: str = ""
+    ) -> list[TagRecord]:
         """Up to ``limit`` tags of ``name`` after ``after``, sorted: ``ZRANGEBYLEX`` with
-        ``LIMIT`` and the page's fields, however many tags there are."""
-        rows = await self._call("tags", name, after or "", limit)
+        ``LIMIT`` and the page's fields, however many tags there are. With ``contains``, read
+        in batches from there, keeping the tags that hold it."""
+        if not contains:
+            return self._tag_records(await self._call("tags", name, after or "", limit))
+        found: list[TagRecord] = []
+        batch = max(limit, 500)
+        while len(found) < limit:
+            rows = await self._call("tags", name, after or "", batch)
+            found += [r for r in self._tag_records(rows) if contains in r.tag]
+            if len(rows) < batch:
+                break
+            after = _text(rows[-1][0])
+        return found[:limit]
+
+    @staticmethod
+    def _tag_records(rows: list[Any]) -> list[TagRecord]:
         return [
             TagRecord(
                 _text(tag),
@@ -1207,6 +1223,7 @@ class RedisIndex:
         after: RepositoryKey | tuple[Any, str] | None = None,
         limit: int = 100,
         keep: Callable[[str], bool] | None = None,
+        contains: str = "",
     ) -> list[RepositorySummary]:
         """See :meth:`~dockyard.registry.index.Index.repositories_sorted`; the same order as
         SQLite's. Sorted sets, not a sort: by name ``listed`` (ZRANGEBYLEX), by the others
@@ -1218,6 +1235,9 @@ class RedisIndex:
         key = checked_key(sort, after)
         if limit <= 0:
             return []
+        if contains:  # a filter on names, read past in the batches as ``keep``'s refusals are
+            accept = keep
+            keep = lambda name: contains in name and (accept is None or accept(name))  # noqa: E731
         await self._ranked()
         position = _position(key)
         if keep is None:

@@ -35,11 +35,10 @@ async def repositories(request: web.Request) -> web.Response:
                 ErrorCode.PAGINATION_NUMBER_INVALID, "this page link is not valid", status=400
             ) from None
 
-    def visible(name: str) -> bool:
-        return query in name and identity.lists(name)
-
     index = index_of(request)
-    found = await index.repositories_sorted(sort, descending, after, PAGE + 1, visible)
+    found = await index.repositories_sorted(
+        sort, descending, after, PAGE + 1, identity.lists, contains=query
+    )
     page = found[:PAGE]
     more = len(found) > PAGE
     next_after = RepositoryKey.of(page[-1], sort).encode() if more and page else None

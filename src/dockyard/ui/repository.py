@@ -5,6 +5,7 @@ compare."""
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,8 +22,6 @@ from dockyard.ui.core import identity_or_login, not_visible, render, visible_rep
 from dockyard.ui.image import describe_manifest
 
 PAGE = 50
-#: tags read from the index per step while filtering (a filter reads past what it refuses)
-SCAN = 500
 MAX_QUERY = 128
 
 
@@ -64,21 +63,8 @@ async def tag_page(
 ) -> tuple[list[TagRecord], bool]:
     """A page of the tags whose names hold ``query``, after the tag ``after``; and whether
     more follow."""
-    if not query:
-        found = await index.tags(name, after, PAGE + 1)
-        return found[:PAGE], len(found) > PAGE
-    page: list[TagRecord] = []
-    cursor = after
-    while True:
-        batch = await index.tags(name, cursor, SCAN)
-        for record in batch:
-            if query in record.tag:
-                if len(page) == PAGE:
-                    return page, True
-                page.append(record)
-        if len(batch) < SCAN:
-            return page, False
-        cursor = batch[-1].tag
+    found = await index.tags(name, after, PAGE + 1, contains=query)
+    return found[:PAGE], len(found) > PAGE
 
 
 async def repository(request: web.Request) -> web.Response:
@@ -91,6 +77,9 @@ async def repository(request: web.Request) -> web.Response:
     query = request.query.get("q", "")[:MAX_QUERY]
     after = request.query.get("after") or None
     tags, more = await tag_page(index, repo.name, query, after)
+    # what the delete that brought the visitor here removed (its redirect says how many)
+    deleted = request.query.get("deleted", "")
+    deleted_count = int(deleted) if re.fullmatch(r"[0-9]{1,4}", deleted) else 0
     records = await index.manifests(repo.name, (t.digest for t in tags))
     indexes = {d: r for d, r in records.items() if r.media_type in mt.INDEX_MANIFESTS}
     platforms = dict(
@@ -114,6 +103,7 @@ async def repository(request: web.Request) -> web.Response:
         query=query,
         next_after=tags[-1].tag if more and tags else None,
         first_page=after is None,
+        deleted=deleted_count,
         may_delete=identity.may_delete(repo.name)
         and registry.delete_enabled
         and proxied_of(request) is None,
