@@ -6,6 +6,8 @@ Scripts, run as ``python bench/NAME.py``:
 - ``memory.py``: Dockyard's peak memory during a large upload and download
 - ``auth.py``: authenticated manifest GETs per second, with the bcrypt cache and without
 - ``proxy.py``: cold and warm pulls through the pull-through cache and registry:2's proxy mode
+- ``ui_pages.py``: server time (p50/p95/p99) of each web UI page on a store of 10,000
+  repositories and a repository of 5,000 tags
 
 The package behind ``compare.py``:
 

@@ -71,3 +71,20 @@ def test_proxy_benchmark_pulls_through_both_caches(tmp_path: Path) -> None:
         line for line in report.read_text().splitlines() if line.startswith(("| cold", "| warm"))
     ]
     assert len(rows) == 2, report.read_text()
+
+
+def test_ui_pages_benchmark_measures_every_page(tmp_path: Path) -> None:
+    report = tmp_path / "ui.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/ui_pages.py"), "--quick", "--output", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [
+        line
+        for line in report.read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| page ")
+    ]
+    assert len(rows) == 14, report.read_text()
