@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import jinja2
 from aiohttp import web
 
-from dockyard.api.base import registry_of
+from dockyard.api.base import proxied_of, registry_of
 from dockyard.auth.access import Identity
 from dockyard.auth.accounts import Accounts
 from dockyard.auth.middleware import IDENTITY
@@ -332,3 +332,14 @@ def visible_repository(request: web.Request) -> Repository:
     if not identity.may_pull(name):
         raise not_visible(name)
     return registry_of(request).repository(name)
+
+
+def may_delete(request: web.Request, name: str) -> bool:
+    """Whether the page offers deletes in ``name``: the visitor's right, deletes enabled, and
+    not a pull-through cache (the delete itself checks all of it again)."""
+    identity = identity_or_login(request)
+    return (
+        identity.may_delete(name)
+        and registry_of(request).delete_enabled
+        and proxied_of(request) is None
+    )

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from dockyard.api.base import proxied_of, registry_of
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.oci.manifest import Descriptor
 from dockyard.oci.names import validate_tag
 from dockyard.registry.repository import Repository
 from dockyard.ui import format as fmt
-from dockyard.ui.core import identity_or_login, pull_host, render, visible_repository
+from dockyard.ui.core import may_delete, pull_host, render, visible_repository
 from dockyard.ui.image import (
     MAX_CONFIG_BYTES,
     ConfigView,
@@ -65,43 +64,28 @@ async def show(repo: Repository, digest: Digest) -> Shown:
     return Shown(digest, len(stored.body), view, config, note, referrers, made_by)
 
 
-def _may_delete(request: web.Request, name: str) -> bool:
-    identity = identity_or_login(request)
-    return (
-        identity.may_delete(name)
-        and registry_of(request).delete_enabled
-        and proxied_of(request) is None
-    )
-
-
 async def tag_view(request: web.Request) -> web.Response:
     repo = visible_repository(request)
     tag = validate_tag(request.match_info["tag"])
-    digest = await repo.tags.resolve(tag)
-    shown = await show(repo, digest)
+    return await _page(request, repo, await repo.tags.resolve(tag), tag)
+
+
+async def manifest_view(request: web.Request) -> web.Response:
+    repo = visible_repository(request)
+    return await _page(request, repo, Digest.parse(request.match_info["digest"]), None)
+
+
+async def _page(
+    request: web.Request, repo: Repository, digest: Digest, tag: str | None
+) -> web.Response:
     return render(
         request,
         "manifest.html",
         name=repo.name,
         tag=tag,
-        shown=shown,
+        shown=await show(repo, digest),
         host=pull_host(request),
-        may_delete=_may_delete(request, repo.name),
-    )
-
-
-async def manifest_view(request: web.Request) -> web.Response:
-    repo = visible_repository(request)
-    digest = Digest.parse(request.match_info["digest"])
-    shown = await show(repo, digest)
-    return render(
-        request,
-        "manifest.html",
-        name=repo.name,
-        tag=None,
-        shown=shown,
-        host=pull_host(request),
-        may_delete=_may_delete(request, repo.name),
+        may_delete=may_delete(request, repo.name),
     )
 
 

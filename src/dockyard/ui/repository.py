@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from dockyard.api.base import proxied_of, registry_of
 from dockyard.api.v1.common import index_of
 from dockyard.errors import RegistryError
 from dockyard.oci import mediatypes as mt
@@ -18,7 +17,7 @@ from dockyard.registry.index import Index
 from dockyard.registry.records import ManifestRecord, TagRecord
 from dockyard.registry.repository import Repository
 from dockyard.ui import format as fmt
-from dockyard.ui.core import identity_or_login, not_visible, render, visible_repository
+from dockyard.ui.core import may_delete, not_visible, render, visible_repository
 from dockyard.ui.image import describe_manifest
 
 PAGE = 50
@@ -68,7 +67,6 @@ async def tag_page(
 
 
 async def repository(request: web.Request) -> web.Response:
-    identity = identity_or_login(request)
     repo = visible_repository(request)
     index = index_of(request)
     summary = await index.repository(repo.name)
@@ -93,7 +91,6 @@ async def repository(request: web.Request) -> web.Response:
     for t in tags:
         record = records.get(t.digest)
         rows.append(TagRow(t, record, kind_of(record), platforms.get(t.digest, [])))
-    registry = registry_of(request)
     return render(
         request,
         "repository.html",
@@ -104,10 +101,7 @@ async def repository(request: web.Request) -> web.Response:
         next_after=tags[-1].tag if more and tags else None,
         first_page=after is None,
         deleted=deleted_count,
-        may_delete=identity.may_delete(repo.name)
-        and registry.delete_enabled
-        and proxied_of(request) is None,
-        deletes_enabled=registry.delete_enabled,
+        may_delete=may_delete(request, repo.name),
     )
 
 
