@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_model import upload
 
@@ -44,6 +44,7 @@ from dockyard.registry.repository import Registry
 from dockyard.storage.driver import StorageError
 from dockyard.storage.filesystem import FilesystemDriver
 from dockyard.storage.store import LocalRange, Store, StreamedRange
+from harness.fuzz import fuzz
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -877,13 +878,7 @@ def test_listings_refuse_when_the_limiter_does(tmp_path: Path) -> None:
 
 # -- fuzzing ----------------------------------------------------------------------------------
 
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz(150)
 FUZZ_LIMITS = ListingLimits(
     max_entries=20,
     max_decompressed_bytes=200_000,

@@ -12,7 +12,7 @@ import string
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dockyard.api.blobs import parse_range
@@ -29,14 +29,9 @@ from dockyard.oci.manifest import (
     sniff_media_type,
 )
 from dockyard.oci.names import MAX_NAME_LENGTH, validate_name, validate_tag
+from harness.fuzz import fuzz
 
-FUZZ = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz()
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

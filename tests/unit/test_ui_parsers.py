@@ -8,20 +8,15 @@ import json
 import time
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dockyard.ui import format as fmt
 from dockyard.ui.image import ConfigView, compare, describe_config, describe_manifest
 from dockyard.ui.sessions import SessionCodec
+from harness.fuzz import fuzz
 
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz(150)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
