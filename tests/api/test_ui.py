@@ -466,3 +466,23 @@ def test_deletes_are_refused_on_a_read_only_server(start_server: ServerFactory) 
     browser = requests.Session()
     r = browser.get(ro.url + "/ui/r/ro/app/-/delete", params={"tag": "1"})
     assert r.status_code == 405 and "read-only" in r.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"garbage"),
+        ("multipart/form-data; boundary=x", b"--x\r\nbroken"),
+        ("application/x-www-form-urlencoded", b"csrf=%ZZ&\xff\xfe"),
+        ("application/x-www-form-urlencoded", b"a=" + b"x" * (2 * 1024 * 1024)),
+    ],
+)
+def test_malformed_forms_are_refused_without_a_500(
+    start_server: ServerFactory, content_type: str, body: bytes
+) -> None:
+    s = start_server()
+    browser = requests.Session()
+    browser.get(s.url + "/ui/login")
+    for path in ("/ui/login", "/ui/logout", "/ui/r/any/app/-/delete"):
+        r = browser.post(s.url + path, data=body, headers={"Content-Type": content_type})
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:300])

@@ -300,7 +300,10 @@ async def _check_forgery(request: web.Request, session: Session) -> None:
         ours = base_url(request).partition("://")[2] or request.host
         if urlsplit(origin).netloc.lower() != ours.lower():
             raise refuse("it came from another origin")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except ValueError:  # a malformed form (multipart without its boundary, bad encoding)
+        raise RegistryError(ErrorCode.UNSUPPORTED, "the form cannot be read", status=400) from None
     token = form.get(CSRF_FIELD)
     if not isinstance(token, str) or not state_of(request).codec.csrf_ok(session, token):
         raise refuse("the form's CSRF token is missing or not this session's; reload the page")
