@@ -438,9 +438,17 @@ def test_usage_shows_quotas_and_what_the_last_collection_found(
     import sys
 
     s = start_server(quotas=[{"scope": "team/*", "limit": "1MiB"}])
-    s.push_image("team/app", "1", [os.urandom(300 * 1024)])
+    base = os.urandom(200 * 1024)
+    s.push_image("team/app", "1", [base, os.urandom(100 * 1024)])
+    s.push_image("team/web", "1", [base])
     page = requests.get(s.url + "/ui/usage").text
     assert "<code>team/*</code>" in page and "1.0 MiB" in page
+    # what each repository alone uses, and what it shares (everyone is an administrator here)
+    app = re.search(r">team/app</a></td>(.*?)</tr>", page, re.S)
+    assert app is not None
+    cells = re.findall(r'<td class="num">([^<]*)</td>', app.group(1))
+    # tags, blobs, size, unique (its own layer, config and manifest), shared (the base layer)
+    assert cells[3].startswith("100.") and cells[4] == "200.0 KiB", cells
     assert "No collection has run on this store yet" in page
     done = subprocess.run(
         [sys.executable, "-m", "dockyard", "gc", str(s.config_path), "--dry-run"],

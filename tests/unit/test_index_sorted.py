@@ -658,3 +658,18 @@ def test_a_redis_index_written_before_the_aggregates_lists_them_all(redis_addr: 
         assert summary is not None and summary.pushed == 9999.0
 
     run(go())
+
+
+def test_unique_bytes_are_what_no_other_repository_uses(index: Index) -> None:
+    async def go() -> None:
+        x, y, z = (digest_of(n) for n in "xyz")
+        for name, blobs in (("a", {x: 100, y: 20}), ("b", {y: 20, z: 3})):
+            record = ManifestRecord(digest_of(name), MANIFEST, 10, 1000.0)
+            await index.manifest_pushed(name, record, ["1"], {record.digest: 10, **blobs})
+        assert await index.unique_bytes(["a", "b", "none"]) == {"a": 110, "b": 13, "none": 0}
+        await index.repository_deleted("b")
+        assert await index.unique_bytes(["a"]) == {"a": 130}  # y is a's alone now
+        await index.blob_linked("c", x, 100)
+        assert await index.unique_bytes(["a", "c"]) == {"a": 30, "c": 0}
+
+    run(go())

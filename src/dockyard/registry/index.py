@@ -331,6 +331,12 @@ class Index(Protocol):
     async def repository(self, name: str) -> RepositorySummary | None: ...
     async def usage(self, scope: str) -> Usage: ...
     async def tally(self, scopes: Iterable[str]) -> None: ...
+    async def unique_bytes(self, names: Iterable[str]) -> dict[str, int]:
+        """For each of ``names``, the bytes of its blobs that no other repository uses (what
+        deleting it alone would let a collection reclaim), read from the registry's tally
+        (``*``, kept from now on): a seek per blob of each repository."""
+        ...
+
     async def reserve(
         self,
         name: str,
@@ -676,6 +682,25 @@ class MetadataIndex:
         """Space used within ``scope`` (see :func:`scope_condition`), each blob once, with
         the uploads in progress."""
         return await self._run(lambda c: _usage(c, scope))
+
+    async def unique_bytes(self, names: Iterable[str]) -> dict[str, int]:
+        """See :meth:`Index.unique_bytes`: ``scope_blobs`` of ``*`` counts each blob's
+        repositories; those its repository alone uses have ``refs`` 1."""
+        await self.tally(["*"])
+        wanted = list(dict.fromkeys(names))
+
+        def work(c: sqlite3.Connection) -> dict[str, int]:
+            return {
+                name: c.execute(
+                    "SELECT coalesce(sum(b.size), 0) FROM blobs b JOIN scope_blobs s "
+                    "ON s.scope = '*' AND s.digest = b.digest "
+                    "WHERE b.repository = ? AND s.refs = 1",
+                    (name,),
+                ).fetchone()[0]
+                for name in wanted
+            }
+
+        return await self._run(work)
 
     async def tally(self, scopes: Iterable[str]) -> None:
         """Keep ``scopes`` tallied from now on, so their usage is one row read (the quotas'

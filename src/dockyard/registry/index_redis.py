@@ -717,6 +717,22 @@ local uploading = uploading_in(scope)
 return {bytes + uploading, count, repos, uploading}
 """
 
+# ARGV: P, then names. For each, the bytes of its blobs no other repository uses: those the
+# registry's tally (``*``, complete: the caller counted it first) holds with one repository.
+_UNIQUE = """
+local refs = live('*') .. 'refs'
+local out = {}
+for i = 2, #ARGV do
+  local sizes = hash(key(ARGV[i], 'blobs'))
+  local total = 0
+  for digest, size in pairs(sizes) do
+    if redis.call('HGET', refs, digest) == '1' then total = total + tonumber(size) end
+  end
+  out[#out + 1] = int(total)
+end
+return out
+"""
+
 # ARGV: P, scope, 'building' (the tally itself) or 'recounting' (its shadow), now. Starts
 # counting the tally unless it is counted or being counted already.
 _BEGIN_TALLY = """
@@ -899,6 +915,7 @@ _SCRIPTS = {
     "repository": _REPOSITORY,
     "summaries": _SUMMARIES,
     "usage": _USAGE,
+    "unique": _UNIQUE,
     "begin_tally": _BEGIN_TALLY,
     "tally_step": _TALLY_STEP,
     "forget_scopes": _FORGET_SCOPES,
@@ -1337,6 +1354,16 @@ class RedisIndex:
             scope, limit, used, wanted = refused
             return QuotaExceeded(_text(scope), int(limit), int(used), int(wanted))
         raise RuntimeError(f"the usage of {[s for s, _ in limits]} could not be counted")
+
+    async def unique_bytes(self, names: Iterable[str]) -> dict[str, int]:
+        """See :meth:`~dockyard.registry.index.Index.unique_bytes`: one script over the
+        page's repositories, after the ``*`` tally is counted (step by step, once)."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        await self.tally(["*"])
+        sums = await self._call("unique", *wanted)
+        return {name: int(total) for name, total in zip(wanted, sums, strict=True)}
 
     async def tally(self, scopes: Iterable[str]) -> None:
         """Keep ``scopes`` tallied from now on (counted now, step by step, if they are not), so

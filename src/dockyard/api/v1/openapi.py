@@ -154,6 +154,12 @@ SCHEMAS: dict[str, Any] = {
             "size": _COUNT,
             "blobs": _COUNT,
             "uploading": _COUNT,
+            "unique": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "description": "Administrators: the bytes of its blobs no other repository "
+                "uses (what deleting it alone would let a collection reclaim); null for others.",
+            },
             "quotas": {**_STRINGS, "description": "The scopes of the quotas that hold it."},
         }
     ),

@@ -84,6 +84,11 @@ async def usage_report(
                 "quotas": [scope for scope, _ in quotas if in_scope(scope, summary.name)],
             }
         )
+    # Administrators see what each repository alone holds (others would learn that content
+    # they cannot see shares their layers).
+    unique = await index.unique_bytes(s.name for s in page) if admin else {}
+    for entry in repositories:
+        entry["unique"] = unique.get(entry["name"])
     named = {scope for entry in repositories for scope in entry["quotas"]}
     shown = [(scope, limit) for scope, limit in quotas if admin or scope in named]
     # Read from tallies, never counted per request (with Redis a count would hold it).
