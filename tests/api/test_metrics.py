@@ -239,13 +239,19 @@ def test_counts_add_up_across_four_workers(start_server: ServerFactory) -> None:
         for conn in connections:
             conn.close()
     total = sum(len(b) for b in blobs)
-    # Each worker adds what it counted to the shared values every second.
-    deadline = time.monotonic() + 5
+    # Each worker adds what it counted to the shared values every second (the response's size
+    # when the response has ended, which may be a flush after its served bytes).
+    deadline = time.monotonic() + 10
     while True:
         after = scrape(port)
         d = delta(before, after)
         delivered = d("dockyard_events_delivered_total", endpoint="hook")
-        if d("dockyard_served_bytes_total") == total and delivered == 8:
+        counted = (
+            d("dockyard_served_bytes_total") == total
+            and d("registry_http_response_size_bytes_sum", handler="blob") == total
+            and d("registry_http_requests_total", handler="blob", method="get", code="200") == 8
+        )
+        if counted and delivered == 8:
             break
         if time.monotonic() > deadline:
             break
