@@ -594,7 +594,8 @@ def test_a_sorted_page_costs_o_log_n_plus_page_in_redis(redis_addr: str) -> None
 
 def test_a_sqlite_index_of_schema_2_is_rebuilt_with_its_aggregates(tmp_path: Path) -> None:
     """An index file of the previous schema is dropped when opened and rebuilt from the layout
-    by the verification that runs at start: sorted listings are complete again."""
+    by the verification that runs at start: sorted listings are complete again, and the pull
+    times only the old index knew are kept."""
     path = str(tmp_path / "i.sqlite3")
 
     async def go() -> None:
@@ -603,10 +604,13 @@ def test_a_sqlite_index_of_schema_2_is_rebuilt_with_its_aggregates(tmp_path: Pat
         await push_image(registry, "a", ["1", "2"], [os.urandom(300)])
         await push_image(registry, "b", ["1"], [os.urandom(900)])
         assert registry.index is not None
+        pulled = (await registry.index.tags("a"))[0]
+        await registry.index.set_pulled("a", pulled.digest, 4242.0)
         before = await registry.index.repositories_sorted("size", True)
         await registry.close()
         with sqlite3.connect(path) as c:
             c.execute("UPDATE meta SET value='2' WHERE key='schema'")
+            c.execute("DROP TABLE carried_manifests")  # schema 2 had none
         store = Store(FilesystemDriver(str(tmp_path / "store"), max_threads=8))
         index = MetadataIndex(path)
         assert await index.repositories_sorted("size", True) == []
@@ -618,6 +622,8 @@ def test_a_sqlite_index_of_schema_2_is_rebuilt_with_its_aggregates(tmp_path: Pat
             assert rebuilt.pushed is not None and pushed.pushed is not None
             assert abs(rebuilt.pushed - pushed.pushed) < 1.0
         await sqlite_aggregates_are_counts(index)
+        # what only the old index knew came through: the pull time (retention reads it)
+        assert (await index.tags("a"))[0].pulled == 4242.0
         await index.close()
         await store.close()
 

@@ -109,6 +109,17 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (repository, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
+-- What an index of another schema knew that the layout does not (when each manifest was last
+-- pulled, and pushed as the index saw it), kept when that index is dropped, until the rebuild
+-- of each repository takes it back (``_replace_entry``): retention's "pulled within" must not
+-- see every manifest as never pulled after an upgrade.
+CREATE TABLE IF NOT EXISTS carried_manifests (
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    pushed REAL NOT NULL,
+    pulled REAL,
+    PRIMARY KEY (repository, digest)
+) WITHOUT ROWID;
 -- The listed repositories (those with a manifest) by each sort of ``repositories_sorted``: a
 -- page in either direction is a seek on (value, name) and the page's rows.
 CREATE INDEX IF NOT EXISTS repositories_listed ON repositories (name) WHERE manifests > 0;
@@ -393,9 +404,12 @@ class MetadataIndex:
             # made in one exclusive transaction, so none sees another's half-made one.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                _replace_other_schema(conn)
+                carried = _replace_other_schema(conn)
                 for statement in _STATEMENTS:
                     conn.execute(statement)
+                conn.executemany(
+                    "INSERT OR REPLACE INTO carried_manifests VALUES (?, ?, ?, ?)", carried
+                )
                 conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
                 )
@@ -1074,24 +1088,41 @@ def _mark_stale(c: sqlite3.Connection, name: str) -> None:
     )
 
 
-def _replace_other_schema(c: sqlite3.Connection) -> None:
+def _replace_other_schema(c: sqlite3.Connection) -> list[tuple[str, str, float, float | None]]:
     """An index written by another version of Dockyard is dropped (it is derived data): the
-    next verification, at start, rebuilds it from the layout. Pull times are lost with it.
-    Called in the exclusive transaction that makes the schema."""
+    next verification, at start, rebuilds it from the layout. What only it knew, the
+    manifests' pull and push times, is returned for ``carried_manifests`` when its
+    ``manifests`` table has them. Called in the exclusive transaction that makes the
+    schema."""
     has_meta = c.execute(
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
     ).fetchone()
     if not has_meta:
-        return
+        return []
     row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None or row[0] == str(SCHEMA_VERSION):
-        return
+        return []
     log.warning("the metadata index has another schema: rebuilding it from the layout")
+    carried = _manifest_times(c)
     for kind, name in c.execute(
         "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'trigger') "
         "AND name NOT LIKE 'sqlite_%'"
     ).fetchall():
         c.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+    return carried
+
+
+def _manifest_times(c: sqlite3.Connection) -> list[tuple[str, str, float, float | None]]:
+    """(repository, digest, pushed, pulled) of every manifest an index of another schema
+    holds, or of its carried ones; nothing when it has no such columns."""
+    rows: list[tuple[str, str, float, float | None]] = []
+    for table in ("manifests", "carried_manifests"):
+        columns = {row[1] for row in c.execute(f'PRAGMA table_info("{table}")')}
+        if {"repository", "digest", "pushed", "pulled"} <= columns:
+            rows += c.execute(
+                f'SELECT repository, digest, pushed, pulled FROM "{table}"'
+            ).fetchall()
+    return rows
 
 
 def _use_wal(c: sqlite3.Connection) -> None:
@@ -1113,9 +1144,16 @@ def _replace_entry(c: sqlite3.Connection, name: str, found: _LayoutRepository | 
     old = {
         row[0]: (row[1], row[2])
         for row in c.execute(
-            "SELECT digest, pushed, pulled FROM manifests WHERE repository=?", (name,)
+            "SELECT digest, pushed, pulled FROM carried_manifests WHERE repository=?", (name,)
         )
     }
+    old.update(
+        (row[0], (row[1], row[2]))
+        for row in c.execute(
+            "SELECT digest, pushed, pulled FROM manifests WHERE repository=?", (name,)
+        )
+    )
+    c.execute("DELETE FROM carried_manifests WHERE repository=?", (name,))
     old_tags = {
         (row[0], row[1]): row[2]
         for row in c.execute("SELECT tag, digest, pushed FROM tags WHERE repository=?", (name,))
