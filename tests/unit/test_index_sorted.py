@@ -299,6 +299,7 @@ async def redis_aggregates_are_counts(index: RedisIndex) -> None:
         assert members == listed, column
 
 
+@pytest.mark.slow  # 300 random writes on both backends, each checked against a count
 def test_aggregates_agree_with_counting_through_random_writes(
     redis_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

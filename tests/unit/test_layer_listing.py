@@ -932,6 +932,7 @@ def test_fuzz_arbitrary_bytes(blob: bytes, chunk: int) -> None:
     check_bounded(listing, blob)
 
 
+@pytest.mark.slow  # about 19 s: the full suite runs it, the inner loop does not
 @FUZZ
 @given(
     base=st.sampled_from(range(len(BASES))),
