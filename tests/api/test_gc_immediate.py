@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from harness import (
     redis_client,
     sha256,
 )
+from harness.dockyard import run_command as dockyard
 
 V2 = "docker/registry/v2"
 #: servers refresh their presence every second, so a dead one's record is stale after four
@@ -40,12 +40,6 @@ WRITABLE: dict[str, Any] = {"storage": {"maintenance": PRESENCE}}
 READ_ONLY: dict[str, Any] = {
     "storage": {"maintenance": {"readonly": {"enabled": True}, **PRESENCE}}
 }
-
-
-def dockyard(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def gc_now(config: Path, *flags: str, grace: str = "0s") -> subprocess.CompletedProcess[str]:

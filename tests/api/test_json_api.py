@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from dockyard.cli.remote import RemoteClient, RemoteError, remote_client
 from harness import InProcessDockyard, Server, ServerFactory, assert_error
 from harness.certs import sign_token, token_auth, token_signer
 from harness.client import OCI_MANIFEST
+from harness.dockyard import run_command as dockyard
 from harness.receiver import Receiver
 
 ROOT = "/dockyard/api/v1"
@@ -663,17 +662,6 @@ def test_external_token_server_admin_scope(start_server: ServerFactory, tmp_path
 
 
 # -- the CLI's remote mode -------------------------------------------------------------------
-
-
-def dockyard(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dockyard", *args],
-        input=stdin,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_remote_client_with_a_password_and_with_an_identity_token(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,14 +12,9 @@ import pytest
 import requests
 
 from harness import OCI_INDEX, OCI_MANIFEST, Server, ServerFactory, assert_error, sha256
+from harness.dockyard import run_command as dockyard
 
 V2 = "docker/registry/v2"
-
-
-def dockyard(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 #: the shortest grace period of an online collection (zero would ask for an immediate one,

@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import requests
 
 from harness import OCI_INDEX, OCI_MANIFEST, ServerFactory, assert_error, sha256
+from harness.dockyard import run_command as dockyard
 from harness.net import free_port
-
-
-def dockyard(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dockyard", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_starts_and_serves_its_cache_with_the_upstream_unreachable(

@@ -21,6 +21,7 @@ import yaml
 
 from harness import ServerFactory, sha256
 from harness.client import RawConnection, upload_in_steps
+from harness.dockyard import run_command
 
 KiB = 1024
 QUOTAS = [
@@ -177,12 +178,7 @@ def test_concurrent_pushes_never_exceed_the_limit(start_server: ServerFactory) -
 
 
 def du(s: Any) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "dockyard", "du", str(s.config_path), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_command("du", str(s.config_path), "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

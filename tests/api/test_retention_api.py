@@ -11,8 +11,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 
 from harness import OCI_INDEX, OCI_MANIFEST, ServerFactory, write_config
+from harness.dockyard import run_command as dockyard
 
 RELEASE = r"^v?\d+\.\d+\.\d+$"
 DAY = 86400.0
@@ -40,12 +39,6 @@ POLICIES = [
         "retention": {"keeplatest": 10, "untaggedafter": "24h", "maxshare": 0.9},
     },
 ]
-
-
-def dockyard(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 @dataclass

@@ -20,13 +20,8 @@ import requests
 from test_events import notifications
 
 from harness import Server, ServerFactory, sha256
+from harness.dockyard import run_command as dockyard
 from harness.receiver import Receiver
-
-
-def dockyard(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def catalog(s: Server) -> list[str]:

@@ -16,7 +16,7 @@ import requests
 from dockyard.registry.layer_listing import PARENT_MARK
 from harness import Server, ServerFactory
 from harness.client import OCI_INDEX, OCI_MANIFEST
-from harness.dockyard import add_user
+from harness.dockyard import add_user, run_command
 
 HOSTILE = '<script>__pwned("x")</script>"><img src=x onerror=__pwned("y")>'
 
@@ -434,9 +434,6 @@ def test_layer_file_lists_are_escaped_bounded_and_rate_limited(
 def test_usage_shows_quotas_and_what_the_last_collection_found(
     start_server: ServerFactory,
 ) -> None:
-    import subprocess
-    import sys
-
     s = start_server(quotas=[{"scope": "team/*", "limit": "1MiB"}])
     base = os.urandom(200 * 1024)
     s.push_image("team/app", "1", [base, os.urandom(100 * 1024)])
@@ -450,12 +447,7 @@ def test_usage_shows_quotas_and_what_the_last_collection_found(
     # tags, blobs, size, unique (its own layer, config and manifest), shared (the base layer)
     assert cells[3].startswith("100.") and cells[4] == "200.0 KiB", cells
     assert "No collection has run on this store yet" in page
-    done = subprocess.run(
-        [sys.executable, "-m", "dockyard", "gc", str(s.config_path), "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_command("gc", str(s.config_path), "--dry-run")
     assert done.returncode == 0, done.stderr
     page = requests.get(s.url + "/ui/usage").text
     assert "The last dry run" in page and "found <strong>0 B</strong>" in page

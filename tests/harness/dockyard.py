@@ -318,3 +318,18 @@ def add_user(path: Path, name: str, password: str) -> None:
         timeout=60,
     )
     assert added.returncode == 0, added.stdout + added.stderr
+
+
+def run_command(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``dockyard ARGS...`` as an operator runs it (the module of this checkout), its output
+    captured as text; ``env`` added to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "dockyard", *args],
+        input=stdin,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
