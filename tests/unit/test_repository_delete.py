@@ -25,7 +25,7 @@ from dockyard.oci.digest import Digest
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import read_link
 from dockyard.registry.cache import NoCache
-from dockyard.registry.deletion import TRASH_AGE
+from dockyard.registry.deletion import TRASH_AGE, _withdraw_unlinked
 from dockyard.registry.fsck import check
 from dockyard.registry.gc import GarbageCollector
 from dockyard.registry.index import MetadataIndex
@@ -374,3 +374,29 @@ def test_delete_events_and_the_outbox_a_command_writes(tmp_path: Path) -> None:
     ignoring = outbox_config(tmp_path / "quiet", ignore={"actions": ["delete"]})
     assert record_from_command(ignoring, events) == 0
     assert not (tmp_path / "quiet" / "events").exists()
+
+
+def test_an_unsettled_delete_leaves_no_manifest_without_its_links(tmp_path: Path) -> None:
+    """Writes still arriving in a deletion's last pass: a push that confirmed between the pass
+    taking ``_manifests`` and taking ``_layers`` is left as a revision and a tag whose blobs'
+    links went. The deletion then removes what stands without its links (here the state is
+    made directly: the race itself is rare, test_rm.py runs it), and keeps what is whole."""
+
+    async def go() -> None:
+        reg = on_disk(tmp_path)
+        try:
+            _, broken_blobs = await push(reg, "app", ["late"], [b"late layer"])
+            whole, _ = await push(reg, "app", ["whole"], [b"whole layer"])
+            for digest in broken_blobs:  # what the last pass's move of _layers took
+                await reg.storage.delete_if_present(layout.layer_link("app", digest))
+            assert (await check(reg.storage)).sparse_manifests == 1  # fsck's name for it
+            await _withdraw_unlinked(reg.storage, "app")
+            repo = await inventory.read_repository(reg.storage, "app")
+            assert repo.tags == {"whole": whole}
+            assert set(repo.revisions) == {whole}
+            after = await check(reg.storage)
+            assert after.clean and after.sparse_manifests == 0
+        finally:
+            await reg.close()
+
+    asyncio.run(go())

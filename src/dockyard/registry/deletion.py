@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
+from dockyard.oci.manifest import read_stored
 from dockyard.oci.names import validate_name
 from dockyard.registry import inventory, layout
 from dockyard.registry.cache import BlobDescriptorCache, NoCache
@@ -176,6 +177,10 @@ async def delete_repository(
         if not await _remove_pass(storage, forget, deletion, f"{trash}/{n}"):
             deletion.settled = True
             break
+    if not deletion.settled:
+        # Writes still arrived in the last pass: a push that confirmed just before that pass
+        # took _layers has no next pass to remove it. What stands without its blobs' links goes.
+        await _withdraw_unlinked(storage, name)
     await storage.delete_if_present(trash)
     await storage.remove_empty_dir(layout.trash_dir())
     await _prune(storage, name)
@@ -252,6 +257,31 @@ async def _remove_pass(
     await storage.delete_if_present(layout.layers_dir(name))
     await storage.delete_if_present(layout.uploads_dir(name))
     return True
+
+
+async def _withdraw_unlinked(storage: Store, name: str) -> None:
+    """Remove every manifest of ``name`` whose config or layers are not linked in it any more,
+    and the tags on it (the tags first: no tag is left pointing at nothing): what a push left
+    that confirmed between a deletion's last pass taking ``_manifests`` and taking ``_layers``.
+    A push still in flight withdraws itself (its own confirmation reads the links after its
+    last write); one that comes later is whole."""
+    repo = await inventory.read_repository(storage, name)
+    for digest in repo.revisions:
+        try:
+            manifest = read_stored(await storage.read(layout.blob_data(digest)))
+        except PathNotFound:
+            continue
+        if manifest is None or all(b.digest in repo.layers for b in manifest.blobs):
+            continue
+        log.warning(
+            "a push that raced the deletion left %s@%s without its blobs' links: removed",
+            name,
+            digest,
+        )
+        for tag, target in repo.tags.items():
+            if target == digest:
+                await storage.delete_if_present(layout.tag_dir(name, tag))
+        await storage.delete_if_present(layout.revision_link(name, digest).rsplit("/", 1)[0])
 
 
 async def _forget_late(
