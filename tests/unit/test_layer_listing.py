@@ -883,7 +883,9 @@ FUZZ_LIMITS = ListingLimits(
     max_entries=20,
     max_decompressed_bytes=200_000,
     max_compressed_bytes=100_000,
-    max_seconds=5,
+    # Far off: the properties are about the other bounds, which are deterministic. (A small
+    # archive fed two bytes at a time took over 5 s in CI while the machine was loaded.)
+    max_seconds=120,
     max_name_bytes=200,
     max_names_bytes=2000,
 )
