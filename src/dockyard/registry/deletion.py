@@ -36,7 +36,9 @@ missing manifest or a manifest whose blobs are not linked. Two halves make it so
    repository. A push that checked its blobs before a pass moved ``_layers``, wrote its
    revision into the fresh ``_manifests`` after the pass moved the old one, and confirmed just
    before ``_layers`` went, has been told 201: the next pass removes it (it completed before the
-   delete did, and was removed by it).
+   delete did, and was removed by it). When writes still arrive in the last pass allowed
+   (unsettled), there is no next pass: the deletion ends by removing each manifest whose blobs'
+   links went, with its tags (``_withdraw_unlinked``).
 
 Blob uploads need nothing: a chunk or a commit of a session whose ``startedat`` went with
 ``_uploads`` fails with ``BLOB_UPLOAD_UNKNOWN``, and a link a commit or mount writes after the
