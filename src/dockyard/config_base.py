@@ -63,6 +63,17 @@ def parse_size(value: Any) -> int:
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
+def format_size(n: int) -> str:
+    """``512 B``, ``1.5 KiB``, ... ``3.2 TiB``: binary units, one decimal above bytes (what
+    :func:`parse_size` reads back). Every size Dockyard writes for people is this."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 class Section(BaseModel):
     """A config section: frozen; unknown keys are kept aside so they can be warned about."""
 

@@ -14,17 +14,8 @@ from typing import Any
 
 import click
 
+from dockyard.config_base import format_size as format_size  # the commands' one formatter
 from dockyard.registry.progress import NoProgress, Progress
-
-
-def format_size(n: int) -> str:
-    """``512 B``, ``1.5 KiB``, ... ``3.2 TiB``: binary units, one decimal above bytes."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def stdout_is_terminal() -> bool:

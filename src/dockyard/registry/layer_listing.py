@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 import zstandard
 
+from dockyard.config_base import format_size
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
 from dockyard.registry.blobs import BlobContent
@@ -253,22 +254,12 @@ class LayerListing:
             raise ValueError(f"not a layer listing: {e}") from None
 
 
-def human_size(n: int) -> str:
-    """1536 -> "1.5 KiB", 2 GiB -> "2.0 GiB"."""
-    if n < KiB:
-        return f"{n} bytes"
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def bound_reason(bound: str, limits: ListingLimits) -> str:
     return {
         "entries": f"stopped after {limits.max_entries} entries",
-        "decompressed": f"stopped after {human_size(limits.max_decompressed_bytes)} decompressed",
-        "compressed": f"stopped after reading {human_size(limits.max_compressed_bytes)}",
-        "names": f"stopped after {human_size(limits.max_names_bytes)} of names",
+        "decompressed": f"stopped after {format_size(limits.max_decompressed_bytes)} decompressed",
+        "compressed": f"stopped after reading {format_size(limits.max_compressed_bytes)}",
+        "names": f"stopped after {format_size(limits.max_names_bytes)} of names",
         "time": f"stopped after {limits.max_seconds:g} s",
     }[bound]
 
@@ -589,7 +580,7 @@ class _Lister:
         except zstandard.ZstdError as e:
             self.done, self.error = True, f"corrupt zstd data: {e}"
             if "too much memory" in str(e):
-                window = human_size(self.limits.max_zstd_window)
+                window = format_size(self.limits.max_zstd_window)
                 self.error = f"the zstd stream asks for a window larger than {window}"
         except Exception:  # a bug: the caller still gets what was listed
             log.exception("listing a layer failed")
@@ -842,7 +833,7 @@ class _Lister:
 
     def _extended_header(self, flag: int, size: int, at: int) -> None:
         if size > MAX_EXTENDED_HEADER:
-            self._fail(f"extended header at offset {at} is too large ({human_size(size)})")
+            self._fail(f"extended header at offset {at} is too large ({format_size(size)})")
         self._ext_type, self._ext_left, self._ext_pad = flag, size, _pad(size)
         self._current = ""
         if size:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dockyard.config import QuotaConfig
+from dockyard.config_base import format_size
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry.index import TRANSIENT, Index, QuotaExceeded
@@ -54,22 +55,13 @@ def in_scope(scope: str, repository: str) -> bool:
     return repository == scope
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def quota_exceeded(repository: str, exceeded: QuotaExceeded) -> RegistryError:
     # What docker and podman print after "denied:": scope, usage and limit, so the pusher knows
     # which quota and by how much.
     return RegistryError(
         ErrorCode.DENIED,
-        f"quota exceeded for {exceeded.scope}: {_size(exceeded.used)} used of "
-        f"{_size(exceeded.limit)}; this needs {_size(exceeded.wanted)} more "
+        f"quota exceeded for {exceeded.scope}: {format_size(exceeded.used)} used of "
+        f"{format_size(exceeded.limit)}; this needs {format_size(exceeded.wanted)} more "
         f"(pushing to {repository})",
         {
             "scope": exceeded.scope,

@@ -6,20 +6,12 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from dockyard.config_base import format_size
 from dockyard.registry.layer_listing import escape_unprintable
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def size(n: int | None) -> str:
-    if n is None:
-        return "—"
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # not reached
+    return "—" if n is None else format_size(n)
 
 
 def iso(seconds: float | None) -> str:
