@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import requests
 import yaml
 
 from harness import ServerFactory, sha256
-from harness.client import RawConnection, upload_in_steps
+from harness.client import RawConnection, pushers_at_once
 from harness.dockyard import run_command
 
 KiB = 1024
@@ -147,24 +146,7 @@ def test_concurrent_pushes_never_exceed_the_limit(start_server: ServerFactory) -
     (the bound is 0 bytes within one instance), and the pushes that fit succeed."""
     limit = 1024 * KiB
     s = start_server(quotas=[{"scope": "ns/*", "limit": limit}], workers=4)
-    outcomes: list[int] = []
-    lock = threading.Lock()
-
-    def push(i: int) -> None:
-        session = requests.Session()
-        statuses = []
-        for part in range(3):  # three 40 KiB blobs each, some chunked, some whole
-            data = os.urandom(40 * KiB)
-            repo = f"ns/repo{i % 5}"
-            statuses.append(upload_in_steps(session, s, repo, data, chunked=not part % 2))
-        with lock:
-            outcomes.extend(statuses)
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = pushers_at_once([s], "ns")  # 20 pushers, three 40 KiB blobs each
     assert set(outcomes) <= {201, 403}, outcomes
     accepted = outcomes.count(201)
     assert 0 < accepted < 60

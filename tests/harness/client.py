@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,6 +202,35 @@ def upload_in_steps(
         return r.status_code
     r = session.put(urljoin(registry.url, r.headers["Location"]), params={"digest": sha256(data)})
     return r.status_code
+
+
+def pushers_at_once(
+    registries: Sequence[Loopback], namespace: str, pushers: int = 20, size: int = 40 * 1024
+) -> list[int]:
+    """``pushers`` threads at once, each pushing three random blobs of ``size`` bytes (the
+    first and third chunked, the second whole) into ``<namespace>/repo<i % 5>`` of
+    ``registries[i % len(registries)]``: every upload's final status (what a quota race
+    looks like from the clients)."""
+    outcomes: list[int] = []
+    lock = threading.Lock()
+
+    def push(i: int) -> None:
+        registry = registries[i % len(registries)]
+        session = requests.Session()
+        repo = f"{namespace}/repo{i % 5}"
+        statuses = [
+            upload_in_steps(session, registry, repo, os.urandom(size), chunked=not part % 2)
+            for part in range(3)
+        ]
+        with lock:
+            outcomes.extend(statuses)
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(pushers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
 
 
 def assert_error(r: requests.Response, status: int, code: str) -> dict[str, Any]:

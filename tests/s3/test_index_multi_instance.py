@@ -20,21 +20,19 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
-import requests
 
 from dockyard.config import load_config
 from dockyard.registry.configured import open_store
 from dockyard.registry.index import Index
 from dockyard.registry.index_redis import RedisIndex
 from harness import DockyardProcess, S3Endpoint, flush_redis, new_bucket, sha256
-from harness.client import OCI_MANIFEST, upload_in_steps
+from harness.client import OCI_MANIFEST, pushers_at_once
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -171,25 +169,7 @@ def test_concurrent_pushes_across_instances_never_exceed_the_limit(
     their workers, into one namespace limited to 1 MiB: the namespace ends at most at its
     limit, what is indexed is what the store holds, and the limit is really reached."""
     instances = deployment.instances
-    outcomes: list[int] = []
-    lock = threading.Lock()
-
-    def push(i: int) -> None:
-        server = instances[i % 3]
-        session = requests.Session()
-        statuses = []
-        for part in range(3):  # three 40 KiB blobs each, some chunked, some whole
-            data = os.urandom(40 * KiB)
-            repo = f"{NAMESPACE}/repo{i % 5}"
-            statuses.append(upload_in_steps(session, server, repo, data, chunked=not part % 2))
-        with lock:
-            outcomes.extend(statuses)
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = pushers_at_once(instances, NAMESPACE)
     assert set(outcomes) <= {201, 403}, (outcomes, deployment.context())
     accepted = outcomes.count(201)
     assert 0 < accepted < 60
