@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the bench pac
 
 import bench  # puts the test harness on sys.path; bench.ROOT
 from bench.procstat import TICKS, cpu_snapshot, cpu_ticks, process_tree
+from dockyard.oci.digest import Digest
+from dockyard.registry import layout
 from harness.dockyard import DockyardProcess, write_config
 from harness.net import free_port
 
@@ -64,7 +66,6 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-V2 = "docker/registry/v2"
 BIG = "bench/many-tags"
 #: the issue's target for every page
 TARGET_P95_MS = 50.0
@@ -102,7 +103,7 @@ class Writer:
     thousand entries), each blob once."""
 
     def __init__(self, root: Path, store: Store) -> None:
-        self.base = str(root / V2)
+        self.root = str(root)
         self.store = store
         self.written: set[str] = set()
         self.made: set[str] = set()
@@ -121,6 +122,8 @@ class Writer:
         self.made.add(path)
 
     def _write(self, path: str, data: bytes, mtime: float | None = None) -> None:
+        """``path``: one of ``registry.layout``'s, under the store's root."""
+        path = self.root + path
         self._mkdirs(os.path.dirname(path))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -134,22 +137,22 @@ class Writer:
     def blob(self, data: bytes) -> dict[str, Any]:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if digest not in self.written:
-            hexa = digest[7:]
-            self._write(f"{self.base}/blobs/sha256/{hexa[:2]}/{hexa}/data", data)
+            self._write(layout.blob_data(Digest.parse(digest)), data)
             self.written.add(digest)
             self.store.blobs += 1
             self.store.blob_bytes += len(data)
         return {"digest": digest, "size": len(data)}
 
-    def link(self, repo: str, kind: str, digest: str, mtime: float | None = None) -> None:
-        """``kind``: ``_layers`` or ``_manifests/revisions``."""
-        path = f"{self.base}/repositories/{repo}/{kind}/sha256/{digest[7:]}/link"
-        self._write(path, digest.encode(), mtime)
+    def layer(self, repo: str, digest: str) -> None:
+        self._write(layout.layer_link(repo, Digest.parse(digest)), digest.encode())
+
+    def revision(self, repo: str, digest: str, pushed: float) -> None:
+        self._write(layout.revision_link(repo, Digest.parse(digest)), digest.encode(), pushed)
 
     def tag(self, repo: str, tag: str, digest: str, pushed: float) -> None:
-        tags = f"{self.base}/repositories/{repo}/_manifests/tags/{tag}"
-        self._write(f"{tags}/current/link", digest.encode(), pushed)
-        self._write(f"{tags}/index/sha256/{digest[7:]}/link", digest.encode(), pushed)
+        parsed = Digest.parse(digest)
+        self._write(layout.tag_current_link(repo, tag), digest.encode(), pushed)
+        self._write(layout.tag_index_link(repo, tag, parsed), digest.encode(), pushed)
         self.store.tags += 1
 
 
@@ -221,8 +224,8 @@ def write_image(
     }
     digest = w.blob(json.dumps(manifest).encode())["digest"]
     for d in [config, *layers]:
-        w.link(repo, "_layers", d["digest"])
-    w.link(repo, "_manifests/revisions", digest, pushed)
+        w.layer(repo, d["digest"])
+    w.revision(repo, digest, pushed)
     w.store.manifests += 1
     return digest
 
@@ -234,7 +237,7 @@ def write_index(
     entries = []
     for arch, variant in platforms:
         child = write_image(w, rng, pool, repo, f"{build}-{arch}", pushed, arch)
-        size = os.path.getsize(f"{w.base}/blobs/sha256/{child[7:9]}/{child[7:]}/data")
+        size = os.path.getsize(w.root + layout.blob_data(Digest.parse(child)))
         platform_ = {"architecture": arch, "os": "linux"}
         if variant:
             platform_["variant"] = variant
@@ -243,7 +246,7 @@ def write_index(
         )
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
     digest = w.blob(json.dumps(index).encode())["digest"]
-    w.link(repo, "_manifests/revisions", digest, pushed)
+    w.revision(repo, digest, pushed)
     w.store.manifests += 1
     return digest
 
