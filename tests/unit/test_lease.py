@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,29 @@ def test_lease_is_exclusive_renewed_and_lost_when_taken(tmp_path: Path) -> None:
     storage = Store(FilesystemDriver(str(tmp_path), max_threads=4))
     path = tmp_path / layout.lease("gc").lstrip("/")
 
+    def expires() -> float:
+        return json.loads(path.read_text())["expires"]
+
+    async def until(condition: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "did not happen in time"
+            await asyncio.sleep(0.01)
+
     async def go() -> None:
-        async with Lease(storage, "gc", ttl=0.6) as lease:
+        # A lifetime long enough that a loaded machine does not let it lapse between steps;
+        # the test waits for each renewal rather than sleeping for a guessed time.
+        async with Lease(storage, "gc", ttl=3.0) as lease:
             with pytest.raises(LeaseBusy):
                 await Lease(storage, "gc").acquire()
-            first = json.loads(path.read_text())["expires"]
-            await asyncio.sleep(0.5)  # longer than a third of the lifetime: renewed meanwhile
-            assert json.loads(path.read_text())["expires"] > first
+            first = expires()
+            await until(lambda: expires() > first, 3.0)  # renewed in the background
             lease.check()
-            # A holder that lost its lease (it lapsed and another took it) must stop.
+            # A holder that lost its lease (it lapsed and another took it) must stop. Taken
+            # right after a renewal, so that the next one (a third of the lifetime away) reads
+            # the new holder rather than racing with this write.
             path.write_text(json.dumps({"holder": "other:1", "expires": time.time() + 60}))
-            await asyncio.sleep(0.4)
+            await until(lambda: lease._lost is not None, 3.0)
             with pytest.raises(LeaseBusy):
                 lease.check()
         # Leaving does not remove a lease this holder no longer owns.
