@@ -34,7 +34,11 @@ class _Pump:
         self.timer: asyncio.TimerHandle | None = self.loop.call_later(PAUSE, self.tick)
 
     def flush(self) -> None:
-        """Start writing (and hashing) the buffer, after whatever is being written now."""
+        """Start writing (and hashing) the buffer, after whatever is being written now: writes
+        and hash updates must happen in the order the bytes came, one at a time (a writer, an
+        S3 multipart upload above all, is not safe for concurrent writes)."""
+        if not self.buffer:
+            return
         data, self.buffer = self.buffer, bytearray()
         self.pending = asyncio.ensure_future(self._write(self.pending, data))
 
@@ -59,11 +63,19 @@ class _Pump:
             self.timer = None
 
     async def settle(self) -> None:
-        """Wait for the writes started so far; never leave one running behind the caller's
-        back (it may abort the writer next)."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
+        """Wait for the writes started so far, including any the timer starts meanwhile; never
+        leave one running behind the caller's back (it may abort the writer next).
+
+        ``pending`` stays set while it is awaited, so that a flush by the timer meanwhile (the
+        loop reads nothing while it waits here, so a write slower than ``PAUSE`` lets the timer
+        fire with a full buffer) is chained after it. Clearing it first let that flush start a
+        second write beside the one in flight: on S3 both took the same part number, and the
+        stored bytes differed from the bytes hashed."""
+        while self.pending is not None:
+            pending = self.pending
             await pending
+            if self.pending is pending:
+                self.pending = None
 
 
 async def pump(body: AsyncIterator[bytes], writer: FileWriter, hasher: Any | None) -> int:
