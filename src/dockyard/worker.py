@@ -117,6 +117,10 @@ async def serve_worker(
         # After answering without reading a body, aiohttp reads and discards it for this long
         # (10 s by default) before closing; errors drain less still (api.middleware._answer_error).
         lingering_time=UNREAD_BODY_DRAIN_SECONDS,
+        # How much of a body aiohttp buffers before it stops reading the socket: its 64 KiB
+        # paused and resumed the socket every 128 KiB of an upload (a large part of its CPU).
+        # Bounds the memory a connection holds (about twice this), whatever the client sends.
+        read_bufsize=REQUEST_READ_BUFFER,
     )
     letsencrypt = config.http.tls.letsencrypt
     ssl_context = server_context(
@@ -234,21 +238,33 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def release_freed_memory_promptly() -> None:
-    """Have glibc's malloc serve large blocks (request bodies, I/O buffers) from their own
-    mappings, returned to the system when freed. By default glibc raises that threshold as it
-    sees large blocks freed and then serves them from its heap, which it rarely shrinks: a
-    worker that once held many connections' buffers kept the memory (hundreds of MiB after
-    400 stalled uploads). A fixed threshold keeps a worker's memory near what it holds now."""
+    """Have glibc's malloc serve large blocks (upload buffers) from their own mappings, returned
+    to the system when freed. By default glibc raises that threshold as it sees large blocks
+    freed and then serves them from its heap, which it rarely shrinks: a worker that once held
+    many connections' buffers kept the memory (hundreds of MiB after 400 stalled uploads). A
+    fixed threshold keeps a worker's memory near what it holds now.
+
+    The threshold sits above the blocks a request body passes through on its way (uvloop's
+    reads of up to 256 KiB, aiohttp's joins of up to about twice ``REQUEST_READ_BUFFER``), and
+    the heap keeps up to ``TRIM_THRESHOLD_BYTES`` free at its top: with both at glibc's 128 KiB,
+    each of those blocks was a fresh mapping, and page faults and zeroing pages were most of an
+    upload's CPU time. What the heap can hold back is bounded by the blocks in use at once
+    (about 1 MiB per uploading connection) plus the trim threshold."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
 
-#: glibc's mallopt parameter number, and the threshold (its default starting value, kept fixed)
+#: bytes of a request body aiohttp buffers per connection before it pauses reading
+REQUEST_READ_BUFFER = 256 * 1024
+#: glibc's mallopt parameter numbers, and the values set (kept fixed: see above)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024
+M_TRIM_THRESHOLD = -1
+MMAP_THRESHOLD_BYTES = 1024 * 1024
+TRIM_THRESHOLD_BYTES = 4 * 1024 * 1024
 
 
 def run_worker(
