@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dockyard.registry import pump as pump_module
-from dockyard.registry.pump import IO_BUFFER, pump
+from dockyard.registry.pump import FIRST_BUFFER, IO_BUFFER, pump
 
 
 class SlowWriter:
@@ -92,3 +92,35 @@ def test_a_client_that_pauses_gets_its_partial_buffer_written_in_order(
     assert not writer.overlapped
     assert bytes(writer.data) == content
     assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+class BufferRecorder(SlowWriter):
+    """Records the buffers the pump handed over (memoryviews of them)."""
+
+    def __init__(self) -> None:
+        super().__init__(seconds=0)
+        self.buffers: list[bytearray] = []
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert isinstance(data, memoryview) and isinstance(data.obj, bytearray)
+        self.buffers.append(data.obj)
+        await super().write(data)
+
+
+def test_a_small_body_holds_a_small_buffer_and_a_large_one_reuses_two() -> None:
+    """Memory per upload: a small layer (most of a push) does not pin IO_BUFFER-sized buffers;
+    a large body is copied through two IO_BUFFER buffers used in turn, whatever its size."""
+    small, large = BufferRecorder(), BufferRecorder()
+    small_body = os.urandom(10_000)
+    large_body = os.urandom(IO_BUFFER * 12 + 5)
+
+    async def go() -> None:
+        assert await pump(body_of(small_body, 4096), small, None) == len(small_body)  # type: ignore[arg-type]
+        assert await pump(body_of(large_body, 256 * 1024), large, None) == len(large_body)  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    assert bytes(small.data) == small_body and bytes(large.data) == large_body
+    assert [len(b) for b in small.buffers] == [FIRST_BUFFER]
+    sizes = [len(b) for b in large.buffers]
+    assert max(sizes) == IO_BUFFER and sizes == sorted(sizes)
+    assert len({id(b) for b in large.buffers if len(b) == IO_BUFFER}) <= 2

@@ -17,8 +17,10 @@ from typing import Any
 
 from dockyard.storage.driver import FileWriter
 
-#: bytes gathered from the request before one write+hash step
+#: bytes gathered from the request before one write+hash step (at full speed)
 IO_BUFFER = 1024 * 1024
+#: the first buffer of a body: most layers and every manifest are smaller than IO_BUFFER
+FIRST_BUFFER = 64 * 1024
 #: seconds without new bytes after which a partial buffer is written out
 PAUSE = 0.5
 
@@ -32,6 +34,9 @@ class _Pump:
         self.filled = 0
         #: a full buffer whose write has finished, filled next instead of a new one
         self.spare: bytearray | None = None
+        #: the size of the next new buffer: doubled each time one fills, up to IO_BUFFER, so
+        #: that a small layer (most of a push) holds a buffer its size, not two of IO_BUFFER
+        self.size = FIRST_BUFFER
         self.pending: asyncio.Future[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_data = self.loop.time()
@@ -43,16 +48,19 @@ class _Pump:
         blocks from fresh mappings (worker.release_freed_memory_promptly), cost a page fault
         and a zeroed page per 4 KiB received, most of an upload's CPU time."""
         if self.buffer is None:
-            self.buffer, self.spare = self.spare or bytearray(IO_BUFFER), None
-            self.filled = 0
-        n = min(len(chunk), IO_BUFFER - self.filled)
+            if self.spare is not None and len(self.spare) == self.size:
+                self.buffer = self.spare
+            else:
+                self.buffer = bytearray(self.size)
+            self.spare, self.filled = None, 0
+        n = min(len(chunk), len(self.buffer) - self.filled)
         self.buffer[self.filled : self.filled + n] = chunk[:n]
         self.filled += n
         return chunk[n:]
 
     @property
     def full(self) -> bool:
-        return self.filled == IO_BUFFER
+        return self.buffer is not None and self.filled == len(self.buffer)
 
     def flush(self, *, recycle: bool = True) -> None:
         """Start writing (and hashing) the buffer, after whatever is being written now: writes
@@ -61,6 +69,8 @@ class _Pump:
         the buffer for reuse once written (not when the client paused: then it is let go)."""
         if self.buffer is None or not self.filled:
             return
+        if self.full:  # the body keeps coming: the next buffer may be larger
+            self.size = min(IO_BUFFER, self.size * 2)
         data, filled, self.buffer, self.filled = self.buffer, self.filled, None, 0
         self.pending = asyncio.ensure_future(self._write(self.pending, data, filled, recycle))
 
@@ -75,7 +85,7 @@ class _Pump:
         if self.hasher is not None:
             steps.append(self.loop.run_in_executor(None, self.hasher.update, view))
         await asyncio.gather(*steps)
-        if recycle and filled == IO_BUFFER:
+        if recycle and filled == len(data):
             self.spare = data
 
     def tick(self) -> None:
