@@ -8,6 +8,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -258,6 +259,18 @@ def release_freed_memory_promptly() -> None:
         pass
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard limit, as Go programs (registry:2) do at
+    start: the soft limit is often 1,024, which a worker's client connections plus its pool of
+    S3 connections (storage.s3.S3_POOL_CONNECTIONS) can exceed under load."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):  # not permitted here: keep what was given
+        pass
+
+
 #: bytes of a request body aiohttp buffers per connection before it pauses reading
 REQUEST_READ_BUFFER = 256 * 1024
 #: glibc's mallopt parameter numbers, and the values set (kept fixed: see above)
@@ -280,6 +293,7 @@ def run_worker(
     """Serve as worker number ``worker`` (a restarted worker keeps the number of the one it
     replaces) with the tables every worker shares."""
     release_freed_memory_promptly()
+    raise_open_file_limit()
     _run(
         lambda: serve_worker(
             config,

@@ -37,6 +37,8 @@ from dockyard.storage.s3_parts import MIN_PART as MIN_PART  # re-exported: S3's 
 from dockyard.storage.s3_parts import MultipartUpload, S3Writer, copy_object
 
 READ_CHUNK = 1024 * 1024
+#: connections to S3 each worker may keep open at once (see _create_client)
+S3_POOL_CONNECTIONS = 1024
 
 #: the modification time a moved object had before the move (epoch seconds)
 _META_MODIFIED = "dockyard-modified"
@@ -123,7 +125,11 @@ class S3Driver:
         config = AioConfig(
             signature_version="s3v4" if s.v4auth else "s3",
             s3={"addressing_style": addressing},
-            max_pool_connections=64,
+            # Per worker. A blob GET holds its connection for the whole transfer: with 64,
+            # 200 concurrent pulls queued the small link and HEAD requests behind the large
+            # ones (bench/load_scale.py: 1.5x the throughput at 1024). Go's client, which
+            # registry:2 uses, has no limit at all; worker.raise_open_file_limit makes room.
+            max_pool_connections=S3_POOL_CONNECTIONS,
             retries={"max_attempts": 5, "mode": "standard"},
             user_agent_extra=s.useragent or None,
             # Only send a checksum where S3 requires one: several S3-compatible servers (Ceph
