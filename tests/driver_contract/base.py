@@ -34,6 +34,7 @@ CAPABILITY_MEMBERS = (
     "open_local",
     "purge_partial",
     "remove_empty_dir",
+    "directory_version",
 )
 
 

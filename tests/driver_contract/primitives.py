@@ -10,6 +10,7 @@ import pytest
 
 from dockyard.storage.driver import (
     Child,
+    DirectoryVersions,
     EmptyDirs,
     InvalidPath,
     PathNotFound,
@@ -215,6 +216,39 @@ class PrimitiveCases(ContractBase):
             await store.remove_empty_dir("/e/kept")
             assert await store.read("/e/kept/f") == b"2"
             await store.remove_empty_dir("/e/never")
+
+        run(go())
+
+    def test_directory_version(self, any_store: Store) -> None:
+        """Where a driver has directory versions, creating or removing an entry changes the
+        version (a listing cached under it is then never served again); rewriting a file below
+        an entry does not (the names are the same). Without them, None."""
+
+        async def go() -> None:
+            store = any_store
+            await store.write("/v/d/a/f", b"1")
+            if DirectoryVersions not in self.capabilities:
+                assert await store.directory_version("/v/d") is None
+                return
+            first = await store.directory_version("/v/d")
+            assert first is not None and first.now_ns >= first.mtime_ns - 10**9
+            await store.write("/v/d/a/f", b"2")
+            assert (same := await store.directory_version("/v/d")) is not None
+            assert same.key == first.key
+            # Past the filesystem clock's tick (a change within it may leave the times as they
+            # were: registry.listing does not trust such a version).
+            await asyncio.sleep(0.05)
+            await store.write("/v/d/b/f", b"1")
+            added = await store.directory_version("/v/d")
+            assert added is not None and added.key != first.key
+            await asyncio.sleep(0.05)
+            await store.delete("/v/d/b")
+            assert (removed := await store.directory_version("/v/d")) is not None
+            assert removed.key != added.key
+            with pytest.raises(PathNotFound):
+                await store.directory_version("/v/missing")
+            with pytest.raises(PathNotFound):
+                await store.directory_version("/v/d/a/f")
 
         run(go())
 

@@ -10,9 +10,12 @@ import pytest
 
 from dockyard.storage.driver import (
     AtomicMove,
+    DirectoryVersions,
     EmptyDirs,
     ExclusiveCreate,
+    FastListings,
     FastRead,
+    FastScan,
     FastWalk,
     FastWrite,
     Locks,
@@ -27,9 +30,18 @@ from driver_contract import DriverContract, run
 
 class TestFilesystemDriver(DriverContract):
     capabilities = frozenset(
-        {ExclusiveCreate, NoOverwriteMove, Touch, AtomicMove, Locks, Sendfile, EmptyDirs}
+        {
+            ExclusiveCreate,
+            NoOverwriteMove,
+            Touch,
+            AtomicMove,
+            Locks,
+            Sendfile,
+            EmptyDirs,
+            DirectoryVersions,
+        }
     )
-    fast_paths = frozenset({FastRead, FastWrite, FastWalk})
+    fast_paths = frozenset({FastRead, FastWrite, FastWalk, FastListings, FastScan})
 
     @pytest.fixture
     def driver(self, tmp_path: Path) -> Iterator[FilesystemDriver]:

@@ -21,9 +21,11 @@ only by ``registry.layout``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Literal, Protocol, TypeVar, runtime_checkable
+
+T = TypeVar("T")
 
 
 class StorageError(Exception):
@@ -68,12 +70,37 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class ScannedFile:
+    """A file found by a scan (``Store.scan``): its path, size and time as a stat gives them,
+    and its content when the scan was asked to read it (None when it was not, or when the file
+    is too big to read whole)."""
+
+    path: str
+    size: int
+    modified: float
+    content: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class FileInfo:
     path: str
     size: int
     #: modification time, seconds since the epoch
     modified: float
     is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """What identifies one state of a directory's list of names on a filesystem: its device and
+    inode (a directory removed and made again is another one) and its modification and change
+    times in nanoseconds (creating, removing or renaming an entry sets both). ``now_ns`` is the
+    clock those times come from, read just before the stat (``registry.listing`` needs it to
+    tell a time that is surely past from one still in the current clock tick)."""
+
+    key: tuple[int, int, int, int]
+    mtime_ns: int
+    now_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +263,16 @@ class PartialUploads(Protocol):
 
 
 @runtime_checkable
+class DirectoryVersions(Protocol):
+    async def directory_version(self, path: str) -> Version | None:
+        """The directory's :class:`Version` (one stat). PathNotFound if missing. Only a backend
+        whose directories have modification times that change with their entries has it (a
+        filesystem; object storage has no directories); None where those times may be read from
+        a cache that lags other writers (a network filesystem)."""
+        ...
+
+
+@runtime_checkable
 class EmptyDirs(Protocol):
     """The backend keeps a directory after its last file is gone (a filesystem; on object
     storage a prefix vanishes with its last key)."""
@@ -271,6 +308,40 @@ class FastWalk(Protocol):
         ...
 
 
+@runtime_checkable
+class FastScan(Protocol):
+    async def scan(
+        self,
+        path: str,
+        descend: Callable[[str], bool],
+        include: Callable[[str], bool],
+        read: bool,
+    ) -> list[ScannedFile]:
+        """What ``Store.scan`` returns (see there); ``descend`` and ``include`` may be called
+        on another thread."""
+        ...
+
+    async def stat_many(self, paths: list[str]) -> list[FileInfo | None]:
+        """What ``Store.stat_many`` returns (see there)."""
+        ...
+
+    async def read_many(self, paths: list[str]) -> list[ScannedFile | None]:
+        """What ``Store.read_many`` returns (see there)."""
+        ...
+
+
+#: directories to list, each answered with its children (None: missing, or not a directory)
+ListingSteps = Generator[list[str], list["list[Child] | None"], T]
+
+
+@runtime_checkable
+class FastListings(Protocol):
+    async def drive_listings(self, steps: ListingSteps[Any]) -> Any:
+        """What ``Store.drive_listings`` returns (see there), all listings on one thread:
+        ``steps`` runs there too."""
+        ...
+
+
 #: every optional capability, as named in messages and in ``Store.capabilities``
 CAPABILITIES: dict[type, str] = {
     ExclusiveCreate: "exclusive create",
@@ -282,10 +353,13 @@ CAPABILITIES: dict[type, str] = {
     Sendfile: "sendfile",
     PartialUploads: "partial-upload clean-up",
     EmptyDirs: "empty directories",
+    DirectoryVersions: "directory versions",
 }
 #: every fast path
 FAST_PATHS: dict[type, str] = {
     FastRead: "inline reads",
     FastWrite: "one-step writes",
     FastWalk: "walk",
+    FastListings: "listings on one thread",
+    FastScan: "scan",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -20,20 +21,32 @@ from dockyard.storage.driver import (
     Child,
     Entry,
     FileInfo,
+    ListingSteps,
     LocalFile,
     PathNotFound,
+    ScannedFile,
     StorageError,
+    Version,
 )
 
 T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
 
+#: Filesystems whose directory times a stat reads from the kernel every writer goes through, so
+#: it sees the latest change at once. On a network filesystem a client may answer a stat from
+#: its attribute cache (NFS: up to ``acdirmax``, 60 s by default) while another host has added a
+#: tag: there ``directory_version`` gives None and tag lists are listed every time.
+LOCAL_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "bcachefs"}
+)
+
 
 class FilesystemDriver:
     """Primitives; capabilities: exclusive create, no-overwrite move (hard links), touch, atomic
-    move (rename), locks (flock), sendfile, empty directories; fast paths: small reads inline on
-    the event loop, one-step atomic writes, a walk on one thread."""
+    move (rename), locks (flock), sendfile, empty directories, directory versions (a stat); fast
+    paths: small reads inline on the event loop, one-step atomic writes, a walk and a scan on one
+    thread, a walk deciding as it goes (``drive_listings``) on one thread."""
 
     name = "filesystem"
     atomic_move: Literal[True] = True
@@ -42,6 +55,8 @@ class FilesystemDriver:
         self.root = os.path.abspath(root)
         self.fsync = fsync
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="fs")
+        #: whether ``root`` is on a local filesystem (LOCAL_FILESYSTEMS), found on first use
+        self._local: bool | None = None
 
     # -- the one place OSError becomes a driver error ------------------------------------
     async def _run(self, path: str, fn: Callable[..., T], *args: Any) -> T:
@@ -130,6 +145,18 @@ class FilesystemDriver:
     async def remove_empty_dir(self, path: str) -> None:
         await self._run(path, calls.rmdir_if_empty, self._full(path))
 
+    async def directory_version(self, path: str) -> Version | None:
+        if self._local is None:
+            self._local = calls.filesystem_type(self.root) in LOCAL_FILESYSTEMS
+        if not self._local:
+            return None
+        # The clock first: a change after it is stamped no earlier than it less one tick.
+        now = time.time_ns()
+        st = self._inline(path, os.stat, self._full(path))
+        if not calls.isdir(st):
+            raise PathNotFound(path)
+        return Version((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns), st.st_mtime_ns, now)
+
     # -- fast paths ------------------------------------------------------------------------
     async def read_file(self, path: str) -> bytes:
         full = self._full(path)
@@ -143,6 +170,31 @@ class FilesystemDriver:
 
     async def walk(self, path: str, descend: Callable[[str], bool]) -> list[Entry]:
         return await self._run(path, calls.walk, self._full(path), len(self.root), descend)
+
+    async def drive_listings(self, steps: ListingSteps[T]) -> T:
+        return await self._run("/", calls.drive_listings, self.root, steps)
+
+    async def scan(
+        self,
+        path: str,
+        descend: Callable[[str], bool],
+        include: Callable[[str], bool],
+        read: bool,
+    ) -> list[ScannedFile]:
+        # The whole subtree in one pool call: a hop per file costs more than the stat itself.
+        return await self._run(
+            path, calls.scan, self._full(path), len(self.root), descend, include, read
+        )
+
+    async def stat_many(self, paths: list[str]) -> list[FileInfo | None]:
+        if not paths:
+            return []
+        return await self._run(paths[0], calls.stat_many, self.root, paths)
+
+    async def read_many(self, paths: list[str]) -> list[ScannedFile | None]:
+        if not paths:
+            return []
+        return await self._run(paths[0], calls.read_many, self.root, paths)
 
 
 class FilesystemWriter:

@@ -10,10 +10,12 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
-from dockyard.storage.driver import Child, Entry, LocalFile
+from dockyard.storage.driver import Child, Entry, FileInfo, LocalFile, ScannedFile
+
+T = TypeVar("T")
 
 
 def isdir(st: os.stat_result) -> bool:
@@ -142,6 +144,98 @@ def walk(full: str, root_length: int, descend: Callable[[str], bool]) -> list[En
     return found
 
 
+def scan(
+    full: str,
+    root_length: int,
+    descend: Callable[[str], bool],
+    include: Callable[[str], bool],
+    read: bool,
+) -> list[ScannedFile]:
+    """The files below ``full`` that ``include`` accepts (by name), each with one stat (and
+    with ``read``, an open, fstat and read of the same inode, so size, time and content agree),
+    all on one pool thread; directories entered when ``descend`` accepts their path (relative
+    to the root). A file removed between the listing and its stat is skipped, as a walk
+    followed by a stat would skip it."""
+    found: list[ScannedFile] = []
+    pending = [full]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if descend(entry.path[root_length:]):
+                        pending.append(entry.path)
+                    continue
+                if not include(entry.name):
+                    continue
+                content = None
+                try:
+                    if read:
+                        content, st = _read_with_stat(entry.path)
+                    else:
+                        st = entry.stat()  # follows a symlink, as the driver's stat does
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if stat.S_ISDIR(st.st_mode):  # a symlink to a directory: not a file
+                    continue
+                found.append(
+                    ScannedFile(entry.path[root_length:], st.st_size, st.st_mtime, content)
+                )
+    return found
+
+
+def stat_many(root: str, paths: list[str]) -> list[FileInfo | None]:
+    """A stat of each of ``paths`` (under ``root``), None for one missing, in one pool call."""
+    out: list[FileInfo | None] = []
+    for path in paths:
+        try:
+            st = os.stat(root + path)
+        except (FileNotFoundError, NotADirectoryError):
+            out.append(None)
+            continue
+        out.append(FileInfo(path, st.st_size, st.st_mtime, stat.S_ISDIR(st.st_mode)))
+    return out
+
+
+def read_many(root: str, paths: list[str]) -> list[ScannedFile | None]:
+    """The whole content and the stat (of the same inode) of each of ``paths`` (under
+    ``root``), None for one missing, in one pool call."""
+    out: list[ScannedFile | None] = []
+    for path in paths:
+        try:
+            fd = os.open(root + path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            out.append(None)
+            continue
+        try:
+            st = os.fstat(fd)
+            chunks = []
+            while chunk := os.read(fd, max(st.st_size + 1, 4096)):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        out.append(ScannedFile(path, st.st_size, st.st_mtime, b"".join(chunks)))
+    return out
+
+
+def _read_with_stat(full: str) -> tuple[bytes | None, os.stat_result]:
+    """The file's content (None when it is over INLINE_READ_LIMIT) and its stat."""
+    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_size > INLINE_READ_LIMIT or stat.S_ISDIR(st.st_mode):
+            return None, st
+        # One read: the size is known, and a file is never written in place (replaced whole by
+        # a rename), so what fstat saw is what there is; a second read would only find the end.
+        return os.read(fd, INLINE_READ_LIMIT + 1), st
+    finally:
+        os.close(fd)
+
+
 def move(src: str, dst: str) -> None:
     for attempt in range(DIR_RACE_ATTEMPTS):
         if not os.path.exists(src):
@@ -219,3 +313,42 @@ def move_new(src: str, dst: str) -> bool:
         os.unlink(src)
         return True
     raise AssertionError("unreachable")
+
+
+def list_or_none(full: str) -> list[Child] | None:
+    try:
+        return list_children(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def drive_listings(root: str, steps: Generator[list[str], list[list[Child] | None], T]) -> T:
+    """Answer each batch of directories ``steps`` yields with their listings (os.scandir), all
+    on this one thread: no hop to the event loop and back per directory."""
+    try:
+        batch = next(steps)
+        while True:
+            batch = steps.send([list_or_none(root + path) for path in batch])
+    except StopIteration as done:
+        return done.value
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem mounted nearest above ``path`` (from /proc/self/mounts);
+    "" when unknown."""
+    path = os.path.realpath(path)
+    best, found = "", ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                # Mount points escape spaces and such as octal (\040).
+                mount = fields[1].encode().decode("unicode_escape")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, found = mount, fields[2]
+    except OSError:
+        return ""
+    return found

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from dockyard import tracing
 from dockyard.metrics import timed_action
@@ -20,26 +20,35 @@ from dockyard.storage.driver import (
     CAPABILITIES,
     FAST_PATHS,
     AtomicMove,
+    Child,
+    DirectoryVersions,
     EmptyDirs,
     Entry,
     ExclusiveCreate,
+    FastListings,
     FastRead,
+    FastScan,
     FastWalk,
     FastWrite,
     FileInfo,
     FileWriter,
     InvalidPath,
+    ListingSteps,
     Lock,
     Locks,
     NoOverwriteMove,
     PartialUploads,
     PathNotFound,
     Redirects,
+    ScannedFile,
     Sendfile,
     StorageDriver,
     Touch,
     Unsupported,
+    Version,
 )
+
+T = TypeVar("T")
 
 
 def _path(store: Store, path: str, *_: object) -> dict[str, str]:
@@ -122,9 +131,12 @@ class Store:
         self._sendfile = driver if isinstance(driver, Sendfile) else None
         self._partial = driver if isinstance(driver, PartialUploads) else None
         self._empty_dirs = driver if isinstance(driver, EmptyDirs) else None
+        self._versions = driver if isinstance(driver, DirectoryVersions) else None
         self._fast_read = driver if isinstance(driver, FastRead) else None
         self._fast_write = driver if isinstance(driver, FastWrite) else None
         self._fast_walk = driver if isinstance(driver, FastWalk) else None
+        self._fast_listings = driver if isinstance(driver, FastListings) else None
+        self._fast_scan = driver if isinstance(driver, FastScan) else None
 
     def has(self, capability: type) -> bool:
         return capability in self.capabilities
@@ -275,6 +287,139 @@ class Store:
                 )
         return entries
 
+    @_traced("stat_many")
+    @timed_action("Stat")
+    async def stat_many(self, paths: list[str]) -> list[FileInfo | None]:
+        """What :meth:`stat` says of each of ``paths``, in order, None for one missing: in one
+        call where the driver can (a filesystem, one thread), else several stats at once."""
+        for path in paths:
+            check_path(path)
+        if self._fast_scan is not None:
+            return await self._fast_scan.stat_many(paths)
+        limit = asyncio.Semaphore(WALK_CONCURRENCY)
+
+        async def one(path: str) -> FileInfo | None:
+            async with limit:
+                try:
+                    return await self._driver.stat(path)
+                except PathNotFound:
+                    return None
+
+        return list(await asyncio.gather(*(one(p) for p in paths)))
+
+    @_traced("read_many")
+    @timed_action("GetContent")
+    async def read_many(self, paths: list[str]) -> list[ScannedFile | None]:
+        """The whole content of each of ``paths`` (small files: links, manifests) with its size
+        and time, in order, None for one missing: in one call where the driver can (a
+        filesystem, one thread), else several reads at once."""
+        for path in paths:
+            check_path(path)
+        if self._fast_scan is not None:
+            return await self._fast_scan.read_many(paths)
+        limit = asyncio.Semaphore(WALK_CONCURRENCY)
+
+        async def one(path: str) -> ScannedFile | None:
+            async with limit:
+                try:
+                    content = await self.read(path)
+                    info = await self._driver.stat(path)
+                except PathNotFound:
+                    return None
+            return ScannedFile(path, info.size, info.modified, content)
+
+        return list(await asyncio.gather(*(one(p) for p in paths)))
+
+    @_traced("scan")
+    @timed_action("Walk")
+    async def scan(
+        self,
+        path: str,
+        descend: Callable[[str], bool],
+        include: Callable[[str], bool],
+        read: bool = False,
+    ) -> list[ScannedFile]:
+        """Every file below ``path`` whose name ``include`` accepts, with its size and time
+        (and, with ``read``, its content when it is small: links, manifests). A directory is
+        entered only if ``descend(its path)`` says so (``path`` itself always is). A file gone
+        between the listing and its stat is left out; empty when ``path`` is missing. What the
+        walk, a stat and a read of each file would give, without a call per file where the
+        driver has a scan (one thread on a filesystem, instead of an await per file).
+        ``descend`` and ``include`` must be pure: a driver may call them on another thread."""
+        check_path(path)
+        if self._fast_scan is not None:
+            return await self._fast_scan.scan(path, descend, include, read)
+        # Generic: a walk level by level (as ``walk``'s, but ``descend`` takes paths), then a
+        # read and a stat of each file, several at once.
+        limit = asyncio.Semaphore(WALK_CONCURRENCY)
+
+        async def children(directory: str) -> list[Entry]:
+            async with limit:
+                try:
+                    found = await self._driver.list(directory)
+                except PathNotFound:
+                    return []
+            base = directory.rstrip("/")
+            return [Entry(f"{base}/{child.name}", child.is_dir) for child in found]
+
+        files: list[str] = []
+        level = [path]
+        while level:
+            batches = await asyncio.gather(*(children(d) for d in level))
+            level = []
+            for batch in batches:
+                for entry in batch:
+                    if entry.is_dir:
+                        if descend(entry.path):
+                            level.append(entry.path)
+                    elif include(entry.path.rsplit("/", 1)[-1]):
+                        files.append(entry.path)
+
+        async def one(file: str) -> ScannedFile | None:
+            async with limit:
+                try:
+                    content = await self.read(file) if read else None
+                    info = await self.stat(file)
+                except PathNotFound:
+                    return None
+            if info.is_dir:
+                return None
+            return ScannedFile(file, info.size, info.modified, content)
+
+        found = await asyncio.gather(*(one(f) for f in files))
+        return [f for f in found if f is not None]
+
+    # Traced with the backend only: the argument is a generator, not a path.
+    @tracing.traced(
+        "storage.drive_listings", lambda store, *_: {"dockyard.storage.driver": store.name}
+    )
+    @timed_action("Walk")
+    async def drive_listings(self, steps: ListingSteps[T]) -> T:
+        """Run ``steps``, a generator that yields batches of directories to list and is sent
+        back their children (None for a directory that is missing, or a file), in order, until
+        it returns; return what it returns. A walk that decides as it goes where to go next
+        (``registry.listing.catalog_page``). A driver with the fast path runs it all on one
+        thread; otherwise each batch is listed concurrently. ``steps`` must then be pure (it
+        may run on another thread) and yield only paths it built from validated ones and
+        listed names."""
+        if self._fast_listings is not None:
+            return await self._fast_listings.drive_listings(steps)
+        limit = asyncio.Semaphore(WALK_CONCURRENCY)
+
+        async def children(directory: str) -> list[Child] | None:
+            async with limit:
+                try:
+                    return await self._driver.list(check_path(directory))
+                except PathNotFound:
+                    return None
+
+        try:
+            batch = next(steps)
+            while True:
+                batch = steps.send(list(await asyncio.gather(*(children(d) for d in batch))))
+        except StopIteration as done:
+            return done.value
+
     @_traced("remove_empty_dir")
     async def remove_empty_dir(self, path: str) -> None:
         """Remove a directory if it is empty; do nothing otherwise. A backend whose directories
@@ -284,6 +429,17 @@ class Store:
             await self._empty_dirs.remove_empty_dir(path)
 
     # -- what only some backends have -------------------------------------------------------
+    @_traced("directory_version")
+    @timed_action("Stat")
+    async def directory_version(self, path: str) -> Version | None:
+        """The directory's version (see driver.Version), or None where the backend has no
+        directory times (object storage) or cannot trust a stat to see every writer's latest
+        change (a network filesystem). PathNotFound if missing."""
+        check_path(path)
+        if self._versions is None:
+            return None
+        return await self._versions.directory_version(path)
+
     def lock(self, path: str) -> Lock | None:
         """An advisory lock on the existing file ``path``, or None where the backend has none
         (object storage)."""
