@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 
 import requests
 
 from harness import OCI_MANIFEST, Server, ServerFactory, assert_error
+from harness.workers import spread_over_workers
 
 
 def push_tags(server: Server, repo: str, tags: list[str]) -> None:
@@ -97,3 +100,54 @@ def test_catalog_maxentries(start_server: ServerFactory) -> None:
     r = requests.get(s.v2("_catalog"))
     assert r.json()["repositories"] == ["a", "b"]
     assert "Link" in r.headers
+
+
+def test_every_worker_lists_what_any_worker_just_tagged(
+    start_server: ServerFactory, storage_backend: str
+) -> None:
+    """Read-your-writes across workers, with tag lists cached per worker (registry.listing):
+    after a 201 for a tag PUT or a 202 for a tag DELETE on one worker, both workers list the
+    new set at once, page by page. On the filesystem the tags directory is first made to look
+    long unchanged, so that each worker has the list cached when the change comes; a round in
+    between does not, so the change lands while the directory is still racy."""
+    s = start_server(workers=2)
+    repo = "rw/tags"
+    _digest, manifest = s.push_image(repo, "base")
+    body = json.dumps(manifest).encode()
+    tags_dir = s.root / "docker/registry/v2/repositories" / repo / "_manifests/tags"
+    conns = spread_over_workers(s, 2)
+    expected = {"base"}
+
+    def lists_everywhere() -> None:
+        want = sorted(expected)
+        for conn in conns:
+            status, raw = conn.get(f"/v2/{repo}/tags/list")
+            assert status == 200 and json.loads(raw)["tags"] == want
+            status, raw = conn.get(f"/v2/{repo}/tags/list?n=2&last={want[0]}")
+            assert status == 200 and json.loads(raw)["tags"] == want[1:3]
+
+    try:
+        for i in range(30):
+            if storage_backend == "filesystem" and i % 2 == 0:
+                old = time.time() - 60
+                os.utime(tags_dir, (old, old))
+                lists_everywhere()  # now cached on both workers
+            writer = conns[i % 2]
+            tag = f"t{i:02d}"
+            status, _, raw = writer.request(
+                "PUT", f"/v2/{repo}/manifests/{tag}", body, {"Content-Type": OCI_MANIFEST}
+            )
+            assert status == 201, raw
+            expected.add(tag)
+            lists_everywhere()
+            if i % 3 == 2:
+                gone = f"t{i - 1:02d}"
+                status, _, raw = conns[(i + 1) % 2].request(
+                    "DELETE", f"/v2/{repo}/manifests/{gone}"
+                )
+                assert status == 202, raw
+                expected.discard(gone)
+                lists_everywhere()
+    finally:
+        for conn in conns:
+            conn.close()

@@ -10,7 +10,6 @@ from dockyard.api.base import cache_headers, int_query, proxied_of, repository_o
 from dockyard.auth.access import Need, requires
 from dockyard.errors import ErrorCode, RegistryError
 from dockyard.http.responses import json_response
-from dockyard.registry.repository import paginate
 
 
 def next_link(path: str, n: int, last: str) -> str:
@@ -31,7 +30,7 @@ async def list_tags(request: web.Request) -> web.Response:
         repo = repository_of(request)
         if not await repo.exists():
             raise RegistryError(ErrorCode.NAME_UNKNOWN, detail={"name": repo.name})
-        page = paginate(await repo.tags.all(), n, request.query.get("last"))
+        page = await repo.tags.page(n, request.query.get("last"))
         name = repo.name
     if page.more and n is not None:
         headers["Link"] = next_link(request.path, n, page.items[-1])

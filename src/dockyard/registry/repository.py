@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dockyard.oci.names import validate_name
 from dockyard.registry import layout
 from dockyard.registry.blobs import DEFAULT_TOUCH_INTERVAL, BlobStore, LinkedBlobs
 from dockyard.registry.cache import BlobDescriptorCache
+from dockyard.registry.listing import Page, TagListings, catalog_page
 from dockyard.registry.manifests import ManifestBodies, ManifestStore
 from dockyard.registry.policies import Policies
 from dockyard.registry.referrers import ReferrersIndex
@@ -25,14 +25,6 @@ if TYPE_CHECKING:
     from dockyard.registry.deletion import RepositoryDeletion
     from dockyard.registry.index import Index
     from dockyard.registry.quotas import Quotas
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of a sorted listing; ``more`` says whether items follow ``items[-1]``."""
-
-    items: list[str]
-    more: bool
 
 
 async def repository_dirs(storage: Store, markers: tuple[str, ...]) -> list[str]:
@@ -64,7 +56,7 @@ class Repository:
         self.registry = registry
         store = registry.blobs
         self.blobs = LinkedBlobs(name, store, registry.index)
-        self.tags = TagStore(name, registry.storage, registry.index)
+        self.tags = TagStore(name, registry.storage, registry.index, registry.tag_listings)
         self.referrers = ReferrersIndex(name, store)
         self.manifests = ManifestStore(
             name,
@@ -130,6 +122,8 @@ class Registry:
         self.tokens = UploadTokens(secret)
         self.hashers = HasherCache()
         self.manifest_bodies = ManifestBodies()
+        #: sorted tag names of recently listed repositories, checked by one stat per request
+        self.tag_listings = TagListings()
 
     def repository(self, name: str) -> Repository:
         return Repository(self, validate_name(name))
@@ -179,11 +173,11 @@ class Registry:
     async def catalog(
         self, n: int | None, last: str | None, visible: Callable[[str], bool] | None = None
     ) -> Page:
-        """A page of repository names, counting only those ``visible`` accepts."""
-        names = await self.repositories()
-        if visible is not None:
-            names = [name for name in names if visible(name)]
-        return paginate(names, n, last)
+        """A page of repository names, counting only those ``visible`` accepts: the names
+        ``repositories`` gives, paginated, read with a walk that stops at the page's end and
+        never lists a directory whose names all sort at or before ``last``
+        (``registry.listing.catalog_page``)."""
+        return await catalog_page(self.storage, layout.REPOSITORIES, n, last, visible)
 
     async def close(self) -> None:
         """Release the cache's and the upload locks' connections, then storage's."""

@@ -11,6 +11,7 @@ from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
 from dockyard.registry.blobs import read_link, write_link
+from dockyard.registry.listing import Page, TagListings, page_of
 from dockyard.storage.driver import PathNotFound
 from dockyard.storage.store import Store
 from dockyard.tracing import in_repository, traced
@@ -24,10 +25,18 @@ def manifest_unknown(reference: str) -> RegistryError:
 
 
 class TagStore:
-    def __init__(self, name: str, storage: Store, index: Index | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        storage: Store,
+        index: Index | None = None,
+        listings: TagListings | None = None,
+    ) -> None:
         self.name = name
         self.storage = storage
         self.index = index
+        #: the process's cache of sorted tag lists (registry.listing); None: list every time
+        self.listings = listings
 
     @traced("registry.tag.resolve", in_repository, expected=(RegistryError,))
     async def resolve(self, tag: str) -> Digest:
@@ -73,11 +82,36 @@ class TagStore:
     @traced("registry.tag.list", in_repository, expected=(RegistryError,))
     async def all(self) -> list[str]:
         """Every tag, sorted. An empty list for a repository without tags."""
+        return list(await self._sorted())
+
+    @traced("registry.tag.page", in_repository, expected=(RegistryError,))
+    async def page(self, n: int | None, last: str | None) -> Page:
+        """The tags after ``last``, at most ``n`` (``repository.paginate``'s rules). With the
+        listing cached and its directory unchanged, one stat and a bisection."""
+        return page_of(await self._sorted(), n, last)
+
+    async def _sorted(self) -> tuple[str, ...]:
+        """The sorted tag names: from the process's cache while the tags directory's version
+        is the one they were listed under, else listed (and cached if the directory has been
+        still long enough: registry.listing)."""
+        tags_dir = layout.tags_dir(self.name)
+        listings = self.listings
         try:
-            names = await self.storage.list(layout.tags_dir(self.name))
+            version = None
+            if listings is not None:
+                version = await self.storage.directory_version(tags_dir)
+            if listings is not None and version is not None:
+                cached = listings.get(self.name, version)
+                if cached is not None:
+                    return cached
+            # Listed after the stat: whatever the listing misses changed after it, so later
+            # than the version's time, and the next request's stat sees another version.
+            names = tuple(sorted(await self.storage.list(tags_dir)))
         except PathNotFound:
-            return []
-        return sorted(names)
+            return ()
+        if listings is not None and version is not None:
+            listings.put(self.name, version, names)
+        return names
 
     async def pointing_to(self, digest: Digest) -> list[str]:
         tags = await self.all()
