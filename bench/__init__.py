@@ -8,6 +8,9 @@ Scripts, run as ``python bench/NAME.py``:
 - ``proxy.py``: cold and warm pulls through the pull-through cache and registry:2's proxy mode
 - ``ui_pages.py``: server time (p50/p95/p99) of each web UI page on a store of 10,000
   repositories and a repository of 5,000 tags
+- ``load_scale.py`` (``python -m bench.load_scale``): 200 concurrent pulls, 50 concurrent pushes
+  with shared base layers, those pulls on S3 (RGW) with Redis, and throughput and p99 against
+  concurrency (docs/benchmarks.md, sections 3-5)
 
 The package behind ``compare.py``:
 
