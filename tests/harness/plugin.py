@@ -199,6 +199,7 @@ PROTOCOL_MODULES = frozenset(
         "test_manifests_api.py",
         "test_tags_catalog_api.py",
         "test_referrers_api.py",
+        "test_read_your_writes.py",
     }
 )
 
