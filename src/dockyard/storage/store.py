@@ -263,6 +263,11 @@ class Store:
         check_path(path)
         if self._fast_walk is not None:
             return await self._fast_walk.walk(path, descend)
+        return await self._walk_levels(path, lambda entry: descend(entry.path.rsplit("/", 1)[-1]))
+
+    async def _walk_levels(self, path: str, descend: Callable[[Entry], bool]) -> list[Entry]:
+        """The generic walk: level by level, several listings at once; a directory ``descend``
+        refuses is listed but never entered. Empty when ``path`` is missing."""
         limit = asyncio.Semaphore(WALK_CONCURRENCY)
 
         async def children(directory: str) -> list[Entry]:
@@ -274,7 +279,6 @@ class Store:
             base = directory.rstrip("/")
             return [Entry(f"{base}/{child.name}", child.is_dir) for child in found]
 
-        # Level by level, several listings at once; a refused subtree is never listed.
         entries: list[Entry] = []
         level = [path]
         while level:
@@ -282,9 +286,7 @@ class Store:
             level = []
             for batch in batches:
                 entries.extend(batch)
-                level.extend(
-                    e.path for e in batch if e.is_dir and descend(e.path.rsplit("/", 1)[-1])
-                )
+                level.extend(e.path for e in batch if e.is_dir and descend(e))
         return entries
 
     @_traced("stat_many")
@@ -349,31 +351,11 @@ class Store:
         check_path(path)
         if self._fast_scan is not None:
             return await self._fast_scan.scan(path, descend, include, read)
-        # Generic: a walk level by level (as ``walk``'s, but ``descend`` takes paths), then a
-        # read and a stat of each file, several at once.
+        # Generic: the walk (``descend`` takes paths here), then a read and a stat of each
+        # file, several at once.
+        entries = await self._walk_levels(path, lambda entry: descend(entry.path))
+        files = [e.path for e in entries if not e.is_dir and include(e.path.rsplit("/", 1)[-1])]
         limit = asyncio.Semaphore(WALK_CONCURRENCY)
-
-        async def children(directory: str) -> list[Entry]:
-            async with limit:
-                try:
-                    found = await self._driver.list(directory)
-                except PathNotFound:
-                    return []
-            base = directory.rstrip("/")
-            return [Entry(f"{base}/{child.name}", child.is_dir) for child in found]
-
-        files: list[str] = []
-        level = [path]
-        while level:
-            batches = await asyncio.gather(*(children(d) for d in level))
-            level = []
-            for batch in batches:
-                for entry in batch:
-                    if entry.is_dir:
-                        if descend(entry.path):
-                            level.append(entry.path)
-                    elif include(entry.path.rsplit("/", 1)[-1]):
-                        files.append(entry.path)
 
         async def one(file: str) -> ScannedFile | None:
             async with limit:
