@@ -90,62 +90,37 @@ def test_ui_pages_benchmark_measures_every_page(tmp_path: Path) -> None:
     assert len(rows) == 14, report.read_text()
 
 
+def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark from the repository's root (``-m bench.NAME`` or a script), which must
+    succeed."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_gc_scale_benchmark_compares_both_collectors(tmp_path: Path) -> None:
     need_binaries("docker-registry")
     report = tmp_path / "gc.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.gc_scale",
-            "--quick",
-            "--warm-dir",
-            str(tmp_path),
-            "--output",
-            str(report),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_bench(
+        "-m", "bench.gc_scale", "--quick", "--warm-dir", str(tmp_path), "--output", str(report)
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in report.read_text().splitlines() if line.startswith("| 10,001 |")]
     assert [row.split("|")[5].strip() for row in rows] == ["registry:2", "dockyard"], rows
 
 
 def test_listing_scale_benchmark_pages_both_servers() -> None:
     need_binaries("docker-registry")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench/listing_scale.py"), "--quick", "--requests", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_bench("bench/listing_scale.py", "--quick", "--requests", "2")
     assert "catalog" in result.stdout and "tags" in result.stdout, result.stdout[-3000:]
 
 
 def test_load_scale_benchmark_pulls_and_pushes_on_both_servers(tmp_path: Path) -> None:
     need_binaries("docker-registry")
     report = tmp_path / "load.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load_scale",
-            "--quick",
-            "--only",
-            "pulls,pushes",
-            "--workdir",
-            str(tmp_path),
-            "--output",
-            str(report),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_bench(
+        "-m", "bench.load_scale", "--quick", "--only", "pulls,pushes",
+        "--workdir", str(tmp_path), "--output", str(report),
+    )  # fmt: skip
     assert "pushes" in report.read_text().lower(), report.read_text()
