@@ -262,21 +262,32 @@ def referenced_digests(body: bytes) -> set[Digest]:
     ``digest`` and ``blobSum`` (schema 1) fields. An over-approximation on purpose: garbage
     collection marks these, so content a manifest needs is never swept for lack of a parser."""
     found: set[Digest] = set()
+    for text in referenced_digest_texts(body):
+        with contextlib.suppress(RegistryError):
+            found.add(Digest.parse(text))
+    return found
+
+
+def referenced_digest_texts(body: bytes) -> set[str]:
+    """The text of every ``digest`` and ``blobSum`` field of ``body``, at any depth, valid as a
+    digest or not (:func:`referenced_digests` parses them; the garbage collector's mark reads
+    them without making a Digest of each). A document nested deeper than the JSON reader goes
+    gives every digest written anywhere in it instead."""
     try:
         doc = load_json(body)
     except JSONTooDeep:
         # Pushed elsewhere (registry:2 accepts 10,000 levels): still never under-mark.
-        return _digests_in_text(body)
+        return {m.decode() for m in _DIGEST_TEXT.findall(body)}
     except (UnicodeDecodeError, ValueError):
-        return found
+        return set()
+    found: set[str] = set()
     stack: list[Any] = [doc]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             for key, value in item.items():
                 if key in ("digest", "blobSum") and isinstance(value, str):
-                    with contextlib.suppress(RegistryError):
-                        found.add(Digest.parse(value))
+                    found.add(value)
                 else:
                     stack.append(value)
         elif isinstance(item, list):
@@ -284,10 +295,6 @@ def referenced_digests(body: bytes) -> set[Digest]:
     return found
 
 
+#: a digest written anywhere in a text: a superset of what a JSON parse would find (barring
+#: digests spelt with JSON escapes, which no client writes)
 _DIGEST_TEXT = re.compile(rb"\b(?:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\b")
-
-
-def _digests_in_text(body: bytes) -> set[Digest]:
-    """Every digest written anywhere in ``body``, whatever the key: a superset of what a JSON
-    parse would find (barring digests spelt with JSON escapes, which no client writes)."""
-    return {Digest.parse(m.decode()) for m in _DIGEST_TEXT.findall(body)}

@@ -61,13 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dockyard import metrics
 from dockyard.oci.digest import Digest
-from dockyard.oci.manifest import (
-    JSONTooDeep,
-    Manifest,
-    load_json,
-    read_stored,
-    referenced_digests,
-)
+from dockyard.oci.manifest import Manifest, read_stored, referenced_digest_texts
 from dockyard.registry import inventory, layout
 from dockyard.registry.blobs import BlobStore, read_link
 from dockyard.registry.cache import BlobDescriptorCache
@@ -514,28 +508,13 @@ def digest_key(digest: Digest) -> bytes | None:
 
 
 def referenced_keys(body: bytes) -> set[bytes]:
-    """The keys of ``referenced_digests(body)`` (oci.manifest), found without making a Digest
-    of each: the same fields (every ``digest`` and ``blobSum``), the same digests accepted."""
-    try:
-        doc = load_json(body)
-    except JSONTooDeep:
-        return {k for d in referenced_digests(body) if (k := digest_key(d)) is not None}
-    except (UnicodeDecodeError, ValueError):
-        return set()
-    found: set[bytes] = set()
-    stack: list[Any] = [doc]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key in ("digest", "blobSum") and isinstance(value, str):
-                    if _DIGEST.fullmatch(value):
-                        found.add(bytes.fromhex(value[value.index(":") + 1 :]))
-                else:
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return found
+    """The keys of ``referenced_digests(body)`` (oci.manifest), without making a Digest of
+    each: the same fields, the same digests accepted (``_DIGEST`` is what Digest.parse takes)."""
+    return {
+        bytes.fromhex(text[text.index(":") + 1 :])
+        for text in referenced_digest_texts(body)
+        if _DIGEST.fullmatch(text)
+    }
 
 
 async def last_run(storage: Store) -> dict[str, Any] | None:
