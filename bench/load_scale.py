@@ -826,6 +826,13 @@ def _ratio(dy: float | None, r2: float | None, higher_is_better: bool) -> str:
     return f"{(dy / r2 if higher_is_better else r2 / dy):.2f}x"
 
 
+def _compared(
+    label: str, r2: float | None, dy: float | None, higher_is_better: bool, digits: int = 1
+) -> tuple[str, str, str, str]:
+    """A row of the scenario table: both servers' values and Dockyard's ratio."""
+    return label, _fmt(r2, digits), _fmt(dy, digits), _ratio(dy, r2, higher_is_better)
+
+
 def summaries(runs: list[Run]) -> dict[str, dict[str, Summary]]:
     """scenario -> server -> Summary (sweeps: one per concurrency)."""
     out: dict[str, dict[str, Summary]] = {}
@@ -857,30 +864,10 @@ def table(runs: list[Run], scenarios: list[str], push: bool) -> str:
         clients = r2.runs[0].clients
         unit = "pushes/s" if push else "pulls/s"
         rows: list[tuple[str, str, str, str]] = [
-            (
-                unit,
-                _fmt(r2.ops_per_s),
-                _fmt(dy.ops_per_s),
-                _ratio(dy.ops_per_s, r2.ops_per_s, True),
-            ),
-            (
-                "MiB/s",
-                _fmt(r2.mib_per_s, 0),
-                _fmt(dy.mib_per_s, 0),
-                _ratio(dy.mib_per_s, r2.mib_per_s, True),
-            ),
-            (
-                "p50 (ms)",
-                _fmt(r2.p50_ms, 0),
-                _fmt(dy.p50_ms, 0),
-                _ratio(dy.p50_ms, r2.p50_ms, False),
-            ),
-            (
-                "p99 (ms)",
-                _fmt(r2.p99_ms, 0),
-                _fmt(dy.p99_ms, 0),
-                _ratio(dy.p99_ms, r2.p99_ms, False),
-            ),
+            _compared(unit, r2.ops_per_s, dy.ops_per_s, True),
+            _compared("MiB/s", r2.mib_per_s, dy.mib_per_s, True, 0),
+            _compared("p50 (ms)", r2.p50_ms, dy.p50_ms, False, 0),
+            _compared("p99 (ms)", r2.p99_ms, dy.p99_ms, False, 0),
             (
                 f"errors (of {r2.ops + r2.errors} / {dy.ops + dy.errors})",
                 str(r2.errors),
@@ -898,18 +885,8 @@ def table(runs: list[Run], scenarios: list[str], push: bool) -> str:
                 )
             )
         rows += [
-            (
-                "peak ΣRSS (MiB)",
-                _fmt(r2.peak_rss_mib, 0),
-                _fmt(dy.peak_rss_mib, 0),
-                _ratio(dy.peak_rss_mib, r2.peak_rss_mib, False),
-            ),
-            (
-                "peak ΣPSS (MiB)",
-                _fmt(r2.peak_pss_mib, 0),
-                _fmt(dy.peak_pss_mib, 0),
-                _ratio(dy.peak_pss_mib, r2.peak_pss_mib, False),
-            ),
+            _compared("peak ΣRSS (MiB)", r2.peak_rss_mib, dy.peak_rss_mib, False, 0),
+            _compared("peak ΣPSS (MiB)", r2.peak_pss_mib, dy.peak_pss_mib, False, 0),
             ("peak RSS per process (MiB)", _procs(r2), _procs(dy), ""),
             ("server CPU (cores)", _fmt(r2.cores, 2), _fmt(dy.cores, 2), ""),
             ("client CPU (cores)", _fmt(r2.client_cores, 2), _fmt(dy.client_cores, 2), ""),
