@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dockyard.registry import layout
-from dockyard.registry.listing import TagListings, catalog_page, page_of
-from dockyard.registry.repository import paginate, repository_dirs
+from dockyard.registry.listing import Page, TagListings, catalog_page, page_of
+from dockyard.registry.repository import repository_dirs
 from dockyard.registry.tags import TagStore
 from dockyard.storage.driver import Child, FastListings, PathNotFound, Version
 from dockyard.storage.filesystem import FilesystemDriver
@@ -67,6 +67,17 @@ class Tree:
             for d, kids in self.dirs.items()
             if d and kids.get("_manifests") and not any(p.startswith("_") for p in d.split("/"))
         )
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> Page:
+    """The reference the listings are checked against: items strictly after ``last`` (in
+    sort order), at most ``n`` of them, read from the whole list (what the API answered before
+    pages cost O(page)). An empty page (``n=0``) never claims more."""
+    if last:
+        items = [i for i in items if i > last]
+    if n is None or len(items) <= n:
+        return Page(items, False)
+    return Page(items[:n], n > 0)
 
 
 def build(repos: list[str], others: list[str], files: list[str]) -> Tree:

@@ -17,7 +17,8 @@ from dockyard.errors import ErrorCode, RegistryError
 from dockyard.oci import mediatypes as mt
 from dockyard.oci.digest import Digest
 from dockyard.registry import layout
-from dockyard.registry.repository import Registry, paginate
+from dockyard.registry.listing import page_of
+from dockyard.registry.repository import Registry
 from dockyard.registry.uploads import Chain, ContentRange, HasherCache, Part, RunningHash
 from dockyard.storage.filesystem import FilesystemDriver
 from dockyard.storage.store import LocalRange, Store
@@ -457,13 +458,13 @@ def test_catalog_walks_nested_names(registry: Registry) -> None:
     run(go())
 
 
-def test_paginate() -> None:
+def test_page_of() -> None:
     items = ["a", "b", "c"]
-    assert paginate(items, None, None).items == items
-    assert paginate(items, 0, None).items == [] and not paginate(items, 0, None).more
-    assert paginate(items, 3, None).more is False
-    assert paginate(items, 1, "a").items == ["b"]
-    assert paginate(items, 5, "c").items == []
+    assert page_of(items, None, None).items == items
+    assert page_of(items, 0, None).items == [] and not page_of(items, 0, None).more
+    assert page_of(items, 3, None).more is False
+    assert page_of(items, 1, "a").items == ["b"]
+    assert page_of(items, 5, "c").items == []
 
 
 def test_hasher_cache_offsets() -> None:

@@ -156,7 +156,7 @@ async def catalog_page(
     """The names after ``last`` of the repositories under ``root`` (directories holding a
     ``_manifests`` directory; ``_``-prefixed directories are never names and never entered),
     the first ``n`` of those ``visible`` accepts, in ``sorted()`` order: what
-    ``paginate(sorted(every name), n, last)`` gives, listing only what the page needs (on a
+    ``page_of(sorted(every name), n, last)`` gives, listing only what the page needs (on a
     filesystem all on one thread: ``Store.drive_listings``). ``visible`` must be pure: it may be
     called on another thread."""
     if n == 0:

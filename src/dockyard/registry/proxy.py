@@ -40,8 +40,9 @@ from dockyard.oci.names import validate_tag
 from dockyard.proxyconfig import ProxyConfig
 from dockyard.registry import layout
 from dockyard.registry.blobs import BlobInfo, blob_unknown
+from dockyard.registry.listing import Page, page_of
 from dockyard.registry.manifests import StoredManifest
-from dockyard.registry.repository import Page, Registry, Repository, paginate
+from dockyard.registry.repository import Registry, Repository
 from dockyard.registry.tags import manifest_unknown
 from dockyard.storage.driver import Locks, PathNotFound
 from dockyard.storage.store import Store
@@ -433,7 +434,7 @@ class ProxiedRepository:
                 log.warning("%s; %s is not cached", exc, self.route.local_name)
                 raise upstream_failed(exc, "this repository") from None
             log.warning("%s; serving the cached tags of %s", exc, self.route.local_name)
-            return paginate(cached, n, last), True
+            return page_of(cached, n, last), True
 
     # -- referrers ---------------------------------------------------------------------------
     async def referrers(

@@ -40,16 +40,6 @@ async def repository_dirs(storage: Store, markers: tuple[str, ...]) -> list[str]
     return sorted(names)
 
 
-def paginate(items: list[str], n: int | None, last: str | None) -> Page:
-    """Items strictly after ``last`` (in sort order), at most ``n`` of them. An empty page
-    (``n=0``) never claims more: there is no last item to continue from."""
-    if last:
-        items = [i for i in items if i > last]
-    if n is None or len(items) <= n:
-        return Page(items, False)
-    return Page(items[:n], n > 0)
-
-
 class Repository:
     def __init__(self, registry: Registry, name: str) -> None:
         self.name = name

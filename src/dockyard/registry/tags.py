@@ -86,7 +86,7 @@ class TagStore:
 
     @traced("registry.tag.page", in_repository, expected=(RegistryError,))
     async def page(self, n: int | None, last: str | None) -> Page:
-        """The tags after ``last``, at most ``n`` (``repository.paginate``'s rules). With the
+        """The tags after ``last``, at most ``n`` (``listing.page_of``'s rules). With the
         listing cached and its directory unchanged, one stat and a bisection."""
         return page_of(await self._sorted(), n, last)
 
