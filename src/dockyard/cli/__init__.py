@@ -2,10 +2,12 @@
 from their modules: ``user`` (users.py), ``gc``, ``du``, ``fsck``, ``purge-uploads``,
 ``healthcheck`` and ``rm`` (maintenance.py), ``retention`` (retention.py), ``reindex``
 (index.py), ``events`` (events.py), ``proxy`` (proxy.py), and the remote-only ``repos``,
-``tags`` and ``api`` (remote_commands.py; ``--url`` is remote.py)."""
+``tags`` and ``api`` (remote_commands.py; ``--url`` is remote.py), each module imported only
+when one of its commands runs (:data:`COMMAND_MODULES`)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -35,7 +37,43 @@ def load_strict(config_path: str | None) -> tuple[Config, list[str]]:
     return config, warnings
 
 
-@click.group()
+#: the modules that define each subcommand, imported when that command runs (or for the
+#: command list): a command pays for its own imports only. ``dockyard healthcheck`` runs every
+#: few seconds in a container and ``dockyard gc`` on a small store takes less than importing
+#: every command took (aiohttp and the event outbox among them: 0.35 s of 0.7).
+COMMAND_MODULES = {
+    "gc": "maintenance",
+    "du": "maintenance",
+    "fsck": "maintenance",
+    "purge-uploads": "maintenance",
+    "rm": "maintenance",
+    "healthcheck": "maintenance",
+    "retention": "retention",
+    "reindex": "index",
+    "events": "events",
+    "proxy": "proxy",
+    "repos": "remote_commands",
+    "tags": "remote_commands",
+    "api": "remote_commands",
+    "user": "users",
+}
+
+
+class LazyGroup(click.Group):
+    """The ``dockyard`` group: a subcommand's module is imported when it is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMAND_MODULES))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            # the module registers its commands on ``main`` as it is imported
+            importlib.import_module(f"dockyard.cli.{module}")
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="dockyard")
 def main() -> None:
     """Dockyard: a private container image registry (OCI Distribution v1.1, registry:2 drop-in)."""
@@ -91,17 +129,6 @@ def check_config(config_path: str | None) -> None:
         sys.exit(1)
     click.echo("configuration OK")
 
-
-# The subcommands register themselves on ``main``.
-from dockyard.cli import (  # noqa: E402,F401
-    events,
-    index,
-    maintenance,
-    proxy,
-    remote_commands,
-    retention,
-    users,
-)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

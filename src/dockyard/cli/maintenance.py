@@ -24,12 +24,6 @@ from dockyard.cli.output import (
 from dockyard.cli.remote import remote_du, remote_options, remote_rm
 from dockyard.config import Config, parse_duration
 from dockyard.errors import ConfigError, ErrorCode, RegistryError
-from dockyard.events import (
-    command_request,
-    instance_source,
-    record_from_command,
-    repository_delete_events,
-)
 from dockyard.registry.cache import redis_from_config
 from dockyard.registry.configured import open_store
 from dockyard.registry.deletion import RepositoryDeletion
@@ -363,6 +357,15 @@ def rm(
         sys.exit(1)
     status = 0
     if not dry_run:
+        # here, not at the top: the outbox's module brings aiohttp, which the other commands
+        # of this module (gc, du, healthcheck) do not need at start-up
+        from dockyard.events import (
+            command_request,
+            instance_source,
+            record_from_command,
+            repository_delete_events,
+        )
+
         events = repository_delete_events(
             deletion.name,
             deletion.manifest_tags(),
