@@ -1059,3 +1059,12 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> C
     raw = load_raw(path)
     apply_env_overrides(raw, environ)
     return validate(raw)
+
+
+def parse_addr(addr: str, key: str = "http.addr") -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``, ``:port``) as ``(host, port)``, or ConfigError naming
+    ``key``."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"{addr!r} is not host:port (e.g. :5000 or 0.0.0.0:5000)")
+    return host.strip("[]"), int(port)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dockyard.auth.setup import prepare as prepare_auth
-from dockyard.config import Config, HTTPConfig
+from dockyard.config import Config, HTTPConfig, parse_addr
 from dockyard.errors import ConfigError
 from dockyard.maintenance import wanted as maintenance_wanted
 from dockyard.registry.configured import checked_store
@@ -43,13 +43,6 @@ def resolve_secret(config: Config) -> str:
         "REGISTRY_HTTP_SECRET environment variable."
     )
     return secrets.token_urlsafe(32)
-
-
-def parse_addr(addr: str, key: str = "http.addr") -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(key, f"{addr!r} is not host:port (e.g. :5000 or 0.0.0.0:5000)")
-    return host.strip("[]"), int(port)
 
 
 def bind(http: HTTPConfig, key: str = "http.addr") -> socket.socket:

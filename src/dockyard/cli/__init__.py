@@ -1,6 +1,6 @@
 """The ``dockyard`` command: ``serve`` and ``check-config`` here; the rest register themselves
-from their modules: ``user`` (users.py), ``gc``, ``du``, ``fsck``, ``purge-uploads``,
-``healthcheck`` and ``rm`` (maintenance.py), ``retention`` (retention.py), ``reindex``
+from their modules: ``user`` (users.py), ``gc``, ``du``, ``fsck``, ``purge-uploads`` and
+``rm`` (maintenance.py), ``healthcheck`` (health.py), ``retention`` (retention.py), ``reindex``
 (index.py), ``events`` (events.py), ``proxy`` (proxy.py), and the remote-only ``repos``,
 ``tags`` and ``api`` (remote_commands.py; ``--url`` is remote.py), each module imported only
 when one of its commands runs (:data:`COMMAND_MODULES`)."""
@@ -47,7 +47,7 @@ COMMAND_MODULES = {
     "fsck": "maintenance",
     "purge-uploads": "maintenance",
     "rm": "maintenance",
-    "healthcheck": "maintenance",
+    "healthcheck": "health",
     "retention": "retention",
     "reindex": "index",
     "events": "events",
